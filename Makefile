@@ -1,0 +1,33 @@
+# Each target creates .venv when it is missing. torch is pinned first to the CPU build
+# that this project's CI machines carry on disk (torch==2.13.0 resolves to it there);
+# on a GPU machine the same pin pulls the normal CUDA build from PyPI.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: venv test test-slow demo bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow
+
+demo: venv
+	$(BIN)/t5g2 demo
+
+bench: venv
+	$(BIN)/t5g2 bench --shape tiny --workload summarize --compare-hf
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

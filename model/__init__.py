@@ -1,0 +1,24 @@
+"""T5Gemma 2 in pure PyTorch: config, model, weights, tokenizer, images, generation.
+
+Public API (stable names, see ../shared/design.md):
+    load_pretrained(source, dtype="float32", device="cpu") -> T5Gemma2
+    Tokenizer.from_pretrained(source)
+    Generator(model).generate([Request(...)]) -> [Result]
+
+Not here: rows, columns, Ray or storage of outputs (operators/, pipeline/).
+"""
+
+from .config import ConfigError, T5Gemma2Config
+from .source import CheckpointError, CheckpointSource
+from .t5gemma2 import T5Gemma2
+from .weights import load_config, load_pretrained
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointSource",
+    "ConfigError",
+    "T5Gemma2",
+    "T5Gemma2Config",
+    "load_config",
+    "load_pretrained",
+]

@@ -1,0 +1,167 @@
+"""Load a T5Gemma 2 checkpoint (Hugging Face layout, safetensors only) into our module.
+
+`load_pretrained(source)` reads config.json and model.safetensors (or the shards named
+by model.safetensors.index.json) from a local directory, an fsspec URI or a hub id, and
+maps every tensor to exactly one parameter: missing, unexpected or wrongly shaped tensors
+fail with their names listed. Pickle checkpoints are refused, never opened: unpickling can
+run arbitrary code.
+
+Checkpoint key layouts differ between transformers versions (`encoder.text_model.layers`
+vs `encoder.layers`, `vision_tower.vision_model.encoder` vs `vision_tower.encoder`);
+`_RENAMES` folds them all onto our parameter names.
+
+Not here: the model math (t5gemma2.py), tokenizer and image settings (tokenizer.py, images.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+import torch
+from safetensors import safe_open
+
+from .config import T5Gemma2Config
+from .source import CheckpointError, CheckpointSource
+from .t5gemma2 import T5Gemma2
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# (checkpoint key pattern, our name). First match wins; None drops a tied duplicate.
+_RENAMES: list[tuple[re.Pattern, str | None]] = [
+    (re.compile(p), r) for p, r in [
+        (r"^model\.encoder\.(?:text_model\.)?embed_tokens\.(weight|eoi_embedding)$", r"embed_tokens.\1"),
+        (r"^model\.decoder\.embed_tokens\.(weight|eoi_embedding)$", None),  # tied to the encoder's
+        (r"^lm_head\.out_proj\.weight$", None),  # tied to the embedding table
+        (r"^model\.encoder\.(?:text_model\.)?(layers\..+|norm\.weight)$", r"encoder.\1"),
+        (r"^model\.decoder\.(layers\..+|norm\.weight)$", r"decoder.\1"),
+        (r"^model\.encoder\.vision_tower\.(?:vision_model\.)?embeddings\.(patch_embedding|position_embedding)\.(.+)$",
+         r"vision_tower.\1.\2"),
+        (r"^model\.encoder\.vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.(?:self_attn|mlp)\.(.+)$",
+         r"vision_tower.layers.\1.\2"),
+        (r"^model\.encoder\.vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.(layer_norm[12]\..+)$",
+         r"vision_tower.layers.\1.\2"),
+        (r"^model\.encoder\.vision_tower\.(?:vision_model\.)?post_layernorm\.(.+)$", r"vision_tower.post_layernorm.\1"),
+        (r"^model\.encoder\.multi_modal_projector\.(.+)$", r"projector.\1"),
+    ]
+]
+_NO_MATCH = object()
+
+
+def parameter_name(checkpoint_key: str):
+    """Our parameter name for a checkpoint key, None for a tied duplicate, _NO_MATCH if unknown."""
+    for pattern, target in _RENAMES:
+        if pattern.match(checkpoint_key):
+            return None if target is None else pattern.sub(target, checkpoint_key)
+    return _NO_MATCH
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported: use one of {sorted(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported: use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_config(source: str | os.PathLike | CheckpointSource, storage_options: dict | None = None) -> T5Gemma2Config:
+    src = source if isinstance(source, CheckpointSource) else CheckpointSource.open(source, storage_options)
+    if not src.exists("config.json"):
+        raise CheckpointError(f"checkpoint {src.description!r} has no config.json: pass the model directory itself")
+    return T5Gemma2Config.from_json_text(src.read_bytes("config.json"), where=f"{src.description}/config.json")
+
+
+def weight_files(src: CheckpointSource) -> list[str]:
+    """Names of the safetensors files holding the weights; refuses pickle-only checkpoints."""
+    files = src.files()
+    if "model.safetensors.index.json" in files:
+        try:
+            index = json.loads(src.read_bytes("model.safetensors.index.json"))
+            shards = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(
+                f"{src.description}/model.safetensors.index.json is malformed ({exc}): it needs a 'weight_map' "
+                f"of tensor name -> shard file"
+            ) from exc
+        missing = [s for s in shards if s not in files]
+        if missing:
+            raise CheckpointError(f"checkpoint {src.description!r} index names shards that are absent: {missing}")
+        return shards
+    if "model.safetensors" in files:
+        return ["model.safetensors"]
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise CheckpointError(
+            f"checkpoint {src.description!r} has only pickle weights ({', '.join(pickles)}); pickle files can run "
+            f"code when loaded, so they are refused. Convert them to safetensors (save_pretrained with "
+            f"safe_serialization=True) in a trusted environment"
+        )
+    raise CheckpointError(f"checkpoint {src.description!r} has no model.safetensors (or sharded index)")
+
+
+def load_pretrained(
+    source: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    storage_options: dict | None = None,
+) -> T5Gemma2:
+    """Build the model from a checkpoint directory, fsspec URI or hub id, in eval mode."""
+    torch_dtype = resolve_dtype(dtype)
+    src = CheckpointSource.open(source, storage_options)
+    config = load_config(src)
+    shards = weight_files(src)
+    with torch.device("meta"):
+        model = T5Gemma2(config)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    wrong_shape: list[str] = []
+    wrong_shape_names: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="t5g2-weights-") as scratch:
+        for shard in shards:
+            path = src.local_path(shard)
+            if path is None:  # remote: copy the shard to local disk once, then memory-map it
+                path = os.path.join(scratch, shard)
+                src.fs.get(src.path(shard), path)
+            try:
+                handle = safe_open(path, framework="pt", device="cpu")
+            except Exception as exc:
+                raise CheckpointError(f"{src.description}/{shard} is not a readable safetensors file: {exc}") from exc
+            for key in handle.keys():
+                name = parameter_name(key)
+                if name is None:
+                    continue
+                if name is _NO_MATCH or name not in expected:
+                    unexpected.append(key)
+                    continue
+                tensor = handle.get_tensor(key)
+                if tuple(tensor.shape) != tuple(expected[name]):
+                    wrong_shape.append(f"{key} {tuple(tensor.shape)} != expected {tuple(expected[name])}")
+                    wrong_shape_names.add(name)
+                    continue
+                state[name] = tensor.to(device=device, dtype=torch_dtype)
+            if src.local_path(shard) is None:
+                os.remove(path)  # keep at most one remote shard on disk at a time
+    missing = sorted(set(expected) - set(state) - wrong_shape_names)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors (for our parameters): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(sorted(unexpected))}")
+    if wrong_shape:
+        problems.append(f"tensors with the wrong shape: {'; '.join(wrong_shape)}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {src.description!r} does not match its config.json: " + " | ".join(problems)
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    model.reset_buffers()
+    model.source = src.description
+    model.revision = src.revision
+    return model.eval()
+
