@@ -11,7 +11,7 @@ Not here: rows, columns, Ray or storage of outputs (operators/, pipeline/).
 from .config import ConfigError, T5Gemma2Config
 from .source import CheckpointError, CheckpointSource
 from .t5gemma2 import T5Gemma2
-from .weights import load_config, load_pretrained
+from .weights import load_config, load_pretrained, random_model, save_pretrained
 
 __all__ = [
     "CheckpointError",
@@ -21,4 +21,6 @@ __all__ = [
     "T5Gemma2Config",
     "load_config",
     "load_pretrained",
+    "random_model",
+    "save_pretrained",
 ]

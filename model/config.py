@@ -164,6 +164,10 @@ class T5Gemma2Config:
     def vocab_size(self) -> int:
         return self.decoder.vocab_size
 
+    def to_hf_dict(self) -> dict:
+        """config.json content in the layout transformers writes."""
+        return to_hf_dict(self)
+
     @property
     def hidden_size(self) -> int:
         return self.decoder.hidden_size
@@ -340,3 +344,74 @@ def _vision_config(raw: dict, where: str) -> VisionConfig:
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def _text_to_hf(cfg: TextConfig, model_type: str, ids: dict) -> dict:
+    return {
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "layer_types": list(cfg.layer_types),
+        "sliding_window": cfg.sliding_window,
+        "rope_parameters": {
+            kind: {"rope_type": r.scaling, "rope_theta": r.theta, **({"factor": r.factor} if r.scaling == "linear" else {})}
+            for kind, r in cfg.rope.items()
+        },
+        "query_pre_attn_scalar": int(cfg.query_pre_attn_scalar) if float(cfg.query_pre_attn_scalar).is_integer()
+        else cfg.query_pre_attn_scalar,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "final_logit_softcapping": cfg.final_logit_softcapping,
+        "attn_logit_softcapping": None,
+        "attention_bias": False,
+        "tie_word_embeddings": True,
+        **ids,
+    }
+
+
+def to_hf_dict(config: T5Gemma2Config) -> dict:
+    """The config.json that transformers writes for the same model (current layout)."""
+    ids = {"pad_token_id": config.pad_token_id, "bos_token_id": config.bos_token_id,
+           "eos_token_id": list(config.eos_token_ids) if len(config.eos_token_ids) > 1 else config.eos_token_ids[0]}
+    v = config.vision
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "encoder": {
+            "model_type": "t5gemma2_encoder",
+            "text_config": _text_to_hf(config.encoder, "t5gemma2_text", ids),
+            "vision_config": {
+                "model_type": "siglip_vision_model",
+                "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size,
+                "num_hidden_layers": v.num_layers,
+                "num_attention_heads": v.num_heads,
+                "image_size": v.image_size,
+                "patch_size": v.patch_size,
+                "num_channels": v.num_channels,
+                "layer_norm_eps": v.layer_norm_eps,
+                "hidden_act": "gelu_pytorch_tanh",
+                "vision_use_head": False,
+            },
+            "mm_tokens_per_image": config.mm_tokens_per_image,
+            "boi_token_index": config.boi_token_id,
+            "eoi_token_index": config.eoi_token_id,
+            "image_token_index": config.image_token_id,
+            "tie_word_embeddings": True,
+        },
+        "decoder": _text_to_hf(config.decoder, "t5gemma2_decoder", ids),
+        "image_token_index": config.image_token_id,
+        "eoi_token_index": config.eoi_token_id,
+        "is_encoder_decoder": True,
+        "tie_word_embeddings": True,
+        "vocab_size": config.vocab_size,
+        **ids,
+    }

@@ -165,3 +165,53 @@ def load_pretrained(
     model.revision = src.revision
     return model.eval()
 
+
+
+def checkpoint_key(name: str) -> str:
+    """The Hugging Face checkpoint key for one of our parameter names (inverse of _RENAMES)."""
+    rules = [
+        (r"^embed_tokens\.(.+)$", r"model.encoder.embed_tokens.\1"),
+        (r"^(encoder|decoder)\.(.+)$", r"model.\1.\2"),
+        (r"^vision_tower\.(patch_embedding|position_embedding)\.(.+)$", r"model.encoder.vision_tower.embeddings.\1.\2"),
+        (r"^vision_tower\.layers\.(\d+)\.([qkv]_proj|out_proj)\.(.+)$",
+         r"model.encoder.vision_tower.encoder.layers.\1.self_attn.\2.\3"),
+        (r"^vision_tower\.layers\.(\d+)\.(fc[12])\.(.+)$", r"model.encoder.vision_tower.encoder.layers.\1.mlp.\2.\3"),
+        (r"^vision_tower\.layers\.(\d+)\.(layer_norm[12])\.(.+)$", r"model.encoder.vision_tower.encoder.layers.\1.\2.\3"),
+        (r"^vision_tower\.post_layernorm\.(.+)$", r"model.encoder.vision_tower.post_layernorm.\1"),
+        (r"^projector\.(.+)$", r"model.encoder.multi_modal_projector.\1"),
+    ]
+    for pattern, target in rules:
+        if re.match(pattern, name):
+            return re.sub(pattern, target, name)
+    raise KeyError(f"no checkpoint key for parameter {name!r}")
+
+
+def save_pretrained(model: T5Gemma2, directory: str | os.PathLike) -> None:
+    """Write config.json and model.safetensors in the Hugging Face layout (loadable by transformers)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tensors = {checkpoint_key(name): t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        json.dump(model.config.to_hf_dict(), handle, indent=2)
+
+
+def random_model(
+    config: T5Gemma2Config, seed: int = 0, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+) -> T5Gemma2:
+    """A model with seeded random weights at the config's shapes (demo and benchmark checkpoints).
+
+    Matrices get std 1/sqrt(fan_in) so activations stay in range through many layers; norm
+    weights and vectors get small values around zero (Gemma norms scale by 1 + weight).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    with torch.device(device):
+        model = T5Gemma2(config).to(torch_dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            fan_in = param.shape[-1] if param.dim() > 1 else 1
+            std = fan_in ** -0.5 if param.dim() > 1 else 0.1
+            param.copy_(torch.randn(param.shape, generator=gen, device=device, dtype=torch.float32).mul_(std))
+    return model.eval()

@@ -1,0 +1,448 @@
+"""Gemma 3 SentencePiece tokenizer for T5Gemma 2: text <-> ids, special ids, image placeholders.
+
+Wraps the checkpoint's `tokenizer.model` (loaded from bytes, so it can live on any filesystem) and
+produces the same ids as transformers' Gemma tokenizer and Gemma 3 processor:
+
+  * Encoding: the text is split at special-token strings (control pieces such as `<bos>`, the
+    unknown piece, and the image markers), each of which becomes its single id, as transformers
+    matches its added tokens in raw text. The text between them goes through SentencePiece
+    unchanged (Gemma's model has identity normalization, no dummy prefix and byte fallback; a
+    model that rewrites text is rejected at load). `add_bos` prepends `<bos>`; no `<eos>` is added.
+  * Decoding: pieces are joined with "▁" read as a space; runs of byte pieces are joined into UTF-8,
+    and a run that is not valid UTF-8 becomes one U+FFFD per byte, as the reference decoder does.
+    `skip_special_tokens` drops control pieces, `<unk>`, the image markers and Gemma's chat-turn
+    markers; other user-defined pieces are text and are kept.
+  * Images: `encode_prompt(text, num_images)` replaces each `<start_of_image>` in the text by
+    "\\n\\n<start_of_image>" + mm_tokens_per_image x `<image_soft_token>` + "<end_of_image>\\n\\n" and
+    encodes the result: exactly what `Gemma3Processor` feeds the model. With no text (None or "")
+    and images, the text is the image markers joined by single spaces, the processor's rule when it
+    gets images without text.
+
+Special ids come from the checkpoint: pad/eos/bos/unk from the SentencePiece model, the image
+markers by piece name. Gemma 3's own tokenizer.model has no `<image_soft_token>` piece (it is an
+added token past the pieces); then its id comes from config.json's image_token_index. Every id
+config.json states is cross-checked against the model, and a mismatch fails at load.
+
+Not here: chat templates and task prompts (pipeline/tasks.py), image pixels (images.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import sentencepiece
+
+from .source import CheckpointError, CheckpointSource
+
+TOKENIZER_FILE = "tokenizer.model"
+CONFIG_FILE = "config.json"
+
+BOI_TOKEN = "<start_of_image>"  # marks an image in a prompt; begins the expanded image span
+EOI_TOKEN = "<end_of_image>"  # ends the expanded image span
+IMAGE_TOKEN = "<image_soft_token>"  # placeholder replaced by one projected vision feature
+# Gemma's chat-turn markers are user-defined pieces that transformers nevertheless marks special,
+# so decoding with skip_special_tokens drops them; we do the same by name.
+TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
+
+# A byte-fallback piece, as both SentencePiece and the reference decoder spell it.
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+# Round-trips unchanged only under Gemma's settings: identity normalization (NFKC would turn the
+# ligature into "fi"), no dummy prefix, no whitespace collapsing, and byte fallback for rare text.
+_NORMALIZATION_PROBE = "  a  b\t\n ﬁ \u0301 𝔸  "
+
+
+class PromptError(ValueError):
+    """A prompt and its images do not fit together (count of image markers, literal image tokens)."""
+
+    kind = "prompt_images"
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the tokens the model and the pipeline treat specially; None where absent."""
+
+    pad: int  # padding
+    eos: int  # end of sequence
+    bos: int  # beginning of sequence, prepended by encode(add_bos=True)
+    unk: int  # unknown piece
+    boi: int | None  # <start_of_image>
+    eoi: int | None  # <end_of_image>
+    image: int | None  # <image_soft_token>: one per vision feature
+    mm_tokens_per_image: int | None  # image tokens per image (config.json encoder.mm_tokens_per_image)
+
+    def __post_init__(self):
+        for name in ("pad", "eos", "bos", "unk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise CheckpointError(f"{TOKENIZER_FILE} defines no {name} piece (id {value}); use Gemma's tokenizer.model")
+        if self.mm_tokens_per_image is not None and self.mm_tokens_per_image <= 0:
+            raise CheckpointError(f"mm_tokens_per_image must be positive, got {self.mm_tokens_per_image}")
+
+
+class Tokenizer:
+    """SentencePiece text <-> ids with Gemma's special tokens and image-placeholder expansion."""
+
+    def __init__(self, model_proto: bytes, config: dict[str, Any] | None = None, *, description: str = TOKENIZER_FILE):
+        """`model_proto`: the bytes of tokenizer.model; `config`: config.json as a dict, or None.
+
+        Without a config, text works fully; image prompts need mm_tokens_per_image (and the image
+        token id when the model has no `<image_soft_token>` piece) and raise until given one.
+        """
+        self.description = description
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        except Exception as exc:  # sentencepiece raises RuntimeError/OSError on a bad proto
+            raise CheckpointError(
+                f"{description} is not a usable SentencePiece model ({type(exc).__name__}: {exc}); "
+                f"restore tokenizer.model from the original checkpoint"
+            ) from exc
+        sp = self._sp
+        self.piece_count = sp.get_piece_size()
+        self._check_normalization()
+
+        config = config or {}
+        boi = self._image_marker_id(BOI_TOKEN, config, ("boi_token_index",), ("boi_token_index",))
+        eoi = self._image_marker_id(EOI_TOKEN, config, ("eoi_token_index",), ("eoi_token_index",))
+        image = self._image_marker_id(
+            IMAGE_TOKEN, config, ("image_token_index", "image_token_id"), ("image_token_index",)
+        )
+        encoder = config.get("encoder") if isinstance(config.get("encoder"), dict) else {}
+        mm_tokens = encoder.get("mm_tokens_per_image", config.get("mm_tokens_per_image"))
+        self.special = SpecialTokens(
+            pad=sp.pad_id(),
+            eos=sp.eos_id(),
+            bos=sp.bos_id(),
+            unk=sp.unk_id(),
+            boi=boi,
+            eoi=eoi,
+            image=image,
+            mm_tokens_per_image=int(mm_tokens) if mm_tokens is not None else None,
+        )
+        self._check_config_ids(config)
+
+        # Strings matched in raw text as one id each, as the reference matches its added tokens.
+        # User-defined pieces need no entry: SentencePiece already emits them whole.
+        self._text_specials: dict[str, int] = {}
+        for i in range(self.piece_count):
+            if sp.is_control(i) or sp.is_unknown(i):
+                self._text_specials[sp.id_to_piece(i)] = i
+        for text, token_id in ((BOI_TOKEN, boi), (EOI_TOKEN, eoi), (IMAGE_TOKEN, image)):
+            if token_id is not None:
+                self._text_specials[text] = token_id
+        # Longest first, so a special that extends another wins (leftmost-longest match).
+        alternatives = sorted(self._text_specials, key=len, reverse=True)
+        self._special_re = re.compile("|".join(re.escape(s) for s in alternatives)) if alternatives else None
+
+        # Decoding tables: text of each id, byte value of byte pieces, ids skipped as special.
+        self._pieces: list[str] = [sp.id_to_piece(i) for i in range(self.piece_count)]
+        self._added: dict[int, str] = {
+            token_id: text for text, token_id in self._text_specials.items() if token_id >= self.piece_count
+        }
+        self._byte_value: dict[int, int] = {}
+        for i, piece in enumerate(self._pieces):
+            match = _BYTE_PIECE.match(piece)
+            if match and sp.is_byte(i):
+                self._byte_value[i] = int(match.group(1), 16)
+        skip = {i for i in range(self.piece_count) if sp.is_control(i) or sp.is_unknown(i)}
+        skip |= {token_id for token_id in (boi, eoi, image) if token_id is not None}
+        skip |= {self.piece_to_id(t) for t in TURN_TOKENS if self.piece_to_id(t) is not None}
+        self._skip = frozenset(skip)
+
+    # ---- loading --------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | os.PathLike | CheckpointSource, storage_options: dict | None = None
+    ) -> "Tokenizer":
+        """From a checkpoint (local dir, fsspec URI or hub id): tokenizer.model and config.json."""
+        src = source if isinstance(source, CheckpointSource) else CheckpointSource.open(source, storage_options)
+        if not src.exists(TOKENIZER_FILE):
+            raise CheckpointError(
+                f"checkpoint {src.description!r} has no {TOKENIZER_FILE} (the Gemma 3 SentencePiece model); "
+                f"copy tokenizer.model from the original hub repo (e.g. google/t5gemma-2-270m-270m) into it"
+            )
+        model_proto = src.read_bytes(TOKENIZER_FILE)
+        config = None
+        if src.exists(CONFIG_FILE):
+            try:
+                config = json.loads(src.read_bytes(CONFIG_FILE))
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(
+                    f"{src.description}/{CONFIG_FILE} is not valid JSON ({exc}); restore it from the original checkpoint"
+                ) from exc
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{src.description}/{CONFIG_FILE} must hold a JSON object")
+        return cls(model_proto, config, description=f"{src.description}/{TOKENIZER_FILE}")
+
+    def _check_normalization(self) -> None:
+        sp = self._sp
+        roundtrip = sp.decode(sp.encode(_NORMALIZATION_PROBE))
+        if roundtrip != _NORMALIZATION_PROBE:
+            raise CheckpointError(
+                f"{self.description} does not reproduce text exactly ({_NORMALIZATION_PROBE!r} -> {roundtrip!r}): "
+                f"it normalizes text, adds a dummy prefix, collapses whitespace or lacks byte fallback. This "
+                f"tokenizer implements Gemma's SentencePiece settings only; use the checkpoint's Gemma tokenizer.model"
+            )
+
+    def piece_to_id(self, piece: str) -> int | None:
+        """Id of a piece of the SentencePiece model, or None when it has no such piece."""
+        token_id = self._sp.piece_to_id(piece)
+        return token_id if self._sp.id_to_piece(token_id) == piece else None
+
+    def _image_marker_id(
+        self, text: str, config: dict, top_keys: tuple[str, ...], encoder_keys: tuple[str, ...]
+    ) -> int | None:
+        """Id of an image marker: its piece, else config.json's id for it (an added token)."""
+        encoder = config.get("encoder") if isinstance(config.get("encoder"), dict) else {}
+        stated = {f"{k}": config[k] for k in top_keys if config.get(k) is not None}
+        stated.update({f"encoder.{k}": encoder[k] for k in encoder_keys if encoder.get(k) is not None})
+        piece_id = self.piece_to_id(text)
+        if piece_id is not None:
+            for field, value in stated.items():
+                if value != piece_id:
+                    raise CheckpointError(
+                        f"config.json {field} is {value}, but {self.description} has {text} at id {piece_id}; "
+                        f"the config and tokenizer.model come from different checkpoints. Use the pair from one "
+                        f"checkpoint (or set {field} to {piece_id})"
+                    )
+            return piece_id
+        if not stated:
+            return None
+        values = set(stated.values())
+        if len(values) > 1:
+            raise CheckpointError(
+                f"config.json states different ids for {text}: {stated}; {self.description} has no such piece "
+                f"to settle it. Make them agree"
+            )
+        (value,) = values
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CheckpointError(f"config.json {next(iter(stated))} must be a non-negative int, got {value!r}")
+        if value < self.piece_count:
+            # An id inside the pieces that is not this piece would decode as some other text.
+            raise CheckpointError(
+                f"config.json says {text} is id {value}, but {self.description} has {self._sp.id_to_piece(value)!r} "
+                f"there and no {text} piece; use the tokenizer.model that belongs to this config"
+            )
+        return value
+
+    def _check_config_ids(self, config: dict) -> None:
+        """pad/eos/bos in config.json (top level, decoder, encoder.text_config) must match the pieces."""
+        s = self.special
+        places = {"": config}
+        if isinstance(config.get("decoder"), dict):
+            places["decoder."] = config["decoder"]
+        encoder = config.get("encoder")
+        if isinstance(encoder, dict) and isinstance(encoder.get("text_config"), dict):
+            places["encoder.text_config."] = encoder["text_config"]
+        for prefix, section in places.items():
+            for key, expected in (("pad_token_id", s.pad), ("bos_token_id", s.bos), ("eos_token_id", s.eos)):
+                value = section.get(key)
+                if value is None:
+                    continue
+                # eos_token_id may list several stop ids; the model's <eos> must be one of them.
+                ok = expected in value if isinstance(value, list) else value == expected
+                if not ok:
+                    raise CheckpointError(
+                        f"config.json {prefix}{key} is {value}, but {self.description} has id {expected} for it; "
+                        f"the config and tokenizer.model come from different checkpoints. Use the pair from one "
+                        f"checkpoint"
+                    )
+            vocab = section.get("vocab_size")
+            if isinstance(vocab, int) and vocab < self.vocab_size:
+                raise CheckpointError(
+                    f"config.json {prefix}vocab_size is {vocab}, but the tokenizer needs ids up to "
+                    f"{self.vocab_size - 1}; the embedding table would not cover them. Use the matching tokenizer.model"
+                )
+
+    # ---- properties -----------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids this tokenizer can produce: the pieces plus any added image token past them."""
+        extra = [t for t in (self.special.boi, self.special.eoi, self.special.image) if t is not None]
+        return max([self.piece_count, *(t + 1 for t in extra)])
+
+    pad_id = property(lambda self: self.special.pad)
+    eos_id = property(lambda self: self.special.eos)
+    bos_id = property(lambda self: self.special.bos)
+    unk_id = property(lambda self: self.special.unk)
+    boi_id = property(lambda self: self.special.boi)
+    eoi_id = property(lambda self: self.special.eoi)
+    image_id = property(lambda self: self.special.image)
+    mm_tokens_per_image = property(lambda self: self.special.mm_tokens_per_image)
+
+    def id_to_piece(self, token_id: int) -> str:
+        if token_id in self._added:
+            return self._added[token_id]
+        self._check_id(token_id)
+        return self._pieces[token_id]
+
+    def _check_id(self, token_id: int) -> None:
+        if not 0 <= token_id < self.piece_count and token_id not in self._added:
+            raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
+
+    # ---- encoding -------------------------------------------------------------------------
+
+    def encode(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
+        """Texts -> ids, one list per text. `add_bos` prepends <bos>; special strings become one id."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts; use encode_one for a single text")
+        # Split every text at special strings, encode all plain chunks in one SentencePiece call.
+        plans: list[list[int | str]] = []
+        chunks: list[str] = []
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"texts must be str, got {type(text).__name__}")
+            plan: list[int | str] = []
+            for part in self._split_specials(text):
+                if isinstance(part, str):
+                    chunks.append(part)
+                plan.append(part)
+            plans.append(plan)
+        encoded = iter(self._sp.encode(chunks)) if chunks else iter(())
+        out = []
+        for plan in plans:
+            ids = [self.special.bos] if add_bos else []
+            for part in plan:
+                if isinstance(part, str):
+                    ids.extend(next(encoded))
+                else:
+                    ids.append(part)
+            out.append(ids)
+        return out
+
+    def encode_one(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.encode([text], add_bos=add_bos)[0]
+
+    def _split_specials(self, text: str) -> Iterable[int | str]:
+        """Yield non-empty plain-text chunks (str) and special ids (int), in order."""
+        if self._special_re is None:
+            if text:
+                yield text
+            return
+        last = 0
+        for match in self._special_re.finditer(text):
+            if match.start() > last:
+                yield text[last : match.start()]
+            yield self._text_specials[match.group()]
+            last = match.end()
+        if last < len(text):
+            yield text[last:]
+
+    # ---- images in prompts ----------------------------------------------------------------
+
+    def image_sequence(self) -> str:
+        """The text one image marker expands to."""
+        self._require_image_tokens()
+        images = IMAGE_TOKEN * self.special.mm_tokens_per_image
+        return f"\n\n{BOI_TOKEN}{images}{EOI_TOKEN}\n\n"
+
+    def expand_image_markers(self, text: str | None, num_images: int) -> str:
+        """Prompt text with each <start_of_image> replaced by the full image span.
+
+        The number of markers must equal `num_images`. With images and no text (None or ""),
+        the text is the markers joined by single spaces, as the reference processor does.
+        """
+        if num_images < 0:
+            raise ValueError(f"num_images must be >= 0, got {num_images}")
+        if not text and num_images:
+            text = " ".join([BOI_TOKEN] * num_images)
+        text = text or ""
+        markers = text.count(BOI_TOKEN)
+        if markers != num_images:
+            raise PromptError(
+                f"the prompt has {markers} image marker(s) {BOI_TOKEN} but {num_images} image(s) were given; "
+                f"put one {BOI_TOKEN} in the prompt where each image goes"
+            )
+        if not num_images:
+            return text
+        return text.replace(BOI_TOKEN, self.image_sequence())
+
+    def encode_prompt(self, text: str | None, num_images: int = 0, add_bos: bool = True) -> list[int]:
+        """Prompt with `num_images` image markers -> the ids the reference processor produces."""
+        ids = self.encode_one(self.expand_image_markers(text, num_images), add_bos=add_bos)
+        if self.special.image is not None:
+            found = ids.count(self.special.image)
+            expected = num_images * (self.special.mm_tokens_per_image or 0)
+            if found != expected:
+                # Only a literal <image_soft_token> in the user's text gets here: it would claim a
+                # vision feature that does not exist.
+                raise PromptError(
+                    f"the prompt holds {found - expected} literal {IMAGE_TOKEN} token(s) beyond those of its "
+                    f"{num_images} image(s); remove {IMAGE_TOKEN} from the text"
+                )
+        return ids
+
+    def encode_prompts(
+        self, texts: Sequence[str | None], num_images: Sequence[int] | None = None, add_bos: bool = True
+    ) -> list[list[int]]:
+        """Batch form of encode_prompt; `num_images[i]` images for `texts[i]` (default none)."""
+        counts = list(num_images) if num_images is not None else [0] * len(texts)
+        if len(counts) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(counts)} image counts")
+        expanded = [self.expand_image_markers(t, n) for t, n in zip(texts, counts)]
+        out = self.encode(expanded, add_bos=add_bos)
+        if self.special.image is not None:
+            for ids, n in zip(out, counts):
+                expected = n * (self.special.mm_tokens_per_image or 0)
+                if ids.count(self.special.image) != expected:
+                    raise PromptError(f"a prompt holds literal {IMAGE_TOKEN} token(s); remove them from the text")
+        return out
+
+    def _require_image_tokens(self) -> None:
+        s = self.special
+        missing = [name for name, v in (("boi", s.boi), ("eoi", s.eoi), ("image", s.image)) if v is None]
+        if missing or s.mm_tokens_per_image is None:
+            raise CheckpointError(
+                f"image prompts need the image token ids and mm_tokens_per_image, but {self.description} and "
+                f"config.json leave {', '.join(missing + (['mm_tokens_per_image'] if s.mm_tokens_per_image is None else []))} "
+                f"undefined; load the tokenizer from a checkpoint directory with its config.json"
+            )
+
+    # ---- decoding -------------------------------------------------------------------------
+
+    def decode(self, ids_batch: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        """Ids -> text, one string per sequence."""
+        return [self.decode_one(ids, skip_special_tokens=skip_special_tokens) for ids in ids_batch]
+
+    def decode_one(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        parts: list[str] = []
+        run = bytearray()  # consecutive byte pieces, decoded together
+
+        def flush():
+            if run:
+                try:
+                    parts.append(run.decode("utf-8"))
+                except UnicodeDecodeError:
+                    # One replacement character per byte: the reference's rule, not Python's.
+                    parts.append("\ufffd" * len(run))
+                run.clear()
+
+        for token_id in ids:
+            token_id = int(token_id)
+            self._check_id(token_id)
+            if skip_special_tokens and token_id in self._skip:
+                continue  # skipped ids do not break a byte run, as in the reference
+            byte = self._byte_value.get(token_id)
+            if byte is not None:
+                run.append(byte)
+                continue
+            flush()
+            text = self._added.get(token_id)
+            parts.append(text if text is not None else self._pieces[token_id].replace("\u2581", " "))
+        flush()
+        return "".join(parts)
+
+
+__all__ = [
+    "BOI_TOKEN",
+    "EOI_TOKEN",
+    "IMAGE_TOKEN",
+    "PromptError",
+    "SpecialTokens",
+    "Tokenizer",
+]
