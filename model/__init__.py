@@ -11,11 +11,16 @@ Not here: rows, columns, Ray or storage of outputs (operators/, pipeline/).
 from .config import ConfigError, T5Gemma2Config
 from .source import CheckpointError, CheckpointSource
 from .t5gemma2 import T5Gemma2
+from .generate import GenerationParams, Generator, Request, Result
 from .weights import load_config, load_pretrained, random_model, save_pretrained
 
 __all__ = [
     "CheckpointError",
     "CheckpointSource",
+    "GenerationParams",
+    "Generator",
+    "Request",
+    "Result",
     "ConfigError",
     "T5Gemma2",
     "T5Gemma2Config",

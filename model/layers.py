@@ -73,28 +73,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Grouped-query attention under a boolean mask.
+    """Grouped-query attention under a boolean mask (the encoder's).
 
     q [B, Hq, T, D]; k, v [B, Hkv, S, D]; mask [B, T, S] (True = may attend) -> [B, Hq, T, D].
+    PyTorch's fused attention kernels keep the [T, S] scores out of memory for long inputs.
     """
-    batch, heads, steps, dim = q.shape
-    kv_heads = k.shape[1]
-    groups = heads // kv_heads
-    # Fold the query heads of a group into the query axis: one matmul per kv head, no k/v copies.
-    qg = q.reshape(batch, kv_heads, groups * steps, dim)  # [B, Hkv, G*T, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G*T, S]
-    scores = scores.view(batch, kv_heads, groups, steps, -1)
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs.view(batch, kv_heads, groups * steps, -1), v)  # [B, Hkv, G*T, D]
-    return out.view(batch, heads, steps, dim)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def merged_attention(
     q: torch.Tensor,
     k_self: torch.Tensor,
     v_self: torch.Tensor,
-    self_mask: torch.Tensor,
+    self_mask: torch.Tensor | None,
     k_cross: torch.Tensor,
     v_cross: torch.Tensor,
     cross_mask: torch.Tensor,
@@ -102,7 +94,7 @@ def merged_attention(
 ) -> torch.Tensor:
     """One softmax over the decoder's own keys and the encoder's keys, without concatenating them.
 
-    q [B, Hq, T, D]; k_self, v_self [B, Hkv, S1, D]; self_mask [B, T, S1];
+    q [B, Hq, T, D]; k_self, v_self [B, Hkv, S1, D]; self_mask [B, T, S1] or None (all visible);
     k_cross, v_cross [B, Hkv, S2, D]; cross_mask [B, S2] -> [B, Hq, T, D].
     Joining the two score blocks before the softmax is exactly the reference's attention over
     the concatenated keys; only the (small) scores are concatenated, never the keys or values.
@@ -114,7 +106,8 @@ def merged_attention(
     qg = q.reshape(batch, kv_heads, groups * steps, dim)  # [B, Hkv, G*T, D]
     s_self = torch.matmul(qg, k_self.transpose(-1, -2)).view(batch, kv_heads, groups, steps, -1)
     s_cross = torch.matmul(qg, k_cross.transpose(-1, -2)).view(batch, kv_heads, groups, steps, -1)
-    s_self = s_self.masked_fill(~self_mask[:, None, None], float("-inf"))
+    if self_mask is not None:
+        s_self = s_self.masked_fill(~self_mask[:, None, None], float("-inf"))
     s_cross = s_cross.masked_fill(~cross_mask[:, None, None, None], float("-inf"))
     scores = torch.cat((s_self, s_cross), dim=-1) * scale  # [B, Hkv, G, T, S1+S2]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
