@@ -12,12 +12,18 @@ from .config import ConfigError, T5Gemma2Config
 from .source import CheckpointError, CheckpointSource
 from .t5gemma2 import T5Gemma2
 from .generate import GenerationParams, Generator, Request, Result
+from .images import ImageError, ImageProcessor
+from .tokenizer import PromptError, Tokenizer
 from .weights import load_config, load_pretrained, random_model, save_pretrained
 
 __all__ = [
     "CheckpointError",
     "CheckpointSource",
     "GenerationParams",
+    "ImageError",
+    "ImageProcessor",
+    "PromptError",
+    "Tokenizer",
     "Generator",
     "Request",
     "Result",

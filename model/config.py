@@ -219,8 +219,9 @@ class T5Gemma2Config:
             mm_tokens_per_image=_int(enc_raw, "mm_tokens_per_image", 256, f"{where}: encoder"),
             image_token_id=_require_int(image_token, f"{where}: image_token_index"),
             boi_token_id=_int(enc_raw, "boi_token_index", 255_999, f"{where}: encoder"),
-            eoi_token_id=_require_int(_get(raw, "eoi_token_index", _get(enc_raw, "eoi_token_index", 256_000)),
-                                      f"{where}: eoi_token_index"),
+            # The reference copies the encoder's end-of-image id up to the top level: the encoder's wins.
+            eoi_token_id=_require_int(_get(enc_raw, "eoi_token_index", _get(raw, "eoi_token_index", 256_000)),
+                                      f"{where}: encoder.eoi_token_index"),
             pad_token_id=_int(raw["decoder"], "pad_token_id", 0, f"{where}: decoder"),
             bos_token_id=_int(raw["decoder"], "bos_token_id", 2, f"{where}: decoder"),
             eos_token_ids=tuple(_require_int(e, f"{where}: eos_token_id") for e in eos_ids),

@@ -8,8 +8,13 @@ Two steps, each usable alone:
     pipeline record a per-row error instead of stopping the job.
   * `ImageProcessor.preprocess(image)`: resize, rescale and normalize as the checkpoint's
     preprocessor_config.json says (the Gemma 3 / SigLIP image processor fields). For the same
-    PIL image the pixels equal transformers' `Gemma3ImageProcessorPil` bit for bit: the same Pillow
-    resize on uint8 RGB, the same float64 rescale rounded to float32, the same float32 normalize.
+    PIL image the pixels equal transformers' Gemma 3 processor (PIL backend) bit for bit: the same
+    RGB conversion, the same Pillow resize on uint8 RGB, the same float64 rescale rounded to
+    float32, the same float32 normalize.
+
+Where the reference has two behaviours we pick one: its processor takes a PIL image as given
+(no EXIF rotation, transparency onto white), while its `load_image` for files applies EXIF and
+drops alpha without compositing. We apply EXIF and composite onto white.
 
 Not here: the vision tower (siglip.py), prompt tokens for images (tokenizer.py), reading image
 columns (operators/prepare.py). Pan-and-scan crops are not supported and are rejected.
@@ -32,9 +37,9 @@ from .source import CheckpointError, CheckpointSource
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
-# JPEG, PNG, WEBP, GIF, BMP, TIFF are the formats image datasets carry. MPO is how Pillow names a
-# JPEG that holds extra frames (most phone cameras write it), so it is a JPEG for our purposes.
-DEFAULT_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# The formats image datasets carry, as Pillow names its parsers. Phone JPEGs with extra frames
+# (Pillow reports them as "MPO") are read by the JPEG parser, so "JPEG" covers them.
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 # Pillow's own default bomb limit (Image.MAX_IMAGE_PIXELS): about 89.5 megapixels, far above any
 # photo we need at 896 px, yet small enough that one decoded image stays under ~270 MB of RGB.
@@ -103,7 +108,9 @@ class ImageProcessorConfig:
         Image.init()  # registers every plugin, so Image.OPEN lists all format names Pillow can read
         unknown = [f for f in self.allowed_formats if f not in Image.OPEN]
         if unknown:
-            raise ValueError(f"allowed_formats names formats Pillow does not know: {unknown}")
+            raise ValueError(
+                f"allowed_formats names formats Pillow cannot open: {unknown}; use names from PIL.Image.OPEN"
+            )
 
 
 def config_from_dict(raw: dict[str, Any], *, where: str = PREPROCESSOR_FILE, **overrides) -> ImageProcessorConfig:
@@ -126,7 +133,9 @@ def config_from_dict(raw: dict[str, Any], *, where: str = PREPROCESSOR_FILE, **o
             f"false or null (the released T5Gemma 2 checkpoints leave it null)"
         )
     if raw.get("do_center_crop"):
-        raise CheckpointError(f"{where}: do_center_crop is true, which Gemma 3 preprocessing never does; set it to false")
+        raise CheckpointError(
+            f"{where}: do_center_crop is true, which Gemma 3 preprocessing never does; set it to false"
+        )
     defaults = ImageProcessorConfig()
     values: dict[str, Any] = {}
     size = raw.get("size")
@@ -188,7 +197,9 @@ class ImageProcessor:
         try:
             raw = json.loads(src.read_bytes(PREPROCESSOR_FILE))
         except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{where} is not valid JSON ({exc}); restore it from the original checkpoint") from exc
+            raise CheckpointError(
+                f"{where} is not valid JSON ({exc}); restore it from the original checkpoint"
+            ) from exc
         return cls(config_from_dict(raw, where=where, **overrides))
 
     @property

@@ -28,9 +28,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        # Scale before casting down (as Gemma does), so bf16 rounding happens once.
+        # x * rsqrt(mean(x^2) + eps) in one fused kernel, then the (1 + weight) scale, both in
+        # float32; cast down once at the end (as Gemma does), so bf16 rounding happens once.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return (normed * (1.0 + self.weight.float())).type_as(x)
 
 

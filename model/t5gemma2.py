@@ -60,6 +60,36 @@ class ScaledEmbedding(nn.Module):
         return torch.where((ids == self.eoi_token_id)[..., None], self.eoi_embedding.to(embeds.dtype), embeds)
 
 
+class Packing:
+    """Moves tensors between the padded [B, S] layout and one packed row of the N real tokens."""
+
+    def __init__(self, padding: torch.Tensor):
+        self.batch, self.steps = padding.shape
+        self.index = padding.reshape(-1).nonzero()[:, 0]  # [N] flat positions of real tokens
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S, ...] -> [1, N, ...]."""
+        return x.reshape(self.batch * self.steps, *x.shape[2:])[self.index][None]
+
+    def unpack_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, N, H] -> [B, S, H] with zeros at padding."""
+        out = x.new_zeros(self.batch * self.steps, x.shape[-1])
+        out[self.index] = x[0]
+        return out.view(self.batch, self.steps, -1)
+
+    def pad(self, heads: torch.Tensor) -> torch.Tensor:
+        """[1, h, N, D] -> [B, h, S, D] with zeros at padding."""
+        _, h, _, d = heads.shape
+        out = heads.new_zeros(self.batch * self.steps, h, d)
+        out[self.index] = heads[0].transpose(0, 1)
+        return out.view(self.batch, self.steps, h, d).transpose(1, 2)
+
+    def unpad(self, heads: torch.Tensor) -> torch.Tensor:
+        """[B, h, S, D] -> [1, h, N, D]."""
+        batch, h, steps, d = heads.shape
+        return heads.transpose(1, 2).reshape(batch * steps, h, d)[self.index].transpose(0, 1)[None]
+
+
 class Block(nn.Module):
     """Gemma 3 block: norm -> attention -> norm, residual; norm -> GeGLU -> norm, residual."""
 
@@ -76,11 +106,12 @@ class Block(nn.Module):
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
-    def encode(self, x: torch.Tensor, cos, sin, mask: torch.Tensor) -> torch.Tensor:
-        """Encoder block. x [B, S, H], mask [B, S, S]."""
+    def encode(self, x: torch.Tensor, cos, sin, mask: torch.Tensor, packing: "Packing") -> torch.Tensor:
+        """Encoder block over packed tokens. x [1, N, H] (real tokens only), mask [B, S, S]."""
         attn = self.self_attn
-        q, k, v = attn.qkv(self.pre_self_attn_layernorm(x), cos, sin)
-        x = x + self.post_self_attn_layernorm(attn.out(attention(q, k, v, mask, attn.scale)))
+        q, k, v = attn.qkv(self.pre_self_attn_layernorm(x), cos, sin)  # [1, heads, N, D]
+        out = attention(packing.pad(q), packing.pad(k), packing.pad(v), mask, attn.scale)  # [B, Hq, S, D]
+        x = x + self.post_self_attn_layernorm(attn.out(packing.unpad(out)))
         return self.feed_forward(x)
 
     def decode(
@@ -158,14 +189,18 @@ class T5Gemma2(nn.Module):
                     f"{image_features.shape[1]} tokens: expand each image placeholder with the tokenizer"
                 )
             x = x.masked_scatter(slots[..., None], image_features.to(x.dtype))
+        # Token-wise work (projections, MLP, norms) runs on the real tokens only, packed into
+        # one row; only attention sees the padded [B, S] layout. Padding costs nothing there.
         padding = attention_mask.bool()
+        packing = Packing(padding)
         positions = torch.arange(input_ids.shape[1], device=x.device).expand_as(input_ids)
-        angles = self.encoder.angles(positions, x.dtype)
+        angles = self.encoder.angles(packing.pack(positions), x.dtype)  # [1, 1, N, D] per type
         masks = encoder_masks(padding, self.config.encoder.sliding_window)
+        x = packing.pack(x)  # [1, N, H]
         for layer in self.encoder.layers:
             cos, sin = angles[layer.layer_type]
-            x = layer.encode(x, cos, sin, masks[layer.layer_type])
-        return self.encoder.norm(x)
+            x = layer.encode(x, cos, sin, masks[layer.layer_type], packing)
+        return packing.unpack_tokens(self.encoder.norm(x))  # [B, S, H], zeros at padding
 
     def cross_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """memory [B, S, H] -> per decoder layer (k, v) [B, Hkv, S, D], computed once per request."""

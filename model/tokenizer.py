@@ -10,8 +10,9 @@ produces the same ids as transformers' Gemma tokenizer and Gemma 3 processor:
     model that rewrites text is rejected at load). `add_bos` prepends `<bos>`; no `<eos>` is added.
   * Decoding: pieces are joined with "▁" read as a space; runs of byte pieces are joined into UTF-8,
     and a run that is not valid UTF-8 becomes one U+FFFD per byte, as the reference decoder does.
-    `skip_special_tokens` drops control pieces, `<unk>`, the image markers and Gemma's chat-turn
-    markers; other user-defined pieces are text and are kept.
+    `skip_special_tokens` drops control pieces (`<pad>`, `<eos>`, `<bos>`, ...), `<unk>` and the
+    image markers; user-defined pieces such as `<start_of_turn>` are text and are kept, as
+    transformers does for a tokenizer built from this tokenizer.model.
   * Images: `encode_prompt(text, num_images)` replaces each `<start_of_image>` in the text by
     "\\n\\n<start_of_image>" + mm_tokens_per_image x `<image_soft_token>` + "<end_of_image>\\n\\n" and
     encodes the result: exactly what `Gemma3Processor` feeds the model. With no text (None or "")
@@ -19,9 +20,11 @@ produces the same ids as transformers' Gemma tokenizer and Gemma 3 processor:
     gets images without text.
 
 Special ids come from the checkpoint: pad/eos/bos/unk from the SentencePiece model, the image
-markers by piece name. Gemma 3's own tokenizer.model has no `<image_soft_token>` piece (it is an
-added token past the pieces); then its id comes from config.json's image_token_index. Every id
-config.json states is cross-checked against the model, and a mismatch fails at load.
+markers by piece name. Gemma 3's own tokenizer.model has no `<image_soft_token>` piece: it is an
+added token, either past the pieces (Gemma 3: 262144) or a renamed reserved slot (T5Gemma 2
+configs say 256001, where Gemma's model has `<unused99>`). Then the id comes from config.json's
+image_token_index, and the marker text maps to it. Every id config.json states is cross-checked
+against the model, and a mismatch fails at load.
 
 Not here: chat templates and task prompts (pipeline/tasks.py), image pixels (images.py).
 """
@@ -44,15 +47,38 @@ CONFIG_FILE = "config.json"
 BOI_TOKEN = "<start_of_image>"  # marks an image in a prompt; begins the expanded image span
 EOI_TOKEN = "<end_of_image>"  # ends the expanded image span
 IMAGE_TOKEN = "<image_soft_token>"  # placeholder replaced by one projected vision feature
-# Gemma's chat-turn markers are user-defined pieces that transformers nevertheless marks special,
-# so decoding with skip_special_tokens drops them; we do the same by name.
-TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>")
 
 # A byte-fallback piece, as both SentencePiece and the reference decoder spell it.
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 # Round-trips unchanged only under Gemma's settings: identity normalization (NFKC would turn the
 # ligature into "fi"), no dummy prefix, no whitespace collapsing, and byte fallback for rare text.
 _NORMALIZATION_PROBE = "  a  b\t\n ﬁ \u0301 𝔸  "
+
+
+def _trie_pattern(strings: Iterable[str]) -> str:
+    """A regex matching any of `strings`, longest first where one extends another.
+
+    Built as a trie, so a position costs one branch per character rather than one try per string:
+    Gemma's vocabulary may hold thousands of control pieces, and documents many "<".
+    """
+    trie: dict = {}
+    for text in strings:
+        node = trie
+        for char in text:
+            node = node.setdefault(char, {})
+        node[""] = {}  # a string ends here
+
+    def build(node: dict) -> str:
+        branches = [re.escape(char) + build(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        ends_here = "" in node
+        if len(branches) == 1 and not ends_here:
+            return branches[0]
+        # Greedy "?" tries the longer continuations first and falls back to ending here.
+        return "(?:" + "|".join(branches) + ")" + ("?" if ends_here else "")
+
+    return build(trie)
 
 
 class PromptError(ValueError):
@@ -78,7 +104,9 @@ class SpecialTokens:
         for name in ("pad", "eos", "bos", "unk"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise CheckpointError(f"{TOKENIZER_FILE} defines no {name} piece (id {value}); use Gemma's tokenizer.model")
+                raise CheckpointError(
+                    f"{TOKENIZER_FILE} defines no {name} piece (id {value}); use Gemma's tokenizer.model"
+                )
         if self.mm_tokens_per_image is not None and self.mm_tokens_per_image <= 0:
             raise CheckpointError(f"mm_tokens_per_image must be positive, got {self.mm_tokens_per_image}")
 
@@ -103,6 +131,9 @@ class Tokenizer:
         sp = self._sp
         self.piece_count = sp.get_piece_size()
         self._check_normalization()
+        # One pass over the vocabulary (262,144 pieces for Gemma 3) builds every table below.
+        self._pieces: list[str] = [sp.id_to_piece(i) for i in range(self.piece_count)]
+        control = [i for i in range(self.piece_count) if sp.is_control(i) or sp.is_unknown(i)]
 
         config = config or {}
         boi = self._image_marker_id(BOI_TOKEN, config, ("boi_token_index",), ("boi_token_index",))
@@ -126,30 +157,27 @@ class Tokenizer:
 
         # Strings matched in raw text as one id each, as the reference matches its added tokens.
         # User-defined pieces need no entry: SentencePiece already emits them whole.
-        self._text_specials: dict[str, int] = {}
-        for i in range(self.piece_count):
-            if sp.is_control(i) or sp.is_unknown(i):
-                self._text_specials[sp.id_to_piece(i)] = i
+        self._text_specials: dict[str, int] = {self._pieces[i]: i for i in control}
         for text, token_id in ((BOI_TOKEN, boi), (EOI_TOKEN, eoi), (IMAGE_TOKEN, image)):
             if token_id is not None:
                 self._text_specials[text] = token_id
-        # Longest first, so a special that extends another wins (leftmost-longest match).
-        alternatives = sorted(self._text_specials, key=len, reverse=True)
-        self._special_re = re.compile("|".join(re.escape(s) for s in alternatives)) if alternatives else None
+        self._special_re = re.compile(_trie_pattern(self._text_specials)) if self._text_specials else None
 
         # Decoding tables: text of each id, byte value of byte pieces, ids skipped as special.
-        self._pieces: list[str] = [sp.id_to_piece(i) for i in range(self.piece_count)]
+        # Text of ids that are not (or not named as) pieces: added image tokens past the pieces,
+        # and reserved slots that config.json names as an image marker, as the reference renames them.
         self._added: dict[int, str] = {
-            token_id: text for text, token_id in self._text_specials.items() if token_id >= self.piece_count
+            token_id: text
+            for text, token_id in ((BOI_TOKEN, boi), (EOI_TOKEN, eoi), (IMAGE_TOKEN, image))
+            if token_id is not None and (token_id >= self.piece_count or self._pieces[token_id] != text)
         }
         self._byte_value: dict[int, int] = {}
         for i, piece in enumerate(self._pieces):
             match = _BYTE_PIECE.match(piece)
             if match and sp.is_byte(i):
                 self._byte_value[i] = int(match.group(1), 16)
-        skip = {i for i in range(self.piece_count) if sp.is_control(i) or sp.is_unknown(i)}
+        skip = set(control)
         skip |= {token_id for token_id in (boi, eoi, image) if token_id is not None}
-        skip |= {self.piece_to_id(t) for t in TURN_TOKENS if self.piece_to_id(t) is not None}
         self._skip = frozenset(skip)
 
     # ---- loading --------------------------------------------------------------------------
@@ -172,20 +200,25 @@ class Tokenizer:
                 config = json.loads(src.read_bytes(CONFIG_FILE))
             except json.JSONDecodeError as exc:
                 raise CheckpointError(
-                    f"{src.description}/{CONFIG_FILE} is not valid JSON ({exc}); restore it from the original checkpoint"
+                    f"{src.description}/{CONFIG_FILE} is not valid JSON ({exc}); "
+                    f"restore it from the original checkpoint"
                 ) from exc
             if not isinstance(config, dict):
                 raise CheckpointError(f"{src.description}/{CONFIG_FILE} must hold a JSON object")
         return cls(model_proto, config, description=f"{src.description}/{TOKENIZER_FILE}")
 
     def _check_normalization(self) -> None:
+        # Splitting text at special strings and encoding the chunks apart equals the reference only
+        # when SentencePiece leaves text as is: spaces become "▁" and nothing else changes.
         sp = self._sp
+        normalized = sp.normalize(_NORMALIZATION_PROBE)
         roundtrip = sp.decode(sp.encode(_NORMALIZATION_PROBE))
-        if roundtrip != _NORMALIZATION_PROBE:
+        if normalized != _NORMALIZATION_PROBE.replace(" ", "\u2581") or roundtrip != _NORMALIZATION_PROBE:
             raise CheckpointError(
-                f"{self.description} does not reproduce text exactly ({_NORMALIZATION_PROBE!r} -> {roundtrip!r}): "
-                f"it normalizes text, adds a dummy prefix, collapses whitespace or lacks byte fallback. This "
-                f"tokenizer implements Gemma's SentencePiece settings only; use the checkpoint's Gemma tokenizer.model"
+                f"{self.description} rewrites text ({_NORMALIZATION_PROBE!r} normalizes to {normalized!r}, decodes "
+                f"back as {roundtrip!r}): it applies Unicode normalization, a dummy prefix or whitespace "
+                f"collapsing, or lacks byte fallback. This tokenizer implements Gemma's SentencePiece settings "
+                f"only; use the checkpoint's Gemma tokenizer.model"
             )
 
     def piece_to_id(self, piece: str) -> int | None:
@@ -221,13 +254,24 @@ class Tokenizer:
         (value,) = values
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise CheckpointError(f"config.json {next(iter(stated))} must be a non-negative int, got {value!r}")
-        if value < self.piece_count:
-            # An id inside the pieces that is not this piece would decode as some other text.
+        if value < self.piece_count and not self._is_reserved(value):
+            # Only a reserved slot may be renamed; an ordinary piece there would make plain text
+            # produce image tokens.
             raise CheckpointError(
-                f"config.json says {text} is id {value}, but {self.description} has {self._sp.id_to_piece(value)!r} "
-                f"there and no {text} piece; use the tokenizer.model that belongs to this config"
+                f"config.json says {text} is id {value}, but {self.description} has the text piece "
+                f"{self._sp.id_to_piece(value)!r} there and no {text} piece; use the tokenizer.model that "
+                f"belongs to this config"
             )
         return value
+
+    def _is_reserved(self, token_id: int) -> bool:
+        """A slot that never occurs in encoded text on its own: control, unused, or a `<name>` marker
+        such as Gemma's `<unused99>` (the slot T5Gemma 2 configs name as the image token)."""
+        sp = self._sp
+        piece = sp.id_to_piece(token_id)
+        return bool(
+            sp.is_control(token_id) or sp.is_unused(token_id) or re.fullmatch(r"<[A-Za-z0-9_\-\[\]]+>", piece)
+        ) and not sp.is_byte(token_id)
 
     def _check_config_ids(self, config: dict) -> None:
         """pad/eos/bos in config.json (top level, decoder, encoder.text_config) must match the pieces."""
@@ -287,8 +331,12 @@ class Tokenizer:
 
     # ---- encoding -------------------------------------------------------------------------
 
-    def encode(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
-        """Texts -> ids, one list per text. `add_bos` prepends <bos>; special strings become one id."""
+    def encode(self, texts: Sequence[str], add_bos: bool = True, add_eos: bool = False) -> list[list[int]]:
+        """Texts -> ids, one list per text; special strings become one id each.
+
+        `add_bos` prepends <bos> and `add_eos` appends <eos>; the defaults are the Gemma tokenizer's
+        (and so the Gemma 3 processor's): <bos> only.
+        """
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts; use encode_one for a single text")
         # Split every text at special strings, encode all plain chunks in one SentencePiece call.
@@ -312,11 +360,13 @@ class Tokenizer:
                     ids.extend(next(encoded))
                 else:
                     ids.append(part)
+            if add_eos:
+                ids.append(self.special.eos)
             out.append(ids)
         return out
 
-    def encode_one(self, text: str, add_bos: bool = True) -> list[int]:
-        return self.encode([text], add_bos=add_bos)[0]
+    def encode_one(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+        return self.encode([text], add_bos=add_bos, add_eos=add_eos)[0]
 
     def _split_specials(self, text: str) -> Iterable[int | str]:
         """Yield non-empty plain-text chunks (str) and special ids (int), in order."""
@@ -362,9 +412,11 @@ class Tokenizer:
             return text
         return text.replace(BOI_TOKEN, self.image_sequence())
 
-    def encode_prompt(self, text: str | None, num_images: int = 0, add_bos: bool = True) -> list[int]:
+    def encode_prompt(
+        self, text: str | None, num_images: int = 0, add_bos: bool = True, add_eos: bool = False
+    ) -> list[int]:
         """Prompt with `num_images` image markers -> the ids the reference processor produces."""
-        ids = self.encode_one(self.expand_image_markers(text, num_images), add_bos=add_bos)
+        ids = self.encode_one(self.expand_image_markers(text, num_images), add_bos=add_bos, add_eos=add_eos)
         if self.special.image is not None:
             found = ids.count(self.special.image)
             expected = num_images * (self.special.mm_tokens_per_image or 0)
@@ -378,14 +430,18 @@ class Tokenizer:
         return ids
 
     def encode_prompts(
-        self, texts: Sequence[str | None], num_images: Sequence[int] | None = None, add_bos: bool = True
+        self,
+        texts: Sequence[str | None],
+        num_images: Sequence[int] | None = None,
+        add_bos: bool = True,
+        add_eos: bool = False,
     ) -> list[list[int]]:
         """Batch form of encode_prompt; `num_images[i]` images for `texts[i]` (default none)."""
         counts = list(num_images) if num_images is not None else [0] * len(texts)
         if len(counts) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(counts)} image counts")
         expanded = [self.expand_image_markers(t, n) for t, n in zip(texts, counts)]
-        out = self.encode(expanded, add_bos=add_bos)
+        out = self.encode(expanded, add_bos=add_bos, add_eos=add_eos)
         if self.special.image is not None:
             for ids, n in zip(out, counts):
                 expected = n * (self.special.mm_tokens_per_image or 0)
@@ -396,11 +452,13 @@ class Tokenizer:
     def _require_image_tokens(self) -> None:
         s = self.special
         missing = [name for name, v in (("boi", s.boi), ("eoi", s.eoi), ("image", s.image)) if v is None]
-        if missing or s.mm_tokens_per_image is None:
+        if s.mm_tokens_per_image is None:
+            missing.append("mm_tokens_per_image")
+        if missing:
             raise CheckpointError(
                 f"image prompts need the image token ids and mm_tokens_per_image, but {self.description} and "
-                f"config.json leave {', '.join(missing + (['mm_tokens_per_image'] if s.mm_tokens_per_image is None else []))} "
-                f"undefined; load the tokenizer from a checkpoint directory with its config.json"
+                f"config.json leave {', '.join(missing)} undefined; load the tokenizer from a checkpoint "
+                f"directory with its config.json"
             )
 
     # ---- decoding -------------------------------------------------------------------------

@@ -1,0 +1,233 @@
+"""`t5g2 bench`: throughput of our Generator, optionally side by side with transformers' generate().
+
+Workloads (random token ids, so no tokenizer or dataset is needed):
+  summarize  log-normal input lengths (median ~400 at full size, max 2048), 128 new tokens
+  translate  short log-normal inputs (~40 tokens), 48 new tokens
+  caption    one image plus a short prompt, 32 new tokens
+Every row generates exactly max_new_tokens (EOS is held back with min_new_tokens), as the
+baseline in perf-baseline.md was measured.
+
+Checkpoints are random weights at named shapes: tiny (seconds on a laptop CPU), 270m, 1b,
+4b (design.md's shapes, with the 262,144-token vocabulary and the SigLIP tower).
+
+--compare-hf builds transformers' T5Gemma2ForConditionalGeneration from the same weights
+(written with our save_pretrained and read with its from_pretrained) and runs its
+generate() on the same inputs in the same process, alternating with ours, giving it its
+best batching: sorted by length, the largest batch that fits. It prints the speed ratio
+and the share of rows whose greedy tokens are identical. transformers is imported only
+there: it is the yardstick, never part of the tool.
+
+Not here: the pipeline (pipeline/), correctness tests (tests/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import resource
+import tempfile
+import time
+
+import torch
+
+import model
+from model.config import RopeConfig, T5Gemma2Config, TextConfig, VisionConfig
+
+# name -> (hidden, mlp, layers, heads, kv heads, head_dim, window, vocab, vision?)
+SHAPES = {
+    "tiny": (64, 128, 4, 4, 1, 32, 16, 1024, "tiny"),
+    "small": (256, 1024, 6, 4, 1, 64, 64, 8192, "tiny"),
+    "270m": (640, 2048, 18, 4, 1, 256, 512, 262_144, "siglip"),
+    "1b": (1152, 6912, 26, 4, 1, 256, 512, 262_144, "siglip"),
+    "4b": (2560, 10240, 34, 8, 4, 256, 1024, 262_144, "siglip"),
+}
+VISION = {
+    "tiny": VisionConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, image_size=64,
+                         patch_size=8, num_channels=3, layer_norm_eps=1e-6),
+    "siglip": VisionConfig(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, image_size=896,
+                           patch_size=14, num_channels=3, layer_norm_eps=1e-6),
+}
+WORKLOADS = {
+    # name -> (median input tokens at full size, sigma, max input, new tokens, images per row)
+    "summarize": (400, 0.6, 2048, 128, 0),
+    "translate": (40, 0.5, 256, 48, 0),
+    "caption": (16, 0.3, 64, 32, 1),
+}
+SPECIAL = dict(pad=0, eos=1, bos=2, boi=255_999, eoi=256_000, image=262_143)
+
+
+def shape_config(name: str) -> T5Gemma2Config:
+    hidden, mlp, layers, heads, kv, head_dim, window, vocab, vision = SHAPES[name]
+    types = tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers))
+    text = TextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_layers=layers, num_heads=heads,
+        num_kv_heads=kv, head_dim=head_dim, layer_types=types, sliding_window=window,
+        rope={"full_attention": RopeConfig(1e6, "linear", 8.0), "sliding_attention": RopeConfig(1e4)},
+        query_pre_attn_scalar=head_dim, rms_norm_eps=1e-6, final_logit_softcapping=None,
+    )
+    small_vocab = vocab < 262_144
+    vis = VISION[vision]
+    return T5Gemma2Config(
+        encoder=text, decoder=text, vision=vis,
+        mm_tokens_per_image=16 if vision == "tiny" else 256,
+        image_token_id=vocab - 1 if small_vocab else SPECIAL["image"],
+        boi_token_id=vocab - 3 if small_vocab else SPECIAL["boi"],
+        eoi_token_id=vocab - 2 if small_vocab else SPECIAL["eoi"],
+        pad_token_id=0, bos_token_id=2, eos_token_ids=(1,),
+    )
+
+
+def make_requests(cfg: T5Gemma2Config, workload: str, rows: int, scale: float, seed: int) -> list[model.Request]:
+    """Random prompts with log-normal lengths; `scale` shrinks lengths and outputs for small shapes."""
+    median, sigma, longest, new_tokens, images = WORKLOADS[workload]
+    gen = torch.Generator().manual_seed(seed)
+    new_tokens = max(4, int(new_tokens * scale))
+    params = model.GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    requests = []
+    for _ in range(rows):
+        length = math.exp(math.log(median * scale) + sigma * torch.randn((), generator=gen).item())
+        length = int(min(max(length, 4), longest * scale))
+        ids = torch.randint(10, cfg.vocab_size - 10, (length,), generator=gen).tolist()
+        pixels = None
+        if images:
+            block = [cfg.boi_token_id] + [cfg.image_token_id] * cfg.mm_tokens_per_image + [cfg.eoi_token_id]
+            ids = ids[:1] + block + ids[1:]
+            size = cfg.vision.image_size
+            pixels = torch.rand((1, 3, size, size), generator=gen) * 2 - 1
+        requests.append(model.Request(ids, pixel_values=pixels, params=params))
+    return requests
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_ours(m, requests, max_batch_tokens, device):
+    gen = model.Generator(m, max_batch_tokens=max_batch_tokens, device=device)
+    sync(device)
+    start = time.perf_counter()
+    results = gen.generate(requests)
+    sync(device)
+    return time.perf_counter() - start, [r.token_ids for r in results], gen.stats
+
+
+def run_hf(ref, requests, batch, device, pad_id, eos_id):
+    """transformers generate(), sorted by length, the largest batch (from `batch` down) that fits."""
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i].input_ids))
+    new_tokens = requests[0].params.max_new_tokens
+    while True:
+        try:
+            outputs: list[list[int] | None] = [None] * len(requests)
+            padded = real = 0
+            sync(device)
+            start = time.perf_counter()
+            for lo in range(0, len(order), batch):
+                chunk = order[lo : lo + batch]
+                width = max(len(requests[i].input_ids) for i in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for row, i in enumerate(chunk):
+                    n = len(requests[i].input_ids)
+                    ids[row, :n] = torch.tensor(requests[i].input_ids)
+                    mask[row, :n] = 1
+                padded += ids.numel()
+                real += int(mask.sum())
+                pixels = [requests[i].pixel_values for i in chunk if requests[i].pixel_values is not None]
+                extra = {"pixel_values": torch.cat(pixels).to(device, ref.dtype)} if pixels else {}
+                out = ref.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                   num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                   eos_token_id=eos_id, pad_token_id=pad_id, **extra)
+                for row, i in enumerate(chunk):
+                    outputs[i] = out[row, 1:].tolist()
+            sync(device)
+            return time.perf_counter() - start, outputs, batch, real / padded
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch //= 2
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="t5g2 bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="summarize")
+    parser.add_argument("--rows", type=int, default=None, help="requests (default 512 on GPU, 48 on CPU)")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="multiplies input lengths and new tokens (default 1 on GPU, 0.1 on CPU)")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default bf16 on GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument("--compare-hf", action="store_true", help="also run transformers generate() and compare")
+    parser.add_argument("--hf-batch", type=int, default=256, help="HF's starting batch (halved on out-of-memory)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each, alternating; best is kept")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    rows = args.rows or (512 if on_gpu else 48)
+    scale = args.scale if args.scale is not None else (1.0 if on_gpu else 0.1)
+    dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+    budget = args.max_batch_tokens or (262_144 if on_gpu else 8192)
+    torch.manual_seed(args.seed)
+
+    cfg = shape_config(args.shape)
+    m = model.random_model(cfg, seed=args.seed, dtype=dtype, device=device)
+    requests = make_requests(cfg, args.workload, rows, scale, args.seed)
+    new_tokens = requests[0].params.max_new_tokens
+    print(f"bench: shape={args.shape} workload={args.workload} rows={rows} new_tokens={new_tokens} dtype={dtype} "
+          f"device={torch.cuda.get_device_name(device) if on_gpu else 'cpu'} threads={torch.get_num_threads()}")
+
+    ref = None
+    if args.compare_hf:
+        try:
+            from transformers import T5Gemma2ForConditionalGeneration  # the yardstick only
+        except ImportError:
+            parser.error("--compare-hf needs transformers: pip install -e '.[test]'")
+        with tempfile.TemporaryDirectory() as scratch:
+            model.save_pretrained(m, scratch)
+            ref = T5Gemma2ForConditionalGeneration.from_pretrained(
+                scratch, dtype=model.weights.resolve_dtype(dtype), attn_implementation="sdpa").to(device).eval()
+
+    # Warm up both (allocator, kernels, lazy init) on a few rows.
+    run_ours(m, requests[:4], budget, device)
+    if ref is not None:
+        run_hf(ref, requests[:4], 4, device, cfg.pad_token_id, list(cfg.eos_token_ids))
+
+    best_ours = best_hf = math.inf
+    ours_tokens = hf_tokens = None
+    stats = hf_batch = hf_padding = None
+    for _ in range(args.repeats):
+        seconds, ours_tokens, stats = run_ours(m, requests, budget, device)
+        best_ours = min(best_ours, seconds)
+        if ref is not None:
+            seconds, hf_tokens, hf_batch, hf_padding = run_hf(ref, requests, args.hf_batch, device,
+                                                              cfg.pad_token_id, list(cfg.eos_token_ids))
+            best_hf = min(best_hf, seconds)
+
+    out_tokens = sum(len(t) for t in ours_tokens)
+    print(f"ours: {rows / best_ours:10.1f} rows/s  {out_tokens / best_ours:12.1f} output tokens/s  "
+          f"padding efficiency {stats.padding_efficiency:.2f}  micro-batches {stats.micro_batches // args.repeats}  "
+          f"peak memory {peak_memory_gb(device):.2f} GiB")
+    if ref is not None:
+        hf_out = sum(len(t) for t in hf_tokens)
+        same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+        print(f"hf:   {rows / best_hf:10.1f} rows/s  {hf_out / best_hf:12.1f} output tokens/s  "
+              f"padding efficiency {hf_padding:.2f}  batch {hf_batch} (sorted by length)")
+        print(f"speed-up (output tokens/s): {(out_tokens / best_ours) / (hf_out / best_hf):.2f}x   "
+              f"identical greedy rows: {same}/{rows} ({100 * same / rows:.1f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

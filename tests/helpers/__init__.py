@@ -1,0 +1,1 @@
+"""Shared test fixtures: real parts built inside the tests (SentencePiece models, tiny checkpoints)."""
