@@ -45,3 +45,36 @@ def s3(s3_endpoint):
     fs = s3fs.S3FileSystem(**options)
     yield s3_endpoint, options, fs
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray for the whole session (4 logical CPUs on any machine); yields its address.
+
+    Fake AWS credentials are set first: Ray's worker processes inherit the environment of the
+    process that starts Ray, and s3fs in those workers reads credentials from the standard chain.
+    """
+    import ray
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    # Armed by a test that creates this file: the next model actor call dies (pipeline/build.py).
+    fault_file = tmp_path_factory.mktemp("faults") / "kill-one-actor"
+    os.environ["T5G2_FAULT_ACTOR_EXIT_FILE"] = str(fault_file)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="warning")
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A complete tiny checkpoint directory (weights, tokenizer.model, configs); see helpers/pipeline_data."""
+    from helpers.pipeline_data import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("checkpoint"))

@@ -1,0 +1,153 @@
+"""The `t5g2` command line: run | inspect | demo | bench.
+
+  t5g2 run JOB.toml [--set key=value ...] [--address RAY_ADDRESS]
+      Validate the job (fails before any GPU work with the fix), then run or resume it. Without an
+      address it starts a local Ray; with one (or RAY_ADDRESS) it joins that cluster.
+  t5g2 inspect JOB.toml [--set ...]     validate a job and print its plan, without running it
+  t5g2 inspect CHECKPOINT               print a checkpoint's config summary (dir, URI or hub id)
+  t5g2 demo ...                         jobs/demo.py (a dataset, a checkpoint and three jobs)
+  t5g2 bench ...                        jobs/bench.py (throughput)
+
+demo and bench are imported only when asked for, so `run` works whatever state they are in.
+Exit codes: 0 done, 1 the run failed or is incomplete, 2 the job or its arguments are invalid.
+
+Not here: what a run does (pipeline/run.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+USAGE = """usage: t5g2 {run,inspect,demo,bench} ...
+
+commands:
+  run JOB.toml [--set key=value ...] [--address ADDR]   run or resume a job
+  inspect JOB.toml | CHECKPOINT                          show a job's plan or a checkpoint's config
+  demo [...]                                             generate demo data + checkpoint and run the demo jobs
+  bench [...]                                            throughput benchmark
+Run `t5g2 COMMAND --help` for a command's options."""
+
+
+def _job_parser(prog: str, with_address: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("job", help="the TOML job file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a job field, e.g. --set resources.rows_per_call=64 (repeatable)")
+    if with_address:
+        parser.add_argument("--address", default=None,
+                            help="Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray)")
+    return parser
+
+
+def cmd_run(argv: list[str]) -> int:
+    from pipeline.run import run_job
+    from pipeline.spec import JobError, load_job
+
+    args = _job_parser("t5g2 run", with_address=True).parse_args(argv)
+    try:
+        spec = load_job(args.job, args.overrides)
+        report = run_job(spec, address=args.address)
+    except JobError as exc:
+        print(f"t5g2 run: the job cannot run: {exc}", file=sys.stderr)
+        return 2
+    return 0 if report.get("complete") else 1
+
+
+def _inspect_job(path: str, overrides: list[str]) -> int:
+    from pipeline.run import validate
+    from pipeline.spec import JobError, load_job
+
+    try:
+        spec = load_job(path, overrides)
+        v = validate(spec)
+    except JobError as exc:
+        print(f"t5g2 inspect: the job cannot run: {exc}", file=sys.stderr)
+        return 2
+    done = v.store.done()
+    todo = [u for u in v.units if u.key not in done]
+    r = spec.resources
+    print(f"Job {spec.origin}")
+    print(f"  model     {spec.model.source} ({spec.model.dtype}), revision {v.model_revision or '-'}")
+    print(f"  input     {len(v.files)} file(s), {sum(f.num_rows for f in v.files)} rows; columns "
+          f"id={spec.input.id_column or '(derived)'} text={spec.input.text_column or '-'} "
+          f"image={spec.input.image_column or '-'}; max_input_tokens {spec.input.max_input_tokens} "
+          f"({spec.input.long_input})")
+    print(f"  output    {spec.output.path}: {len(v.units)} unit(s) of <= {spec.output.rows_per_file} rows, "
+          f"{len(v.units) - len(todo)} done, {len(todo)} to compute ({sum(u.rows for u in todo)} rows)")
+    for t in spec.tasks:
+        print(f"  task      {t.kind} -> {t.output_column}: {json.dumps(t.generation, sort_keys=True)}")
+        print(f"            prompt {t.prompt!r}")
+    actors = str(r.min_actors) if r.min_actors == r.max_actors else f"{r.min_actors}..{r.max_actors}"
+    device = f"{r.gpus_per_actor:g} GPU" if r.gpus_per_actor else "CPU"
+    print(f"  resources {actors} actor(s) x ({device}, {r.cpus_per_actor:g} CPU), {r.rows_per_call} rows/call, "
+          f"{r.max_batch_tokens} tokens/batch")
+    print(f"  run hash  {v.run_hash}")
+    return 0
+
+
+def _inspect_checkpoint(source: str) -> int:
+    from model.source import CheckpointError, CheckpointSource
+    from model.weights import load_config, weight_files
+
+    try:
+        src = CheckpointSource.open(source)
+        c = load_config(src)
+        shards = weight_files(src)
+    except (CheckpointError, ValueError) as exc:
+        print(f"t5g2 inspect: {exc}", file=sys.stderr)
+        return 2
+    e, d, v = c.encoder, c.decoder, c.vision
+    print(f"Checkpoint {source} (revision {src.revision or '-'})")
+    for name, t in (("encoder", e), ("decoder", d)):
+        kinds = f"{t.layer_types.count('sliding_attention')} sliding (window {t.sliding_window}) + " \
+                f"{t.layer_types.count('full_attention')} full"
+        print(f"  {name:8} {t.num_layers} layers ({kinds}), hidden {t.hidden_size}, MLP {t.intermediate_size}, "
+              f"heads {t.num_heads}/{t.num_kv_heads} kv, head_dim {t.head_dim}")
+    print(f"  vocab    {c.vocab_size}; eos {list(c.eos_token_ids)}, pad {c.pad_token_id}, bos {c.bos_token_id}")
+    print(f"  vision   {v.num_layers} layers, hidden {v.hidden_size}, {v.image_size}px / patch {v.patch_size}; "
+          f"{c.mm_tokens_per_image} tokens per image (boi {c.boi_token_id}, image {c.image_token_id}, "
+          f"eoi {c.eoi_token_id})")
+    files = src.files()
+    print(f"  files    weights {', '.join(shards)}; tokenizer.model {'yes' if 'tokenizer.model' in files else 'MISSING'}; "
+          f"preprocessor_config.json {'yes' if 'preprocessor_config.json' in files else 'no (defaults)'}")
+    return 0
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="t5g2 inspect")
+    parser.add_argument("target", help="a TOML job file, or a checkpoint (directory, fsspec URI or hub id)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="job field override (job files only)")
+    args = parser.parse_args(argv)
+    if args.target.endswith(".toml") or os.path.isfile(args.target):
+        return _inspect_job(args.target, args.overrides)
+    return _inspect_checkpoint(args.target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        return cmd_run(rest)
+    if command == "inspect":
+        return cmd_inspect(rest)
+    if command == "demo":
+        from jobs import demo
+
+        return demo.main(rest) or 0
+    if command == "bench":
+        from jobs import bench
+
+        return bench.main(rest) or 0
+    print(f"t5g2: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

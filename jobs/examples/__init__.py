@@ -1,0 +1,1 @@
+"""Example job files (TOML) shipped with the package; see README.md."""

@@ -1,0 +1,117 @@
+"""Column names, the output Arrow schema and the per-row error kinds, in one place.
+
+Every stage reads and writes the columns named here, so the names are spelled once. The output
+of a job has, per input row:
+
+  id                       the input id (or a deterministic one derived from file and row)
+  error_kind, error_message the row's first task error (null when every task succeeded)
+  per task, with OUT its output_column:
+    OUT                    generated text (null when the task failed for this row)
+    OUT_input_tokens       prompt tokens the model saw (after truncation, images included)
+    OUT_output_tokens      generated tokens (EOS included)
+    OUT_finish_reason      "eos" | "length" (null on error)
+    OUT_error_kind         one of ERROR_KINDS (null when fine)
+    OUT_error_message      what went wrong, for a person (null when fine)
+  model_source, model_revision, run_config_hash   provenance
+
+Internal columns (prefixed "__") carry work between stages and are dropped before writing.
+
+Not here: how columns are filled (prepare.py, infer.py, finish.py), or written (pipeline/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+ID = "id"
+ERROR_KIND = "error_kind"
+ERROR_MESSAGE = "error_message"
+MODEL_SOURCE = "model_source"
+MODEL_REVISION = "model_revision"
+RUN_CONFIG_HASH = "run_config_hash"
+
+# Internal columns between stages.
+UNIT = "__unit"  # key of the unit of work (input file + row range) the row belongs to
+ROW = "__row"  # row number inside its input file
+TEXT = "__text"  # input text as bytes (validated and decoded in prepare)
+IMAGE = "__image"  # encoded image bytes
+PIXELS = "__pixels"  # preprocessed image, float32 [3, S, S] as raw bytes (null when none)
+INTERNAL_PREFIX = "__"
+
+# Per-row error kinds. Input problems are found on CPU in prepare; model problems in infer.
+ERROR_KINDS = (
+    "text_missing",  # the text is null
+    "text_empty",  # the text is empty or only whitespace
+    "text_invalid_utf8",  # the text bytes are not valid UTF-8
+    "text_too_long",  # the prompt is longer than input.max_input_tokens and long_input = "error"
+    "prompt_images",  # the text holds literal image markers that would claim image slots
+    "image_missing",  # the image is null (or a {bytes, path} struct without bytes)
+    "image_decode",  # empty, truncated, corrupt or undecodable image bytes
+    "image_format",  # a format outside the allowlist
+    "image_too_large",  # more pixels than allowed (a possible decompression bomb)
+    "invalid_request",  # the model refused the request (a bug upstream if it ever shows)
+    "out_of_memory",  # the request alone does not fit on the device
+    "model_error",  # any other failure inside generation for this row
+)
+
+
+@dataclass(frozen=True)
+class TaskColumns:
+    """The output columns of one task."""
+
+    text: str  # generated text
+    input_tokens: str  # prompt tokens
+    output_tokens: str  # generated tokens
+    finish_reason: str  # "eos" | "length"
+    error_kind: str  # error kind or null
+    error_message: str  # error message or null
+    # internal, between stages:
+    prompt_ids: str  # list<int32> prompt ids from prepare (null on error)
+    output_ids: str  # list<int32> generated ids from infer (null on error)
+
+    @classmethod
+    def of(cls, output_column: str) -> "TaskColumns":
+        return cls(
+            text=output_column,
+            input_tokens=f"{output_column}_input_tokens",
+            output_tokens=f"{output_column}_output_tokens",
+            finish_reason=f"{output_column}_finish_reason",
+            error_kind=f"{output_column}_error_kind",
+            error_message=f"{output_column}_error_message",
+            prompt_ids=f"__{output_column}_prompt_ids",
+            output_ids=f"__{output_column}_output_ids",
+        )
+
+    def output_fields(self) -> list[pa.Field]:
+        return [
+            pa.field(self.text, pa.string()),
+            pa.field(self.input_tokens, pa.int32()),
+            pa.field(self.output_tokens, pa.int32()),
+            pa.field(self.finish_reason, pa.string()),
+            pa.field(self.error_kind, pa.string()),
+            pa.field(self.error_message, pa.string()),
+        ]
+
+
+RESERVED = frozenset({ID, ERROR_KIND, ERROR_MESSAGE, MODEL_SOURCE, MODEL_REVISION, RUN_CONFIG_HASH})
+
+
+def reserved_names(output_column: str) -> list[str]:
+    """All output column names a task with this output_column would create."""
+    cols = TaskColumns.of(output_column)
+    return [f.name for f in cols.output_fields()]
+
+
+def output_schema(output_columns: list[str], id_type: pa.DataType) -> pa.Schema:
+    """The schema of every output file of a job: id, row error, per-task columns, provenance."""
+    fields = [pa.field(ID, id_type), pa.field(ERROR_KIND, pa.string()), pa.field(ERROR_MESSAGE, pa.string())]
+    for name in output_columns:
+        fields.extend(TaskColumns.of(name).output_fields())
+    fields += [
+        pa.field(MODEL_SOURCE, pa.string()),
+        pa.field(MODEL_REVISION, pa.string()),
+        pa.field(RUN_CONFIG_HASH, pa.string()),
+    ]
+    return pa.schema(fields)

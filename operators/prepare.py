@@ -1,0 +1,186 @@
+"""CPU stage: input rows -> prompt token ids and preprocessed image pixels, with per-row errors.
+
+`Prepare(tokenizer, image_processor, tasks, ...)` is a callable over one Arrow batch with the
+columns UNIT, ROW, ID and (when the job reads them) TEXT (bytes) and IMAGE (bytes). For every
+task it fills the task's prompt-id column, or its error kind and message; for image tasks it
+fills PIXELS once per row (shared by every task of the row). Nothing here raises for a bad row:
+
+  text null -> text_missing; not UTF-8 -> text_invalid_utf8; empty/whitespace -> text_empty;
+  literal image markers in the text -> prompt_images;
+  prompt over max_input_tokens -> text_too_long (long_input = "error"), or the text is cut
+  at a token boundary until the prompt fits (long_input = "truncate");
+  image null -> image_missing; unreadable / not allowed / too many pixels -> the ImageError kind.
+
+Not here: Ray scheduling (pipeline/build.py), reading files (pipeline/storage.py), generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from model.images import ImageError, ImageProcessor
+from model.tokenizer import BOI_TOKEN, PromptError, Tokenizer
+
+from . import columns as C
+
+
+@dataclass(frozen=True)
+class PromptTask:
+    """What prepare needs to know about one task."""
+
+    output_column: str  # names the task's columns
+    template: str  # format string with {text}, {image}, {source_language}, {target_language}
+    constants: dict = field(default_factory=dict)  # fixed template fields (languages)
+    uses_text: bool = True  # the template has {text}
+    uses_image: bool = False  # the template has {image}
+
+
+class _RowError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class Prepare:
+    """Prompt templates, tokenization and safe image decoding for a batch of rows."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_processor: ImageProcessor | None,
+        tasks: list[PromptTask],
+        max_input_tokens: int,
+        long_input: str = "error",
+    ):
+        if long_input not in ("error", "truncate"):
+            raise ValueError(f"long_input must be 'error' or 'truncate', got {long_input!r}")
+        if any(t.uses_image for t in tasks) and image_processor is None:
+            raise ValueError("an image task needs an image processor")
+        self.tokenizer = tokenizer
+        self.images = image_processor
+        self.tasks = list(tasks)
+        self.max_input_tokens = max_input_tokens
+        self.long_input = long_input
+        self.needs_text = any(t.uses_text for t in self.tasks)
+        self.needs_image = any(t.uses_image for t in self.tasks)
+
+    # ---- one batch ---------------------------------------------------------------------------
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        required = [C.UNIT, C.ROW, C.ID] + ([C.TEXT] if self.needs_text else []) + ([C.IMAGE] if self.needs_image else [])
+        missing = [c for c in required if c not in batch.column_names]
+        if missing:
+            raise KeyError(f"prepare needs columns {missing}; got {batch.column_names}")
+        n = batch.num_rows
+        texts = batch.column(C.TEXT).to_pylist() if self.needs_text else [None] * n
+        images = batch.column(C.IMAGE).to_pylist() if self.needs_image else [None] * n
+
+        pixels: list[bytes | None] = [None] * n
+        per_task: dict[str, tuple[list, list, list]] = {t.output_column: ([], [], []) for t in self.tasks}
+        for r in range(n):
+            text, text_error = (None, None)
+            if self.needs_text:
+                text, text_error = self._text(texts[r])
+            image_error = None
+            if self.needs_image:
+                try:
+                    pixels[r] = self._pixels(images[r])
+                except _RowError as exc:
+                    image_error = exc
+            for task in self.tasks:
+                ids_col, kind_col, msg_col = per_task[task.output_column]
+                error = (text_error if task.uses_text else None) or (image_error if task.uses_image else None)
+                ids = None
+                if error is None:
+                    try:
+                        ids = self._prompt_ids(task, text)
+                    except _RowError as exc:
+                        error = exc
+                ids_col.append(ids)
+                kind_col.append(error.kind if error else None)
+                msg_col.append(error.message if error else None)
+
+        out = {C.UNIT: batch.column(C.UNIT), C.ROW: batch.column(C.ROW), C.ID: batch.column(C.ID)}
+        if self.needs_image:
+            out[C.PIXELS] = pa.array(pixels, type=pa.binary())
+        for task in self.tasks:
+            cols = C.TaskColumns.of(task.output_column)
+            ids_col, kind_col, msg_col = per_task[task.output_column]
+            out[cols.prompt_ids] = pa.array(ids_col, type=pa.list_(pa.int32()))
+            out[cols.error_kind] = pa.array(kind_col, type=pa.string())
+            out[cols.error_message] = pa.array(msg_col, type=pa.string())
+        return pa.table(out)
+
+    # ---- pieces ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _text(value) -> tuple[str | None, _RowError | None]:
+        if value is None:
+            return None, _RowError("text_missing", "the text is null")
+        if isinstance(value, str):
+            text = value
+        else:
+            try:
+                text = bytes(value).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return None, _RowError(
+                    "text_invalid_utf8", f"the text is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                )
+        if not text.strip():
+            return None, _RowError("text_empty", "the text is empty" if not text else "the text is only whitespace")
+        return text, None
+
+    def _pixels(self, value) -> bytes:
+        if value is None:
+            raise _RowError("image_missing", "the image is null (or a {bytes, path} struct without bytes)")
+        try:
+            tensor = self.images.preprocess(value)
+        except ImageError as exc:
+            raise _RowError(exc.kind, str(exc)) from None
+        return tensor.numpy().tobytes()
+
+    def _render(self, task: PromptTask, text: str | None) -> list[int]:
+        values = dict(task.constants)
+        if task.uses_text:
+            values["text"] = text
+        if task.uses_image:
+            values["image"] = BOI_TOKEN
+        prompt = task.template.format(**values)
+        try:
+            return self.tokenizer.encode_prompt(prompt, num_images=1 if task.uses_image else 0)
+        except PromptError as exc:
+            raise _RowError(exc.kind, f"{exc}") from None
+
+    def _prompt_ids(self, task: PromptTask, text: str | None) -> list[int]:
+        limit = self.max_input_tokens
+        if self.long_input == "truncate" and task.uses_text and len(text) > limit * 16:
+            # No token covers more than a few dozen characters in practice: cut absurdly long texts
+            # before tokenizing them whole (the exact cut is made below, at a token boundary).
+            text = text[: limit * 16]
+        ids = self._render(task, text)
+        if len(ids) <= limit:
+            return ids
+        if self.long_input == "error" or not task.uses_text:
+            raise _RowError(
+                "text_too_long",
+                f"the prompt is {len(ids)} tokens, more than input.max_input_tokens = {limit}; set "
+                f"input.long_input = \"truncate\" to cut such texts, or raise max_input_tokens",
+            )
+        text_ids = self.tokenizer.encode_one(text, add_bos=False)
+        keep = len(text_ids) - (len(ids) - limit)
+        for _ in range(8):  # re-tokenizing the cut text can merge differently at the seam
+            if keep <= 0:
+                break
+            cut = self.tokenizer.decode_one(text_ids[:keep], skip_special_tokens=False)
+            ids = self._render(task, cut)
+            if len(ids) <= limit:
+                return ids
+            keep -= max(1, len(ids) - limit)
+        raise _RowError(
+            "text_too_long",
+            f"the prompt template alone leaves no room for text within input.max_input_tokens = {limit}; "
+            f"raise max_input_tokens or shorten the prompt",
+        )

@@ -1,0 +1,124 @@
+"""The run report: counts gathered while committing, written as JSON beside the output and printed.
+
+`RunStats` accumulates what each committed unit contributes (rows, errors by kind, tokens, finish
+reasons per task); `make_report` turns it into the report dict that `run_job` returns, writes to
+`<output>/_report.json` and summarizes on stdout. `unit_stats` gives the per-unit counts stored in
+a done-marker, so a resumed run can still report totals over the whole output.
+
+Not here: what is committed or when (run.py, storage.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from operators import columns as C
+
+
+def unit_stats(table: pa.Table, output_columns: list[str]) -> dict:
+    """Counts of one committed unit: rows, row errors by kind, and per task tokens and reasons."""
+    stats = {"rows": table.num_rows, "errors": {}, "tasks": {}}
+    kinds = Counter(k for k in table.column(C.ERROR_KIND).to_pylist() if k is not None)
+    stats["errors"] = dict(kinds)
+    for name in output_columns:
+        cols = C.TaskColumns.of(name)
+        task_kinds = Counter(k for k in table.column(cols.error_kind).to_pylist() if k is not None)
+        reasons = Counter(r for r in table.column(cols.finish_reason).to_pylist() if r is not None)
+        stats["tasks"][name] = {
+            "ok": table.num_rows - sum(task_kinds.values()),
+            "errors": dict(task_kinds),
+            "finish_reasons": dict(reasons),
+            "input_tokens": int(pc.sum(table.column(cols.input_tokens)).as_py() or 0),
+            "output_tokens": int(pc.sum(table.column(cols.output_tokens)).as_py() or 0),
+        }
+    return stats
+
+
+@dataclass
+class RunStats:
+    """Sums of unit_stats over units."""
+
+    units: int = 0
+    rows: int = 0
+    errors: Counter = field(default_factory=Counter)
+    tasks: dict = field(default_factory=dict)
+
+    def add(self, stats: dict) -> None:
+        self.units += 1
+        self.rows += int(stats.get("rows", 0))
+        self.errors.update(stats.get("errors", {}))
+        for name, t in stats.get("tasks", {}).items():
+            into = self.tasks.setdefault(name, {"ok": 0, "errors": Counter(), "finish_reasons": Counter(),
+                                                "input_tokens": 0, "output_tokens": 0})
+            into["ok"] += t.get("ok", 0)
+            into["errors"].update(t.get("errors", {}))
+            into["finish_reasons"].update(t.get("finish_reasons", {}))
+            into["input_tokens"] += t.get("input_tokens", 0)
+            into["output_tokens"] += t.get("output_tokens", 0)
+
+    def as_dict(self) -> dict:
+        return {
+            "units": self.units,
+            "rows": self.rows,
+            "errors_by_kind": dict(sorted(self.errors.items())),
+            "input_tokens": sum(t["input_tokens"] for t in self.tasks.values()),
+            "output_tokens": sum(t["output_tokens"] for t in self.tasks.values()),
+            "tasks": {
+                name: {"ok": t["ok"], "errors_by_kind": dict(sorted(t["errors"].items())),
+                       "finish_reasons": dict(sorted(t["finish_reasons"].items())),
+                       "input_tokens": t["input_tokens"], "output_tokens": t["output_tokens"]}
+                for name, t in self.tasks.items()
+            },
+        }
+
+
+def make_report(*, job: str, output: str, run_config_hash: str, provenance: dict, rows_in: int, units_total: int,
+                skipped: RunStats, computed: RunStats, wall_seconds: float, compute_seconds: float) -> dict:
+    this_run = computed.as_dict()
+    return {
+        "job": job,
+        "output": output,
+        "run_config_hash": run_config_hash,
+        "model_source": provenance.get(C.MODEL_SOURCE),
+        "model_revision": provenance.get(C.MODEL_REVISION),
+        "complete": skipped.rows + computed.rows == rows_in,
+        "rows_in": rows_in,
+        "rows_out": computed.rows,  # rows written by this run
+        "rows_skipped": skipped.rows,  # rows already committed by earlier runs (not recomputed)
+        "rows_committed_total": skipped.rows + computed.rows,
+        "units_total": units_total,
+        "units_skipped": skipped.units,
+        "units_written": computed.units,
+        "errors_by_kind": this_run["errors_by_kind"],
+        "input_tokens": this_run["input_tokens"],
+        "output_tokens": this_run["output_tokens"],
+        "tasks": this_run["tasks"],
+        "rows_per_second": round(computed.rows / compute_seconds, 3) if compute_seconds > 0 else None,
+        "wall_seconds": round(wall_seconds, 3),
+        "all_runs": {"errors_by_kind": _merge(skipped, computed)},
+    }
+
+
+def _merge(a: RunStats, b: RunStats) -> dict:
+    total = Counter(a.errors)
+    total.update(b.errors)
+    return dict(sorted(total.items()))
+
+
+def summary(report: dict) -> str:
+    errors = ", ".join(f"{k} {v}" for k, v in report["errors_by_kind"].items()) or "none"
+    rate = f"{report['rows_per_second']:.1f} rows/s" if report["rows_per_second"] else "-"
+    lines = [
+        f"Job {report['job']} -> {report['output']}",
+        f"  rows in {report['rows_in']}, written now {report['rows_out']}, already done {report['rows_skipped']} "
+        f"({report['units_written']} + {report['units_skipped']} of {report['units_total']} files)"
+        + ("" if report["complete"] else "  INCOMPLETE"),
+        f"  errors this run: {errors}",
+        f"  tokens in {report['input_tokens']}, out {report['output_tokens']}; {rate}; "
+        f"wall {report['wall_seconds']:.1f}s",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,474 @@
+"""A job file (TOML) parsed and validated into a frozen JobSpec.
+
+`load_job(path_or_text, overrides=())` reads a job file, applies `--set key=value` overrides
+(dotted keys: `resources.rows_per_call=7`, `task.0.max_new_tokens=32`, `task.max_new_tokens=32`
+for every task, `storage.s3.endpoint_url=...`; values are TOML values, or strings when they do not
+parse as one), and checks every field. Each problem is a `JobError` naming the field and the fix.
+Only the file itself is checked here; whether the input columns, the model and the output path
+are really usable is checked against storage by `pipeline.run.validate` before any GPU work.
+
+Schema (see ../shared/design.md):
+  [model]      source (required), dtype = "bfloat16" | "float16" | "float32"
+  [input]      path (required; string or list; fsspec paths or globs), id_column, text_column,
+               image_column, max_input_tokens (8192), long_input = "error" | "truncate"
+  [output]     path (required), rows_per_file (10000), compression ("zstd")
+  [[task]]     kind (caption | summarize | translate), output_column, prompt, source_language,
+               target_language, and generation settings (max_new_tokens, min_new_tokens,
+               temperature, top_k, top_p, seed, num_beams, length_penalty)
+  [resources]  gpu_actors (1, or [min, max]), gpus_per_actor (1.0; fractions allowed; 0 = CPU),
+               cpus_per_actor (1.0), rows_per_call (256), max_batch_tokens (65536)
+  [storage.P]  fsspec options for paths of protocol P (s3, gcs, ...); never credentials
+
+Not here: running the job (run.py), task templates (tasks.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from operators import columns
+
+from .tasks import GENERATION_FIELDS, TASK_KINDS, check_template
+
+DTYPES = ("bfloat16", "float16", "float32")
+LONG_INPUT_POLICIES = ("error", "truncate")
+COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "none")
+# Bumped when the output layout or the meaning of a setting changes, so old outputs are not mixed in.
+FORMAT_VERSION = 1
+
+# Option names that hold secrets. Credentials come from the standard chains (environment,
+# ~/.aws, instance roles), never from a job file: job files are shared, logged and committed.
+_CREDENTIAL_NAME = re.compile(
+    r"^(key|secret|token|password|passwd|username|user|creds?|credentials?|anon_key)$|"
+    r"secret|password|session_token|access_key|account_key|sas_token|client_secret|private_key|api_key|"
+    r"credential",
+    re.IGNORECASE,
+)
+
+
+class JobError(ValueError):
+    """The job file (or its overrides) is not runnable; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str  # hub id, local directory or fsspec URI of the checkpoint directory
+    dtype: str  # weights and compute dtype on the device
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    paths: tuple[str, ...]  # Parquet files or globs on any fsspec filesystem
+    id_column: str | None  # unique row id column; None = derived from file and row number
+    text_column: str | None  # text column (string or binary)
+    image_column: str | None  # image column (binary, or {bytes, path} struct)
+    max_input_tokens: int  # longest prompt (tokens, images included) the model is given
+    long_input: str  # over max_input_tokens: "error" (row error) or "truncate" (cut the text)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    path: str  # output directory (fsspec URI or local path), no trailing slash
+    rows_per_file: int  # input rows per unit of work = per output file
+    compression: str  # Parquet compression codec
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    kind: str  # caption | summarize | translate
+    output_column: str  # name of the generated-text column
+    prompt: str  # the prompt template (the kind's default unless overridden)
+    source_language: str | None  # translate only
+    target_language: str | None  # translate only
+    generation: dict  # GenerationParams fields: the kind's defaults updated by the job's values
+    uses_text: bool  # the template has {text}
+    uses_image: bool  # the template has {image}
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    min_actors: int  # inference actors at least
+    max_actors: int  # inference actors at most (== min_actors for a fixed pool)
+    gpus_per_actor: float  # GPUs reserved per actor; 0 runs the model on CPU
+    cpus_per_actor: float  # CPUs reserved per actor
+    rows_per_call: int  # rows handed to an actor per call
+    max_batch_tokens: int  # Generator token budget per forward micro-batch
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: ModelSpec
+    input: InputSpec
+    output: OutputSpec
+    tasks: tuple[TaskSpec, ...]
+    resources: ResourcesSpec
+    storage: dict = field(default_factory=dict)  # protocol -> fsspec options (no credentials)
+    origin: str = "<text>"  # where the job came from, for messages
+
+    def storage_options(self, path: str) -> dict:
+        """fsspec options for `path`'s protocol (a copy; empty for local paths)."""
+        protocol = protocol_of(path)
+        aliases = {"s3a": "s3", "gs": "gcs", "abfs": "az", "abfss": "az"}
+        options = self.storage.get(protocol) or self.storage.get(aliases.get(protocol, ""), {})
+        return copy.deepcopy(dict(options))
+
+    def run_config(self) -> dict:
+        """Everything that decides the output rows' content and layout (no paths, no resources)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": {"source": self.model.source, "dtype": self.model.dtype},
+            "input": {
+                "id_column": self.input.id_column,
+                "text_column": self.input.text_column,
+                "image_column": self.input.image_column,
+                "max_input_tokens": self.input.max_input_tokens,
+                "long_input": self.input.long_input,
+            },
+            "rows_per_file": self.output.rows_per_file,
+            "tasks": [asdict(t) for t in self.tasks],
+        }
+
+    def run_config_hash(self) -> str:
+        """Hash of the run's prompts, generation settings and layout: keys outputs and provenance."""
+        text = json.dumps(self.run_config(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def protocol_of(path: str) -> str:
+    if "://" in path:
+        return path.split("://", 1)[0].lower()
+    return "file"
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+
+def load_job(path_or_text: str | os.PathLike, overrides: Sequence[str] = ()) -> JobSpec:
+    """Parse, override and validate a job file (a path, or the TOML text itself)."""
+    text, origin = _read(path_or_text)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise JobError(f"{origin} is not valid TOML: {exc}. Fix the syntax at that line") from exc
+    for item in overrides:
+        _apply_override(raw, item)
+    return parse_job(raw, origin)
+
+
+def _read(path_or_text) -> tuple[str, str]:
+    """(TOML text, origin): a path is read; a string with a newline or a table header is the text."""
+    if isinstance(path_or_text, str) and not Path(path_or_text).is_file() and (
+        "\n" in path_or_text or "[" in path_or_text
+    ):
+        return path_or_text, "<job text>"
+    if not isinstance(path_or_text, (str, os.PathLike)):
+        raise JobError(f"load_job takes a path or TOML text, got {type(path_or_text).__name__}")
+    path = Path(path_or_text)
+    if not path.is_file():
+        raise JobError(f"job file {str(path)!r} not found: pass the path of a TOML job file")
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobError(f"cannot read job file {str(path)!r}: {exc}") from exc
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string: --set output.path=s3://bucket/out/
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise JobError(f"--set {item!r} must be key=value, e.g. --set resources.rows_per_call=64")
+    key, value_text = item.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise JobError(f"--set {item!r}: the key must be dotted names, e.g. task.0.max_new_tokens")
+    value = _parse_value(value_text.strip())
+    if parts[0] == "task":
+        tasks = raw.get("task")
+        if not isinstance(tasks, list) or not tasks:
+            raise JobError(f"--set {key}: the job has no [[task]] tables to set it on")
+        if len(parts) >= 3 and parts[1].isdigit():
+            index = int(parts[1])
+            if index >= len(tasks):
+                raise JobError(f"--set {key}: there are only {len(tasks)} task(s), numbered from 0")
+            targets, rest = [tasks[index]], parts[2:]
+        elif len(parts) == 2:
+            targets, rest = tasks, parts[1:]
+        else:
+            raise JobError(f"--set {key}: use task.N.field (N from 0) or task.field for every task")
+        for target in targets:
+            _set_path(target, rest, value, key)
+        return
+    _set_path(raw, parts, value, key)
+
+
+def _set_path(table: dict, parts: list[str], value: Any, key: str) -> None:
+    for part in parts[:-1]:
+        child = table.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise JobError(f"--set {key}: {part!r} is not a table")
+        table = child
+    table[parts[-1]] = value
+
+
+# ---- validation ----------------------------------------------------------------------------
+
+_SECTIONS = {"model", "input", "output", "task", "resources", "storage"}
+_MODEL_KEYS = {"source", "dtype"}
+_INPUT_KEYS = {"path", "id_column", "text_column", "image_column", "max_input_tokens", "long_input"}
+_OUTPUT_KEYS = {"path", "rows_per_file", "compression"}
+_TASK_KEYS = {"kind", "output_column", "prompt", "source_language", "target_language", *GENERATION_FIELDS}
+_RESOURCE_KEYS = {"gpu_actors", "gpus_per_actor", "cpus_per_actor", "rows_per_call", "max_batch_tokens"}
+
+
+def _unknown(table: dict, allowed: set[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise JobError(
+                f"{where}.{key} is not a known setting; {hint}allowed in [{where}]: {', '.join(sorted(allowed))}"
+            )
+
+
+def _table(raw: dict, name: str, required: bool = True) -> dict:
+    value = raw.get(name)
+    if value is None:
+        if required:
+            raise JobError(f"the job has no [{name}] table; add one (see jobs/examples/*.toml)")
+        return {}
+    if not isinstance(value, dict):
+        raise JobError(f"{name} must be a table ([{name}]), got {type(value).__name__}")
+    return value
+
+
+def _str(table: dict, key: str, where: str, default: Any = None, required: bool = False) -> Any:
+    value = table.get(key, default)
+    if value is None:
+        if required:
+            raise JobError(f"{where}.{key} is required; set it in [{where}]")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise JobError(f"{where}.{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _int(table: dict, key: str, where: str, default: int, minimum: int = 1) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise JobError(f"{where}.{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(table: dict, key: str, where: str, default: float, minimum: float = 0.0) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise JobError(f"{where}.{key} must be a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _choice(table: dict, key: str, where: str, default: str, choices: Sequence[str]) -> str:
+    value = table.get(key, default)
+    if value not in choices:
+        raise JobError(f"{where}.{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _check_no_credentials(options: Any, where: str) -> None:
+    if isinstance(options, dict):
+        for key, value in options.items():
+            if _CREDENTIAL_NAME.search(str(key)):
+                raise JobError(
+                    f"{where}.{key} looks like a credential; job files must not hold credentials. Remove it and "
+                    f"use the standard chains instead (environment variables such as AWS_ACCESS_KEY_ID / "
+                    f"AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, or an instance role)"
+                )
+            _check_no_credentials(value, f"{where}.{key}")
+    elif isinstance(options, list):
+        for i, value in enumerate(options):
+            _check_no_credentials(value, f"{where}[{i}]")
+
+
+def _check_path_text(path: str, where: str) -> None:
+    if "://" in path:
+        rest = path.split("://", 1)[1]
+        authority = rest.split("/", 1)[0]
+        if "@" in authority:
+            raise JobError(
+                f"{where} embeds credentials (user:password@host) in the URI; remove them and use the "
+                f"standard credential chains"
+            )
+
+
+def parse_job(raw: dict, origin: str = "<job>") -> JobSpec:
+    """Validate a parsed TOML document into a JobSpec."""
+    _unknown(raw, _SECTIONS, "job")
+
+    m = _table(raw, "model")
+    _unknown(m, _MODEL_KEYS, "model")
+    model = ModelSpec(
+        source=_str(m, "source", "model", required=True),
+        dtype=_choice(m, "dtype", "model", "bfloat16", DTYPES),
+    )
+    _check_path_text(model.source, "model.source")
+
+    i = _table(raw, "input")
+    _unknown(i, _INPUT_KEYS, "input")
+    paths = i.get("path")
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p.strip() for p in paths):
+        raise JobError(
+            f"input.path must be a path or glob (or a list of them) of Parquet files, got {paths!r}; "
+            f"e.g. path = \"s3://bucket/data/*.parquet\""
+        )
+    for p in paths:
+        _check_path_text(p, "input.path")
+    inp = InputSpec(
+        paths=tuple(paths),
+        id_column=_str(i, "id_column", "input"),
+        text_column=_str(i, "text_column", "input"),
+        image_column=_str(i, "image_column", "input"),
+        max_input_tokens=_int(i, "max_input_tokens", "input", 8192, minimum=8),
+        long_input=_choice(i, "long_input", "input", "error", LONG_INPUT_POLICIES),
+    )
+    if not inp.text_column and not inp.image_column:
+        raise JobError("[input] names no text_column and no image_column; set the column(s) the tasks read")
+    named = [c for c in (inp.id_column, inp.text_column, inp.image_column) if c]
+    if len(set(named)) != len(named):
+        raise JobError(f"[input] names the same column twice ({named}); id, text and image must be different columns")
+
+    o = _table(raw, "output")
+    _unknown(o, _OUTPUT_KEYS, "output")
+    out_path = _str(o, "path", "output", required=True)
+    _check_path_text(out_path, "output.path")
+    output = OutputSpec(
+        path=out_path.rstrip("/") or "/",
+        rows_per_file=_int(o, "rows_per_file", "output", 10_000),
+        compression=_choice(o, "compression", "output", "zstd", COMPRESSIONS),
+    )
+
+    tasks_raw = raw.get("task")
+    if tasks_raw is None:
+        raise JobError("the job has no [[task]]; add at least one, e.g. [[task]] kind = \"summarize\"")
+    if not isinstance(tasks_raw, list) or not tasks_raw:
+        raise JobError("task must be an array of tables: write each one as [[task]]")
+    tasks = tuple(_parse_task(t, n, inp) for n, t in enumerate(tasks_raw))
+    seen: dict[str, str] = {}
+    for n, task in enumerate(tasks):
+        for name in columns.reserved_names(task.output_column):
+            if name in columns.RESERVED or name.startswith(columns.INTERNAL_PREFIX):
+                raise JobError(
+                    f"task[{n}].output_column {task.output_column!r} makes column {name!r}, which is reserved; "
+                    f"choose another output_column"
+                )
+            if name in seen:
+                raise JobError(
+                    f"task[{n}].output_column {task.output_column!r} collides with {seen[name]} (column {name!r}); "
+                    f"give every task its own output_column"
+                )
+            seen[name] = f"task[{n}]"
+
+    r = _table(raw, "resources", required=False)
+    _unknown(r, _RESOURCE_KEYS, "resources")
+    actors = r.get("gpu_actors", 1)
+    if isinstance(actors, list):
+        if (len(actors) != 2 or not all(isinstance(a, int) and not isinstance(a, bool) for a in actors)
+                or not 1 <= actors[0] <= actors[1]):
+            raise JobError(f"resources.gpu_actors as a list must be [min, max] with 1 <= min <= max, got {actors!r}")
+        min_actors, max_actors = actors
+    elif isinstance(actors, int) and not isinstance(actors, bool) and actors >= 1:
+        min_actors = max_actors = actors
+    else:
+        raise JobError(f"resources.gpu_actors must be an integer >= 1 or [min, max], got {actors!r}")
+    gpus = _number(r, "gpus_per_actor", "resources", 1.0)
+    if gpus > 1 and gpus != int(gpus):
+        raise JobError(f"resources.gpus_per_actor above 1 must be a whole number, got {gpus}")
+    resources = ResourcesSpec(
+        min_actors=min_actors,
+        max_actors=max_actors,
+        gpus_per_actor=gpus,
+        cpus_per_actor=_number(r, "cpus_per_actor", "resources", 1.0),
+        rows_per_call=_int(r, "rows_per_call", "resources", 256),
+        max_batch_tokens=_int(r, "max_batch_tokens", "resources", 65536),
+    )
+    storage = _table(raw, "storage", required=False)
+    for protocol, options in storage.items():
+        if not isinstance(options, dict):
+            raise JobError(f"storage.{protocol} must be a table of fsspec options ([storage.{protocol}])")
+    _check_no_credentials(storage, "storage")
+
+    return JobSpec(model=model, input=inp, output=output, tasks=tasks, resources=resources,
+                   storage=copy.deepcopy(storage), origin=origin)
+
+
+def _parse_task(t: Any, n: int, inp: InputSpec) -> TaskSpec:
+    where = f"task[{n}]"
+    if not isinstance(t, dict):
+        raise JobError(f"{where} must be a table ([[task]])")
+    _unknown(t, _TASK_KEYS, where)
+    kind_name = t.get("kind")
+    if kind_name not in TASK_KINDS:
+        raise JobError(f"{where}.kind must be one of {', '.join(map(repr, TASK_KINDS))}, got {kind_name!r}")
+    kind = TASK_KINDS[kind_name]
+    output_column = _str(t, "output_column", where, default=kind.output_column)
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", output_column):
+        raise JobError(f"{where}.output_column {output_column!r} must be letters, digits and _ (starting with a letter)")
+    prompt = t.get("prompt", kind.template)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise JobError(f"{where}.prompt must be a non-empty string, got {prompt!r}")
+    try:
+        names = check_template(kind, prompt)
+    except ValueError as exc:
+        raise JobError(f"{where}.prompt: {exc}") from exc
+    languages = {}
+    for key in ("source_language", "target_language"):
+        value = _str(t, key, where)
+        if value is not None and kind_name != "translate":
+            raise JobError(f"{where}.{key} applies to translate tasks only; remove it from this {kind_name} task")
+        if key in names and value is None:
+            raise JobError(f"{where}.{key} is required: the prompt uses {{{key}}} (e.g. {key} = \"German\")")
+        languages[key] = value
+    generation = dict(kind.generation)
+    for key, types in GENERATION_FIELDS.items():
+        if key not in t:
+            continue
+        value = t[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise JobError(f"{where}.{key} must be {'an integer' if types is int else 'a number'}, got {value!r}")
+        generation[key] = value
+    try:
+        from model.generate import GenerationParams
+
+        GenerationParams(**generation)  # the model's own checks, with the field names the user wrote
+    except (TypeError, ValueError) as exc:
+        raise JobError(f"{where}: {exc}") from exc
+    uses_text, uses_image = "text" in names, "image" in names
+    if uses_text and not inp.text_column:
+        raise JobError(f"{where} ({kind_name}) reads text, but [input] has no text_column; set input.text_column")
+    if uses_image and not inp.image_column:
+        raise JobError(f"{where} ({kind_name}) reads images, but [input] has no image_column; set input.image_column")
+    return TaskSpec(
+        kind=kind_name,
+        output_column=output_column,
+        prompt=prompt,
+        source_language=languages["source_language"],
+        target_language=languages["target_language"],
+        generation=generation,
+        uses_text=uses_text,
+        uses_image=uses_image,
+    )

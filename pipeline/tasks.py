@@ -1,0 +1,109 @@
+"""The three tasks a job can run: caption, summarize, translate.
+
+Each task kind has a default prompt template, a default output column and its own generation
+defaults; a job's [[task]] table may override any of them. Templates are Python format strings
+with these fields:
+
+  {text}              the row's text (summarize, translate; caption may use it too)
+  {image}             where the row's image goes (caption; becomes the tokenizer's image marker)
+  {source_language}   translate only
+  {target_language}   translate only
+
+Literal braces are written {{ and }}. Templates are checked when the job is loaded: an unknown
+field, a missing {text} or {image}, or a translate task without its languages fails early.
+
+Not here: parsing the job file (spec.py), tokenizing prompts (operators/prepare.py).
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+
+# Generation settings a [[task]] table may set, with their types (GenerationParams fields).
+GENERATION_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "max_new_tokens": int,
+    "min_new_tokens": int,
+    "temperature": (int, float),
+    "top_k": int,
+    "top_p": (int, float),
+    "seed": int,
+    "num_beams": int,
+    "length_penalty": (int, float),
+}
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """What a task kind needs and what it does by default."""
+
+    name: str  # caption | summarize | translate
+    template: str  # default prompt template
+    output_column: str  # default output column
+    required_fields: frozenset[str]  # template fields that must appear
+    allowed_fields: frozenset[str]  # template fields that may appear
+    generation: dict = field(default_factory=dict)  # generation defaults (GenerationParams fields)
+
+
+TASK_KINDS: dict[str, TaskKind] = {
+    "caption": TaskKind(
+        name="caption",
+        template="{image} Describe this image in one sentence.",
+        output_column="caption",
+        required_fields=frozenset({"image"}),
+        allowed_fields=frozenset({"image", "text"}),
+        generation={"max_new_tokens": 64},
+    ),
+    "summarize": TaskKind(
+        name="summarize",
+        template="Summarize the following text in a few sentences.\n\n{text}\n\nSummary:",
+        output_column="summary",
+        required_fields=frozenset({"text"}),
+        allowed_fields=frozenset({"text"}),
+        generation={"max_new_tokens": 128},
+    ),
+    "translate": TaskKind(
+        name="translate",
+        template="Translate the following text from {source_language} to {target_language}.\n\n{text}\n\n"
+                 "{target_language}:",
+        output_column="translation",
+        required_fields=frozenset({"text"}),
+        allowed_fields=frozenset({"text", "source_language", "target_language"}),
+        generation={"max_new_tokens": 256},
+    ),
+}
+
+
+def template_fields(template: str) -> set[str]:
+    """Field names a format string uses; ValueError when it is malformed."""
+    names = set()
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if name == "" or not name.isidentifier():
+            raise ValueError(f"placeholder {{{name}}} is not a name; use {{text}}, {{image}}, ... (write {{{{ for a brace)")
+        if spec or conversion:
+            raise ValueError(f"placeholder {{{name}}} has a format spec or conversion; write just {{{name}}}")
+        names.add(name)
+    return names
+
+
+def check_template(kind: TaskKind, template: str) -> set[str]:
+    """The fields of `template`, checked against what `kind` allows and needs."""
+    try:
+        names = template_fields(template)
+    except ValueError as exc:
+        raise ValueError(f"prompt template is malformed: {exc}") from exc
+    unknown = names - kind.allowed_fields
+    if unknown:
+        raise ValueError(
+            f"prompt uses {', '.join('{' + n + '}' for n in sorted(unknown))}, which a {kind.name} task does not "
+            f"fill; it may use {', '.join('{' + n + '}' for n in sorted(kind.allowed_fields))}"
+        )
+    missing = kind.required_fields - names
+    if missing:
+        raise ValueError(
+            f"prompt lacks {', '.join('{' + n + '}' for n in sorted(missing))}: a {kind.name} prompt must say where "
+            f"the row's {' and '.join(sorted(missing))} go"
+        )
+    return names

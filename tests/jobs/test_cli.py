@@ -1,0 +1,75 @@
+"""The t5g2 command line: run, inspect, dispatch to demo/bench, exit codes and messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from helpers.pipeline_data import job_toml, mixed_rows, write_inputs
+from jobs import cli
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def job_file(tiny_checkpoint, tmp_path):
+    rows, _ = mixed_rows(good=4)
+    write_inputs(rows[:6], str(tmp_path / "in"), files=1)
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml(str(tiny_checkpoint), f"{tmp_path}/in/*.parquet", str(tmp_path / "out"),
+                             max_new_tokens=3))
+    return path
+
+
+def test_usage_and_unknown_command(capsys):
+    assert cli.main(["--help"]) == 0 and "t5g2 {run,inspect,demo,bench}" in capsys.readouterr().out
+    assert cli.main([]) == 2
+    assert cli.main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_run_and_rerun(ray_cluster, job_file, tmp_path, capsys):
+    assert cli.main(["run", str(job_file), "--set", "resources.rows_per_call=4"]) == 0
+    out = capsys.readouterr().out
+    assert "rows in 6, written now 6, already done 0" in out
+    assert cli.main(["run", str(job_file)]) == 0
+    assert "written now 0, already done 6" in capsys.readouterr().out
+
+
+def test_bad_job_exits_2_with_the_fix(job_file, capsys, monkeypatch):
+    import pipeline.run
+
+    monkeypatch.setattr(pipeline.run, "_connect", lambda address=None: pytest.fail("Ray must not start"))
+    assert cli.main(["run", str(job_file), "--set", "input.text_column=body"]) == 2
+    err = capsys.readouterr().err
+    assert "input.text_column 'body' is not a column" in err and "set input.text_column to one of them" in err
+    assert cli.main(["run", str(job_file), "--set", "resources.gpu_actor=2"]) == 2
+    assert "did you mean 'gpu_actors'" in capsys.readouterr().err
+
+
+def test_inspect_job_and_checkpoint(job_file, tiny_checkpoint, capsys):
+    assert cli.main(["inspect", str(job_file)]) == 0
+    out = capsys.readouterr().out
+    assert "1 file(s), 6 rows" in out and "2 unit(s) of <= 5 rows, 0 done, 2 to compute" in out
+    assert "task      summarize -> summary" in out and "1 actor(s) x (CPU" in out
+    assert cli.main(["inspect", str(tiny_checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "encoder  3 layers (2 sliding (window 5) + 1 full)" in out and "tokenizer.model yes" in out
+    assert cli.main(["inspect", str(tiny_checkpoint) + "-missing"]) == 2
+
+
+def test_demo_and_bench_are_imported_lazily(monkeypatch):
+    code = "import sys, jobs.cli; print(any(m in sys.modules for m in ('jobs.demo', 'jobs.bench', 'ray')))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+    calls = []
+    fake = types.ModuleType("jobs.bench")
+    fake.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "jobs.bench", fake)
+    import jobs
+
+    monkeypatch.setattr(jobs, "bench", fake, raising=False)
+    assert cli.main(["bench", "--shape", "tiny"]) == 0 and calls == [["--shape", "tiny"]]

@@ -1,0 +1,73 @@
+"""Infer: one Generator call per batch, every task together; batch-invariant; errors per row."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+import model.weights
+from helpers.pipeline_data import image_bytes
+from model.generate import GenerationParams, Generator, Request
+from model.images import ImageProcessor
+from model.tokenizer import Tokenizer
+from operators import columns as C
+from operators.infer import Infer, InferTask
+from operators.prepare import Prepare, PromptTask
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint):
+    tok = Tokenizer.from_pretrained(tiny_checkpoint)
+    m = model.weights.load_pretrained(tiny_checkpoint, dtype="float32")
+    prep = Prepare(tok, ImageProcessor.from_pretrained(tiny_checkpoint),
+                   [PromptTask("s", "Summarize: {text}"), PromptTask("c", "{image} Caption:", uses_text=False,
+                                                                     uses_image=True)],
+                   max_input_tokens=128)
+    texts = [f"Document number {i} says {'many words ' * i}".encode() for i in range(7)] + [None]
+    imgs = [image_bytes("PNG", size=(30 + i, 30), color=(20 * i, 50, 90)) for i in range(7)] + [b"bad"]
+    n = len(texts)
+    prepared = prep(pa.table({C.UNIT: ["u"] * n, C.ROW: pa.array(range(n), type=pa.int64()),
+                              C.ID: [str(i) for i in range(n)], C.TEXT: pa.array(texts, type=pa.binary()),
+                              C.IMAGE: pa.array(imgs, type=pa.binary())}))
+    return tok, m, prepared
+
+
+TASKS = [InferTask("s", GenerationParams(max_new_tokens=5)), InferTask("c", GenerationParams(max_new_tokens=4), True)]
+
+
+def test_results_equal_single_requests_and_errors_pass_through(parts):
+    tok, m, prepared = parts
+    infer = Infer("unused", "float32", "cpu", TASKS, max_batch_tokens=4096, model=m)
+    out = infer(prepared)
+    assert C.PIXELS not in out.column_names
+    s, c = C.TaskColumns.of("s"), C.TaskColumns.of("c")
+    assert out.column(s.error_kind).to_pylist()[-1] == "text_missing"
+    assert out.column(c.error_kind).to_pylist()[-1] == "image_decode"
+    assert out.column(s.output_ids).to_pylist()[-1] is None
+    alone = Generator(m, max_batch_tokens=4096)
+    for r, ids in enumerate(out.column(s.prompt_ids).to_pylist()[:-1]):
+        want = alone.generate([Request(ids, params=TASKS[0].params)])[0]
+        assert out.column(s.output_ids)[r].as_py() == want.token_ids
+        assert out.column(s.finish_reason)[r].as_py() == want.finish_reason
+    # Split into other batch sizes: same ids.
+    halves = pa.concat_tables([infer(prepared.slice(0, 3)), infer(prepared.slice(3))])
+    assert halves.column(s.output_ids).to_pylist() == out.column(s.output_ids).to_pylist()
+    assert halves.column(c.output_ids).to_pylist() == out.column(c.output_ids).to_pylist()
+
+
+def test_a_failing_request_fails_only_its_row(parts, monkeypatch):
+    tok, m, prepared = parts
+    infer = Infer("unused", "float32", "cpu", TASKS[:1], max_batch_tokens=4096, model=m)
+    poisoned = prepared.column(C.TaskColumns.of("s").prompt_ids)[2].as_py()
+    real = infer.generator.generate
+
+    def flaky(requests):
+        if any(r.input_ids == poisoned for r in requests):
+            raise RuntimeError("kernel fault")
+        return real(requests)
+
+    monkeypatch.setattr(infer.generator, "generate", flaky)
+    out = infer(prepared)
+    kinds = out.column(C.TaskColumns.of("s").error_kind).to_pylist()
+    assert kinds == [None, None, "model_error", None, None, None, None, "text_missing"]
+    assert "kernel fault" in out.column(C.TaskColumns.of("s").error_message)[2].as_py()
