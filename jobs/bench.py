@@ -23,7 +23,6 @@ Not here: the pipeline (pipeline/), correctness tests (tests/).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import resource
 import tempfile

@@ -105,10 +105,6 @@ class GeneratorStats:
         return self.real_encoder_tokens / max(1, self.padded_encoder_tokens)
 
 
-class OutOfMemory(Exception):
-    """Raised by a micro-batch that does not fit; carries no partial results."""
-
-
 class Generator:
     """Bucketed, batch-invariant decoding for a T5Gemma2 model."""
 
@@ -197,7 +193,7 @@ class Generator:
     def _run_splitting(self, requests, batch: list[int], results) -> None:
         try:
             out = self._run_batch([requests[i] for i in batch])
-        except (torch.OutOfMemoryError, OutOfMemory) as exc:
+        except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             if len(batch) == 1:
