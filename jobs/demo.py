@@ -427,17 +427,24 @@ def _prompt_lines() -> list[str]:
     return lines
 
 
-def train_tokenizer(directory: Path, texts: list[str], vocab_size: int = TOKENIZER_VOCAB) -> Path:
-    """Train a Gemma-like SentencePiece model on `texts`; write `directory/tokenizer.model`.
+def train_gemma_sentencepiece(
+    lines: list[str],
+    vocab_size: int,
+    *,
+    character_coverage: float,
+    max_sentence_length: int,
+    image_soft_token: bool = True,
+) -> bytes:
+    """Train a BPE SentencePiece model with Gemma 3's tokenizer.model settings; return its bytes.
 
-    The settings are Gemma 3's tokenizer.model settings, as tests/helpers/spm.py uses them (keep
-    the two in step): BPE with byte fallback, no dummy prefix, identity normalization, whitespace
-    kept, digits split; pad=0 eos=1 bos=2 unk=3, `<mask>` a control symbol, the turn and image
-    markers user-defined symbols (so they are single, never-split pieces). Two settings differ,
-    for a corpus a hundred times larger: a higher character coverage, so the demo's CJK
-    characters get pieces of their own, and longer training lines (whole paragraphs).
+    BPE with byte fallback, no dummy prefix, identity normalization, whitespace kept, digits
+    split; pad=0 eos=1 bos=2 unk=3, `<mask>` a control symbol, the turn and image markers
+    user-defined symbols (so they are single, never-split pieces). model/tokenizer.py refuses
+    models without these settings. `image_soft_token=False` leaves `<image_soft_token>` out of
+    the pieces, as in Gemma 3's own file, where its id comes from config.json. The tests'
+    tokenizers (tests/helpers/spm.py) are trained here too, so the recipe lives in one place.
     """
-    lines = [line for text in texts for line in text.split("\n") if line.strip()] + _prompt_lines()
+    user_defined = [*TURN_MARKERS, BOI, EOI] + ([IMAGE] if image_soft_token else [])
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
@@ -446,23 +453,34 @@ def train_tokenizer(directory: Path, texts: list[str], vocab_size: int = TOKENIZ
         vocab_size=vocab_size,
         hard_vocab_limit=False,  # a small corpus may not reach vocab_size; stop short, don't fail
         byte_fallback=True,  # characters outside the pieces become byte tokens, never <unk>
-        character_coverage=0.9995,  # keeps every script's characters, leaves the rarest to bytes
+        character_coverage=character_coverage,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece=PAD, eos_piece=EOS, bos_piece=BOS, unk_piece=UNK,
         control_symbols=["<mask>"],
-        user_defined_symbols=[*TURN_MARKERS, BOI, EOI, IMAGE],
+        user_defined_symbols=user_defined,
         add_dummy_prefix=False,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         split_digits=True,
         allow_whitespace_only_pieces=True,
-        max_sentence_length=16384,
+        max_sentence_length=max_sentence_length,
         num_threads=1,  # one thread keeps the merge order, hence the bytes, deterministic
         minloglevel=2,
     )
+    return buffer.getvalue()
+
+
+def train_tokenizer(directory: Path, texts: list[str], vocab_size: int = TOKENIZER_VOCAB) -> Path:
+    """Train the demo's Gemma-like SentencePiece model on `texts`; write `directory/tokenizer.model`.
+
+    For a corpus a hundred times larger than the tests' one, a higher character coverage (so the
+    demo's CJK characters get pieces of their own) and longer training lines (whole paragraphs).
+    """
+    lines = [line for text in texts for line in text.split("\n") if line.strip()] + _prompt_lines()
+    model = train_gemma_sentencepiece(lines, vocab_size, character_coverage=0.9995, max_sentence_length=16384)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "tokenizer.model"
-    path.write_bytes(buffer.getvalue())
+    path.write_bytes(model)
     return path
 
 

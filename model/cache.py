@@ -38,7 +38,7 @@ class LayerCache:
         return self.keys[:, :, :filled], self.values[:, :, :filled]
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Drop finished rows: keep only `rows` (indices) of the batch."""
+        """Keep (or repeat) the batch rows at indices `rows`: drops finished rows, follows beams."""
         self.keys = self.keys.index_select(0, rows)
         self.values = self.values.index_select(0, rows)
 

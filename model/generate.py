@@ -354,8 +354,7 @@ class Generator:
             # Reorder the self caches to follow the surviving beams (cross k/v are equal across beams).
             rows = (source_beam + torch.arange(R, device=dev)[:, None] * K).view(-1)
             for layer in cache.layers:
-                layer.keys = layer.keys.index_select(0, rows)
-                layer.values = layer.values.index_select(0, rows)
+                layer.keep(rows)  # a gather: beams may be duplicated or dropped
             tokens = seqs[:, :, step].reshape(-1)
             cache.advance()
             # The reference's early-stop rule: stop once the best running beam, normalised by the

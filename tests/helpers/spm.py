@@ -1,7 +1,7 @@
 """Train a small, real SentencePiece model laid out like Gemma 3's tokenizer.model.
 
 `train_sentencepiece(dir)` writes `dir/tokenizer.model` in well under a second and returns its path.
-The model is trained on a fixed multilingual corpus with Gemma's settings (BPE, byte fallback, no
+The model is trained on a fixed multilingual corpus with Gemma's settings (jobs.demo's recipe) (BPE, byte fallback, no
 dummy prefix, identity normalization, whitespace kept, split digits) and Gemma's special-id layout:
 pad=0, eos=1, bos=2, unk=3, `<mask>` as a control symbol, then the chat-turn and image markers as
 user-defined symbols. Training is deterministic: the same arguments give the same bytes.
@@ -12,14 +12,12 @@ Not here: checkpoint config.json or weights (each test writes those for the ids 
 
 from __future__ import annotations
 
-import io
 import os
 
 import sentencepiece as spm
 
-PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
-BOI, EOI, IMAGE = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
-TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
+# One training recipe for the demo and the tests (Gemma 3's settings).
+from jobs.demo import BOI, EOI, IMAGE, train_gemma_sentencepiece
 
 # Several scripts, digits, punctuation, whitespace runs and newlines: enough for merges in every
 # script and for whitespace-only pieces ("\n\n", runs of "▁"), as Gemma's vocabulary has.
@@ -59,40 +57,13 @@ def train_sentencepiece(
     `vocab_size` must be at least 512 (256 byte pieces, ~240 characters, the special pieces); it is
     an upper bound: the corpus is small, so the trainer may stop a little short of it.
     """
-    user_defined = [*TURN_MARKERS, BOI, EOI] + ([IMAGE] if image_soft_token else [])
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS * 8),
-        model_writer=buffer,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,  # a small corpus may not reach vocab_size; stop short, don't fail
-        byte_fallback=True,
-        # Leaves the rarest characters out of the pieces, so their text goes through byte fallback.
-        character_coverage=0.99,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece=PAD,
-        eos_piece=EOS,
-        bos_piece=BOS,
-        unk_piece=UNK,
-        control_symbols=["<mask>"],
-        user_defined_symbols=user_defined,
-        add_dummy_prefix=False,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        max_sentence_length=4096,
-        num_threads=1,  # one thread keeps the merge order, hence the bytes, deterministic
-        minloglevel=2,
-    )
+    model = train_gemma_sentencepiece(_CORPUS * 8, vocab_size, image_soft_token=image_soft_token,
+                                      # Leaves the rarest characters to byte fallback.
+                                      character_coverage=0.99, max_sentence_length=4096)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(os.fspath(directory), filename)
     with open(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+        handle.write(model)
     return path
 
 
