@@ -6,9 +6,9 @@
    (`max_batch_tokens` counts padded encoder tokens, image tokens included, times rows;
    beam requests count one row per beam), so padding stays small;
 3. per micro-batch: runs the encoder once (vision tower for the images), computes the
-   cross keys/values once per request and layer, then decodes step by step against
-   preallocated caches (cache.py). Finished rows are dropped from the running batch as
-   they accumulate, so they stop costing compute;
+   encoder's keys/values once per request and layer into preallocated decoder buffers
+   (cache.py), then decodes one token per row per step. Finished rows are dropped from the
+   running batch as they accumulate, so they stop costing compute;
 4. a micro-batch that runs out of device memory is split in half and retried, down to one
    request, which then becomes an "out_of_memory" error result instead of a crash.
 
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import DecoderCache
 from .t5gemma2 import T5Gemma2
 
 
@@ -209,41 +208,29 @@ class Generator:
 
     # ---- one micro-batch ---------------------------------------------------------------------
 
-    def _encode(self, reqs: list[Request], beams: int):
-        """Encoder once per request -> DecoderCache inputs, rows repeated per beam."""
+    def _encode(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder once per request -> memory [R, S, H] and its padding mask [R, S]."""
         cfg = self.config
         longest = max(len(r.input_ids) for r in reqs)
         ids = torch.full((len(reqs), longest), cfg.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(reqs), longest), dtype=torch.bool)
         for row, req in enumerate(reqs):
             ids[row, : len(req.input_ids)] = torch.tensor(req.input_ids)
-        ids = ids.to(self.device)
-        mask = ids.new_zeros(ids.shape, dtype=torch.bool)
-        for row, req in enumerate(reqs):
             mask[row, : len(req.input_ids)] = True
+        ids, mask = ids.to(self.device), mask.to(self.device)
         images = [r.pixel_values for r in reqs if r.pixel_values is not None]
         pixels = torch.cat(images).to(self.device, self.model.embed_tokens.weight.dtype) if images else None
         memory = self.model.encode(ids, mask, pixel_values=pixels)  # [R, S, H]
         self.stats.micro_batches += 1
         self.stats.real_encoder_tokens += sum(len(r.input_ids) for r in reqs)
         self.stats.padded_encoder_tokens += ids.numel()
-        cross = self.model.cross_kv(memory)
-        if beams > 1:
-            cross = [(k.repeat_interleave(beams, 0), v.repeat_interleave(beams, 0)) for k, v in cross]
-            mask = mask.repeat_interleave(beams, 0)
-        return cross, mask
+        return memory, mask
 
-    def _eos_table(self, reqs: list[Request], beams: int) -> torch.Tensor:
-        """[rows, E] EOS ids per row; short lists padded with their own first id (harmless repeats)."""
+    def _eos_table(self, reqs: list[Request]) -> torch.Tensor:
+        """[R, E] EOS ids per request; short lists padded with their own first id (harmless repeats)."""
         lists = [r.params.eos_token_ids or self.config.eos_token_ids for r in reqs]
         width = max(len(e) for e in lists)
-        table = torch.tensor([list(e) + [e[0]] * (width - len(e)) for e in lists], device=self.device)
-        return table.repeat_interleave(beams, 0)
-
-    def _step_logits(self, tokens: torch.Tensor, step: int, cache: DecoderCache) -> torch.Tensor:
-        """tokens [B] at position `step` -> float32 logits [B, V]."""
-        position = torch.full((1, 1), step, device=self.device)
-        hidden = self.model.decode(tokens[:, None], position, _ALL_VISIBLE, cache.cross, cache.cross_mask, cache.layers)
-        return self.model.lm_logits(hidden[:, 0]).float()
+        return torch.tensor([list(e) + [e[0]] * (width - len(e)) for e in lists], device=self.device)
 
     def _run_batch(self, reqs: list[Request]) -> list[Result]:
         beams = reqs[0].params.num_beams
@@ -252,63 +239,75 @@ class Generator:
         return self._run_sampling(reqs)
 
     def _run_sampling(self, reqs: list[Request]) -> list[Result]:
-        """Greedy and sampled requests, one row each."""
-        cross, cross_mask = self._encode(reqs, 1)
-        rows = len(reqs)
+        """Greedy and sampled requests, one row each.
+
+        Per step the running batch writes its tokens into `out` (one row per present row) and
+        marks rows that hit an EOS id or their max_new_tokens. Finished rows keep decoding
+        (harmlessly) until they are compact_fraction of the batch; then their tokens are saved
+        and they leave the cache in one gather. A row's result is its tokens up to the first EOS
+        (EOS is banned before min_new_tokens, so the first one counts) or max_new_tokens.
+        """
+        memory, mask = self._encode(reqs)
         dev = self.device
-        max_new = torch.tensor([r.params.max_new_tokens for r in reqs], device=dev)
+        max_new_list = [r.params.max_new_tokens for r in reqs]
+        steps = max(max_new_list)
+        cache = self.model.start_decoding(memory, mask, steps)
+        del memory
+        max_new = torch.tensor(max_new_list, device=dev)  # per present row from here on
         min_new = torch.tensor([r.params.min_new_tokens for r in reqs], device=dev)
-        eos = self._eos_table(reqs, 1)
+        last_ban = max(r.params.min_new_tokens for r in reqs)  # no EOS ban from this step on
+        eos = self._eos_table(reqs)
         sampler = _Sampler(reqs, dev)
-        steps = int(max_new.max())
-        cache = DecoderCache(self.config.decoder, cross, cross_mask, steps)
-        out = torch.full((rows, steps), -1, dtype=torch.long, device=dev)
-        lengths = torch.zeros(rows, dtype=torch.long, device=dev)
-        ended_by_eos = torch.zeros(rows, dtype=torch.bool, device=dev)
-        alive = torch.arange(rows, device=dev)  # batch row -> request index
-        done = torch.zeros(rows, dtype=torch.bool, device=dev)  # per present row
-        tokens = torch.full((rows,), self.config.bos_token_id, dtype=torch.long, device=dev)
+        alive = torch.arange(len(reqs), device=dev)  # present row -> request index
+        out = torch.empty((len(reqs), steps), dtype=torch.long, device=dev)  # present rows' tokens
+        saved = torch.empty_like(out)  # by request index: tokens of rows that left the batch
+        done = torch.zeros(len(reqs), dtype=torch.bool, device=dev)
+        tokens = torch.full((len(reqs),), self.config.bos_token_id, dtype=torch.long, device=dev)
         for step in range(steps):
-            logits = self._step_logits(tokens, step, cache)  # [B, V]
-            self.stats.decode_row_steps += int(alive.numel())
-            banned = step < min_new[alive]  # EOS not allowed yet
-            if bool(banned.any()):
-                logits[banned.nonzero()[:, 0, None], eos[alive][banned]] = float("-inf")
+            logits = self.model.lm_logits(self.model.decode_step(tokens, cache)).float()  # [B, V]
+            self.stats.decode_row_steps += len(tokens)
+            if step < last_ban:  # EOS gets -inf (added, so other rows' logits stay exact)
+                penalty = torch.where(step < min_new, float("-inf"), 0.0)[:, None].expand_as(eos)
+                logits.scatter_add_(1, eos, penalty)
             tokens = sampler.choose(logits, alive, step)
-            hit_eos = (tokens[:, None] == eos[alive]).any(1)
-            newly = ~done & (hit_eos | (step + 1 >= max_new[alive]))
-            keep_writing = ~done
-            out[alive[keep_writing], step] = tokens[keep_writing]
-            lengths[alive[keep_writing]] += 1
-            ended_by_eos[alive[newly & hit_eos]] = True
-            done = done | newly
-            cache.advance()
-            n_done = int(done.sum())
-            if n_done == done.numel():
+            out[:, step] = tokens
+            done |= (tokens[:, None] == eos).any(1) | (max_new <= step + 1)
+            finished = int(done.sum())
+            if finished == len(done):
                 break
-            if n_done >= max(1, int(self.compact_fraction * done.numel())):
-                keep = (~done).nonzero()[:, 0]
+            if finished >= max(1, int(self.compact_fraction * len(done))):
+                gone, keep = done.nonzero()[:, 0], (~done).nonzero()[:, 0]
+                saved[alive[gone]] = out[gone]
                 cache.keep(keep)
-                alive, tokens, done = alive[keep], tokens[keep], done[keep]
-        self.stats.generated_tokens += int(lengths.sum())
-        out_host, lengths_host, eos_host = out.cpu(), lengths.cpu().tolist(), ended_by_eos.cpu().tolist()
-        return [
-            Result(out_host[i, : lengths_host[i]].tolist(), "eos" if eos_host[i] else "length")
-            for i in range(rows)
-        ]
+                alive, tokens, out = alive[keep], tokens[keep], out[keep]
+                max_new, min_new, eos, done = max_new[keep], min_new[keep], eos[keep], done[keep]
+        saved[alive] = out
+        return self._sampling_results(reqs, saved.cpu())
+
+    def _sampling_results(self, reqs: list[Request], tokens: torch.Tensor) -> list[Result]:
+        """Cut each request's row of tokens [R, steps] at its first EOS or its max_new_tokens."""
+        results = []
+        for req, row in zip(reqs, tokens.tolist()):
+            eos = set(req.params.eos_token_ids or self.config.eos_token_ids)
+            limit = req.params.max_new_tokens
+            end = next((i + 1 for i, t in enumerate(row[:limit]) if t in eos), None)
+            results.append(Result(row[:end], "eos") if end is not None else Result(row[:limit], "length"))
+            self.stats.generated_tokens += len(results[-1].token_ids)
+        return results
 
     def _run_beam(self, reqs: list[Request], beams: int) -> list[Result]:
         """Beam search with the reference's bookkeeping, vectorised over R requests x K beams."""
-        cross, cross_mask = self._encode(reqs, beams)
+        memory, mask = self._encode(reqs)
         dev = self.device
         R, K = len(reqs), beams
-        eos = self._eos_table(reqs, 1)  # [R, E]
+        eos = self._eos_table(reqs)  # [R, E]
         keep_k = max(2, 1 + eos.shape[1]) * K  # candidates kept per request each step
         max_new = torch.tensor([r.params.max_new_tokens for r in reqs], device=dev)
         min_new = torch.tensor([r.params.min_new_tokens for r in reqs], device=dev)
         penalty = torch.tensor([r.params.length_penalty for r in reqs], device=dev, dtype=torch.float32)
         steps = int(max_new.max())
-        cache = DecoderCache(self.config.decoder, cross, cross_mask, steps)
+        cache = self.model.start_decoding(memory, mask, steps, repeat=K)
+        del memory
         vocab = self.config.vocab_size
         seqs = torch.zeros((R, K, steps), dtype=torch.long, device=dev)  # running beams' tokens
         run_scores = torch.zeros((R, K), device=dev)
@@ -321,7 +320,8 @@ class Generator:
         tokens = torch.full((R * K,), self.config.bos_token_id, dtype=torch.long, device=dev)
         top_mask = torch.arange(keep_k, device=dev) < K
         for step in range(steps):
-            logprobs = torch.log_softmax(self._step_logits(tokens, step, cache), dim=-1).view(R, K, vocab)
+            logits = self.model.lm_logits(self.model.decode_step(tokens, cache)).float()
+            logprobs = torch.log_softmax(logits, dim=-1).view(R, K, vocab)
             self.stats.decode_row_steps += R * K
             banned = step < min_new
             if bool(banned.any()):
@@ -353,10 +353,8 @@ class Generator:
             fin_done = torch.gather(torch.cat([fin_done, just_done], 1), 1, best)
             # Reorder the self caches to follow the surviving beams (cross k/v are equal across beams).
             rows = (source_beam + torch.arange(R, device=dev)[:, None] * K).view(-1)
-            for layer in cache.layers:
-                layer.keep(rows)  # a gather: beams may be duplicated or dropped
+            cache.follow_beams(rows)  # a gather: beams may be duplicated or dropped
             tokens = seqs[:, :, step].reshape(-1)
-            cache.advance()
             # The reference's early-stop rule: stop once the best running beam, normalised by the
             # current length, cannot beat the worst finished hypothesis.
             best_running = run_scores[:, 0] / (float(step + 1) ** penalty)
@@ -372,11 +370,6 @@ class Generator:
             ended = bool(length) and ids[-1] in set(eos[r].tolist())
             results.append(Result(ids, "eos" if ended else "length"))
         return results
-
-
-# Every cache slot a decode step reads is a real past position (see cache.py), so the self
-# part of merged attention needs no mask.
-_ALL_VISIBLE = {"full_attention": None, "sliding_attention": None}
 
 
 def _kind(request: Request) -> int:

@@ -1,16 +1,23 @@
 """Building blocks of the T5Gemma 2 text stacks: RMSNorm, rotary embedding, GeGLU MLP, attention.
 
-The attention functions are plain tensor math over explicit boolean masks, so the same
-code serves the teacher-forced forward pass and the cached decode step of the generator:
-- `attention`: softmax(q k^T * scale) v under a mask, grouped-query heads without copying k/v.
-- `merged_attention`: the decoder's one softmax over [self keys ; encoder keys], computed
-  as two score blocks joined in the softmax, so the encoder keys/values are read where they
-  lie (the cross cache) and never concatenated with the self keys.
+Written for inference speed at small batch widths, where each decode step is dominated by the
+number of kernels launched, not their size:
+- projections that read the same input are one matmul (`FusedLinear`: q|k|v, gate|up); the
+  checkpoint keeps them apart and weights.py splits or joins them by `FusedLinear.parts`;
+- q and k heads are normed and rotated together, in the [B, T, heads, D] layout the
+  projection produces (no transposes before attention);
+- derived constants (the (1 + w) norm scales, the per-head q|k scale) are built once and
+  reused while their weights are unchanged (`_derived`), not recomputed at every call.
+The math is Gemma 3's, op for op where it matters for rounding (RMSNorm in float32 as the
+reference writes it).
 
-Not here: how layers are stacked (t5gemma2.py), caches (cache.py), SigLIP (siglip.py).
+Not here: how layers are stacked (t5gemma2.py), caches and the per-step attention layout
+(cache.py), SigLIP (siglip.py).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -19,32 +26,75 @@ import torch.nn.functional as F
 from .config import RopeConfig, TextConfig
 
 
+def _derived(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], torch.Tensor]):
+    """`build()` from `sources`, cached on `owner` while no source changes (inference only).
+
+    The cache key is each source's storage, version counter (bumped by in-place writes such as
+    load_state_dict), dtype and device, so a reload or `.to()` rebuilds it. With autograd on, the
+    value is rebuilt every call so gradients still reach the weights.
+    """
+    if torch.is_grad_enabled():
+        return build()
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    hit = owner.__dict__.get(name)
+    if hit is None or hit[0] != key:
+        # A plain tensor even under inference_mode, so a later grad-free call outside it may use it.
+        with torch.inference_mode(False), torch.no_grad():
+            hit = (key, build())
+        owner.__dict__[name] = hit
+    return hit[1]
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dim, in float32 (as Gemma computes it)."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
 class RMSNorm(nn.Module):
-    """Gemma RMSNorm: computed in float32, scaled by (1 + weight), cast back to the input dtype."""
+    """Gemma RMSNorm: normalised in float32, scaled by (1 + weight), cast back to the input dtype."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
 
+    def scale(self) -> torch.Tensor:
+        """(1 + weight) in float32, [dim]."""
+        return _derived(self, "_scale", (self.weight,), lambda: 1.0 + self.weight.float())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) in one fused kernel, then the (1 + weight) scale, both in
-        # float32; cast down once at the end (as Gemma does), so bf16 rounding happens once.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return (normed * (1.0 + self.weight.float())).type_as(x)
+        # Cast down once at the end (as Gemma does), so bf16 rounding happens once.
+        return (rms_normalize(x, self.eps) * self.scale()).to(x.dtype)
+
+
+class FusedLinear(nn.Module):
+    """Bias-free projections of one input computed as one matmul: weight rows are the parts, in order.
+
+    `parts` maps each projection's checkpoint name (a sibling of this module, e.g. "q_proj") to
+    its output width; the loader fills the rows from those tensors and the writer splits them.
+    """
+
+    def __init__(self, in_features: int, parts: dict[str, int]):
+        super().__init__()
+        self.parts = dict(parts)
+        self.weight = nn.Parameter(torch.empty(sum(parts.values()), in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
 
 class GeGLU(nn.Module):
-    """Gated MLP: down(gelu_tanh(gate(x)) * up(x))."""
+    """Gated MLP: down(gelu_tanh(gate(x)) * up(x)), gate and up as one matmul."""
 
     def __init__(self, hidden: int, inner: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.gate_up_proj = FusedLinear(hidden, {"gate_proj": inner, "up_proj": inner})
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Rotary(nn.Module):
@@ -59,66 +109,41 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] (int) -> cos, sin [B, 1, T, head_dim] in `dtype`."""
-        freqs = positions.float()[..., None] * self.inv_freq.float()  # [B, T, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
-        return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+        """positions [..., T] (int) -> cos, signed sin [..., T, 1, D] in `dtype` (the 1 broadcasts over heads).
+
+        The sin table carries the rotation's sign, (-sin, +sin) over the two halves, so applying it
+        needs no negation per call (see apply_rotary).
+        """
+        freqs = positions.float()[..., None] * self.inv_freq.float()  # [..., T, D/2]
+        cos, sin = freqs.cos(), freqs.sin()
+        cos = torch.cat((cos, cos), dim=-1)
+        sin = torch.cat((-sin, sin), dim=-1)
+        return cos.to(dtype)[..., None, :], sin.to(dtype)[..., None, :]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D] rotated by the angles in cos/sin [B, 1, T, D] (halves layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [..., heads, D] rotated by the angles in cos / signed_sin (halves layout).
+
+    Gemma's x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1): rolling x by half
+    gives (x2, x1), and the sign sits in signed_sin.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Grouped-query attention under a boolean mask (the encoder's).
+    """Grouped-query attention under a mask.
 
-    q [B, Hq, T, D]; k, v [B, Hkv, S, D]; mask [B, T, S] (True = may attend) -> [B, Hq, T, D].
+    q [B, Hq, T, D]; k, v [B, Hkv, S, D]; mask [B, T, S] (bool, True = may attend) or an
+    additive float mask broadcastable to [B, Hq, T, S] -> [B, Hq, T, D].
     PyTorch's fused attention kernels keep the [T, S] scores out of memory for long inputs.
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
-                                          enable_gqa=k.shape[1] != q.shape[1])
-
-
-def merged_attention(
-    q: torch.Tensor,
-    k_self: torch.Tensor,
-    v_self: torch.Tensor,
-    self_mask: torch.Tensor | None,
-    k_cross: torch.Tensor,
-    v_cross: torch.Tensor,
-    cross_mask: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """One softmax over the decoder's own keys and the encoder's keys, without concatenating them.
-
-    q [B, Hq, T, D]; k_self, v_self [B, Hkv, S1, D]; self_mask [B, T, S1] or None (all visible);
-    k_cross, v_cross [B, Hkv, S2, D]; cross_mask [B, S2] -> [B, Hq, T, D].
-    Joining the two score blocks before the softmax is exactly the reference's attention over
-    the concatenated keys; only the (small) scores are concatenated, never the keys or values.
-    """
-    batch, heads, steps, dim = q.shape
-    kv_heads = k_self.shape[1]
-    groups = heads // kv_heads
-    self_len = k_self.shape[2]
-    qg = q.reshape(batch, kv_heads, groups * steps, dim)  # [B, Hkv, G*T, D]
-    s_self = torch.matmul(qg, k_self.transpose(-1, -2)).view(batch, kv_heads, groups, steps, -1)
-    s_cross = torch.matmul(qg, k_cross.transpose(-1, -2)).view(batch, kv_heads, groups, steps, -1)
-    if self_mask is not None:
-        s_self = s_self.masked_fill(~self_mask[:, None, None], float("-inf"))
-    s_cross = s_cross.masked_fill(~cross_mask[:, None, None, None], float("-inf"))
-    scores = torch.cat((s_self, s_cross), dim=-1) * scale  # [B, Hkv, G, T, S1+S2]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    p_self = probs[..., :self_len].reshape(batch, kv_heads, groups * steps, self_len)
-    p_cross = probs[..., self_len:].reshape(batch, kv_heads, groups * steps, -1)
-    out = torch.matmul(p_self, v_self) + torch.matmul(p_cross, v_cross)  # [B, Hkv, G*T, D]
-    return out.view(batch, heads, steps, dim)
+    if mask.dtype == torch.bool and mask.dim() == 3:
+        mask = mask[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class AttentionProjections(nn.Module):
-    """q/k/v/o projections with per-head q/k RMSNorm, shared by encoder and decoder blocks."""
+    """q|k|v and o projections with per-head q/k RMSNorm, shared by encoder and decoder blocks."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -126,29 +151,33 @@ class AttentionProjections(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = cfg.scaling
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.eps = cfg.rms_norm_eps
+        q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = FusedLinear(cfg.hidden_size, {"q_proj": q_width, "k_proj": kv_width, "v_proj": kv_width})
+        self.o_proj = nn.Linear(q_width, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+    def _qk_scale(self) -> torch.Tensor:
+        """[Hq + Hkv, D]: q_norm's scale on the q heads, k_norm's on the k heads."""
+        return _derived(self, "_qk", (self.q_norm.weight, self.k_norm.weight), lambda: torch.cat((
+            self.q_norm.scale().expand(self.num_heads, -1), self.k_norm.scale().expand(self.num_kv_heads, -1))))
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> qk [B, T, Hq + Hkv, D] (q heads then k heads, normed and rotated), v [B, T, Hkv, D]."""
         batch, steps, _ = x.shape
-        return x.view(batch, steps, n, self.head_dim).transpose(1, 2)  # [B, n, T, D]
+        qkv = self.qkv_proj(x).view(batch, steps, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        split = self.num_heads + self.num_kv_heads
+        qk = (rms_normalize(qkv[:, :, :split], self.eps) * self._qk_scale()).to(x.dtype)
+        return apply_rotary(qk, cos, sin), qkv[:, :, split:]
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [B, T, H] -> q [B, Hq, T, D], k, v [B, Hkv, T, D]; q, k normed and rotated."""
-        q = apply_rotary(self.q_norm(self._heads(self.q_proj(x), self.num_heads)), cos, sin)
-        k = apply_rotary(self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads)), cos, sin)
-        v = self._heads(self.v_proj(x), self.num_kv_heads)
-        return q, k, v
-
-    def cross_kv(self, memory: torch.Tensor):
-        """Encoder output [B, S, H] -> k, v [B, Hkv, S, D]: k normed, no rotation (merged attention)."""
-        k = self.k_norm(self._heads(self.k_proj(memory), self.num_kv_heads))
-        v = self._heads(self.v_proj(memory), self.num_kv_heads)
-        return k, v
+    def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder output [B, S, H] -> k, v [B, Hkv, S, D]: k normed, not rotated (encoder keys have no position here)."""
+        batch, steps, _ = memory.shape
+        q_width = self.num_heads * self.head_dim
+        kv = F.linear(memory, self.qkv_proj.weight[q_width:]).view(batch, steps, 2 * self.num_kv_heads, self.head_dim)
+        k = self.k_norm(kv[:, :, : self.num_kv_heads])
+        return k.transpose(1, 2), kv[:, :, self.num_kv_heads :].transpose(1, 2)
 
     def out(self, attn: torch.Tensor) -> torch.Tensor:
         """[B, Hq, T, D] -> [B, T, H]."""
@@ -178,9 +207,8 @@ def encoder_masks(padding: torch.Tensor, window: int) -> dict[str, torch.Tensor]
 def decoder_self_masks(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> dict[str, torch.Tensor]:
     """Causal masks [B, T, S] per layer type from query positions [B, T] and key positions [B, S].
 
-    A key position < 0 marks an empty cache slot. Sliding layers see the last `window`
-    positions including the query's own.
+    Sliding layers see the last `window` positions including the query's own.
     """
     dist = query_pos[:, :, None] - key_pos[:, None, :]  # [B, T, S]
-    causal = (dist >= 0) & (key_pos[:, None, :] >= 0)
+    causal = dist >= 0
     return {"full_attention": causal, "sliding_attention": causal & (dist < window)}

@@ -8,35 +8,25 @@
     tied LM head (the embedding table) -> optional tanh soft-cap -> logits [B, T, V]
 
 `T5Gemma2.forward` is the teacher-forced pass (the reference's `.logits`). The pieces the
-generator needs are public too: `encode`, `cross_kv` (once per request), `decode` (one or
-more steps against caller-owned caches) and `lm_logits`.
+generator needs are public too: `encode`, `start_decoding` (the encoder's keys/values once per
+request, into a DecoderCache), `decode_step` (one token per row against that cache) and
+`lm_logits`.
 
 Not here: loading weights (weights.py), caches and decoding loops (cache.py, generate.py).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from .cache import DecoderCache, LayerCache
 from .config import T5Gemma2Config, TextConfig
-from .layers import (
-    GeGLU,
-    AttentionProjections,
-    RMSNorm,
-    Rotary,
-    attention,
-    decoder_self_masks,
-    encoder_masks,
-    merged_attention,
-)
+from .layers import GeGLU, AttentionProjections, RMSNorm, Rotary, attention, decoder_self_masks, encoder_masks
 from .siglip import MultiModalProjector, VisionTower
-
-# A decoder layer's cache hook: takes the new k, v [B, Hkv, T, D], stores them, and returns
-# the keys/values the step attends to (cache contents, new entries included).
-CacheUpdate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ScaledEmbedding(nn.Module):
@@ -52,20 +42,57 @@ class ScaledEmbedding(nn.Module):
         self.eoi_embedding = nn.Parameter(torch.zeros(hidden))
         self.eoi_token_id = eoi_token_id
         self.scale = hidden ** 0.5
+        self._rounded_scale: dict[torch.dtype, float] = {}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # The scale is rounded to the table's dtype first, as the checkpoints were run.
-        scale = torch.tensor(self.scale, dtype=self.weight.dtype, device=self.weight.device)
-        embeds = self.weight[ids] * scale  # [..., H]
+        dtype = self.weight.dtype
+        if dtype not in self._rounded_scale:
+            self._rounded_scale[dtype] = torch.tensor(self.scale, dtype=dtype).item()
+        embeds = self.weight[ids] * self._rounded_scale[dtype]  # [..., H]
         return torch.where((ids == self.eoi_token_id)[..., None], self.eoi_embedding.to(embeds.dtype), embeds)
 
 
 class Packing:
-    """Moves tensors between the padded [B, S] layout and one packed row of the N real tokens."""
+    """The encoder's two layouts: one packed row of the N real tokens, and padded attention groups.
 
-    def __init__(self, padding: torch.Tensor):
+    Token-wise work (projections, MLP, norms) runs packed, so padding costs nothing there.
+    Attention needs a padded [rows, S, S] layout, whose cost grows with the square of the
+    longest row; so consecutive rows are cut into groups of similar length, each padded only to
+    its own longest row (rows sorted by length, as the generator sends them, make tight groups;
+    any order is still correct). A group grows while its padded area stays within
+    `GROUP_WASTE` x the area its rows need, or below `GROUP_MIN_AREA` (tiny groups cost more in
+    per-call overhead than they save).
+    """
+
+    GROUP_WASTE = 1.5
+    GROUP_MIN_AREA = 16384
+
+    def __init__(self, padding: torch.Tensor, window: int, dtype: torch.dtype):
         self.batch, self.steps = padding.shape
         self.index = padding.reshape(-1).nonzero()[:, 0]  # [N] flat positions of real tokens
+        lengths = padding.sum(1).tolist()
+        spans = [int(i) + 1 if n else 0 for i, n in zip((padding.cumsum(1) * padding).argmax(1).tolist(), lengths)]
+        self.groups = []  # (first token, end token, rows, padded width, masks per layer type, token slots)
+        first, token = 0, 0
+        width = needed = 0  # of the open group [first, row)
+        for row in range(self.batch + 1):
+            if row < self.batch:
+                grown_width = max(width, spans[row])
+                grown_needed = needed + lengths[row] ** 2
+                area = (row + 1 - first) * grown_width**2
+                if row == first or area <= self.GROUP_MIN_AREA or area <= self.GROUP_WASTE * grown_needed:
+                    width, needed = grown_width, grown_needed
+                    continue
+            count = sum(lengths[first:row])
+            group = padding[first:row, : max(1, width)]  # [b, S_g]
+            masks = {kind: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))[:, None]
+                     for kind, m in encoder_masks(group, window).items()}  # additive [b, 1, S_g, S_g]
+            slots = group.reshape(-1).nonzero()[:, 0]  # where each of the group's tokens sits in [b * S_g]
+            self.groups.append((token, token + count, row - first, group.shape[1], masks, slots))
+            first, token = row, token + count
+            if row < self.batch:
+                width, needed = spans[row], lengths[row] ** 2
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, ...] -> [1, N, ...]."""
@@ -77,17 +104,22 @@ class Packing:
         out[self.index] = x[0]
         return out.view(self.batch, self.steps, -1)
 
-    def pad(self, heads: torch.Tensor) -> torch.Tensor:
-        """[1, h, N, D] -> [B, h, S, D] with zeros at padding."""
-        _, h, _, d = heads.shape
-        out = heads.new_zeros(self.batch * self.steps, h, d)
-        out[self.index] = heads[0].transpose(0, 1)
-        return out.view(self.batch, self.steps, h, d).transpose(1, 2)
+    def attention(self, qk: torch.Tensor, v: torch.Tensor, heads: int, kind: str, scale: float) -> torch.Tensor:
+        """Packed qk [1, N, Hq + Hkv, D], v [1, N, Hkv, D] -> attention output [1, N, Hq * D], group by group."""
+        outputs = []
+        for start, end, rows, width, masks, slots in self.groups:
+            qk_g = _scatter_rows(qk[0, start:end], slots, rows, width)  # [b, Hq + Hkv, S_g, D]
+            out = attention(qk_g[:, :heads], qk_g[:, heads:], _scatter_rows(v[0, start:end], slots, rows, width),
+                            masks[kind], scale)  # [b, Hq, S_g, D]
+            outputs.append(out.transpose(1, 2).reshape(rows * width, -1)[slots])
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs))[None]
 
-    def unpad(self, heads: torch.Tensor) -> torch.Tensor:
-        """[B, h, S, D] -> [1, h, N, D]."""
-        batch, h, steps, d = heads.shape
-        return heads.transpose(1, 2).reshape(batch * steps, h, d)[self.index].transpose(0, 1)[None]
+
+def _scatter_rows(tokens: torch.Tensor, slots: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """[n, h, D] tokens -> [rows, h, width, D] at their slots of the flat [rows * width], zeros elsewhere."""
+    out = tokens.new_zeros(rows * width, *tokens.shape[1:])
+    out[slots] = tokens
+    return out.view(rows, width, *tokens.shape[1:]).transpose(1, 2)
 
 
 class Block(nn.Module):
@@ -106,31 +138,42 @@ class Block(nn.Module):
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
-    def encode(self, x: torch.Tensor, cos, sin, mask: torch.Tensor, packing: "Packing") -> torch.Tensor:
-        """Encoder block over packed tokens. x [1, N, H] (real tokens only), mask [B, S, S]."""
+    def encode(self, x: torch.Tensor, cos, sin, packing: Packing) -> torch.Tensor:
+        """Encoder block over packed tokens. x [1, N, H] (real tokens only)."""
         attn = self.self_attn
-        q, k, v = attn.qkv(self.pre_self_attn_layernorm(x), cos, sin)  # [1, heads, N, D]
-        out = attention(packing.pad(q), packing.pad(k), packing.pad(v), mask, attn.scale)  # [B, Hq, S, D]
-        x = x + self.post_self_attn_layernorm(attn.out(packing.unpad(out)))
+        qk, v = attn.qkv(self.pre_self_attn_layernorm(x), cos, sin)  # [1, N, Hq + Hkv, D], [1, N, Hkv, D]
+        out = packing.attention(qk, v, attn.num_heads, self.layer_type, attn.scale)  # [1, N, Hq * D]
+        x = x + self.post_self_attn_layernorm(attn.o_proj(out))  # [1, N, H]
         return self.feed_forward(x)
 
-    def decode(
-        self,
-        x: torch.Tensor,
-        cos,
-        sin,
-        self_mask: torch.Tensor,
-        cross: tuple[torch.Tensor, torch.Tensor],
-        cross_mask: torch.Tensor,
-        cache: CacheUpdate | None,
-    ) -> torch.Tensor:
-        """Decoder block with merged attention. x [B, T, H]; self_mask [B, T, S1]; cross k/v [B, Hkv, S2, D]."""
+    def decode(self, x: torch.Tensor, cos, sin, self_mask: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor],
+               cross_mask: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decoder block. x [B, T, H]; self_mask [B, T, T]; cross k/v [B, Hkv, S, D]; cross_mask [B, S].
+
+        One softmax over [own keys ; encoder keys], as the reference computes it; here the keys are
+        joined once for the whole sequence (the generator never joins them: see cache.py).
+        """
         attn = self.self_attn
-        q, k, v = attn.qkv(self.pre_self_attn_layernorm(x), cos, sin)
-        if cache is not None:
-            k, v = cache(k, v)  # [B, Hkv, S1, D]: everything this step may attend to
-        out = merged_attention(q, k, v, self_mask, cross[0], cross[1], cross_mask, attn.scale)
+        qk, v = attn.qkv(self.pre_self_attn_layernorm(x), cos, sin)
+        qk = qk.transpose(1, 2)  # [B, Hq + Hkv, T, D]
+        keys = torch.cat((qk[:, attn.num_heads :], cross[0]), dim=2)  # [B, Hkv, T + S, D]
+        values = torch.cat((v.transpose(1, 2), cross[1]), dim=2)
+        mask = torch.cat((self_mask, cross_mask[:, None, :].expand(-1, x.shape[1], -1)), dim=2)  # [B, T, T + S]
+        out = attention(qk[:, : attn.num_heads], keys, values, mask, attn.scale)
         x = x + self.post_self_attn_layernorm(attn.out(out))
+        return self.feed_forward(x)
+
+    def decode_step(self, x: torch.Tensor, cos, sin, cache: LayerCache, slot: int, mask: torch.Tensor) -> torch.Tensor:
+        """One cached decoder step. x [B, 1, H]; cos, sin [1, D]; mask [B, 1, 1, size + S] -> [B, 1, H]."""
+        attn = self.self_attn
+        batch = x.shape[0]
+        heads, kv_heads = attn.num_heads, attn.num_kv_heads
+        qk, v = attn.qkv(self.pre_self_attn_layernorm(x), cos, sin)  # [B, 1, Hq + Hkv, D], [B, 1, Hkv, D]
+        keys, values = cache.store(slot, qk[:, 0, heads:], v[:, 0])  # [B, Hkv, size + S, D]
+        # The query heads of one kv head attend as a group: [B, Hkv, G, D] reads each key once.
+        q = qk[:, 0, :heads].view(batch, kv_heads, heads // kv_heads, attn.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)  # [B, Hkv, G, D]
+        x = x + self.post_self_attn_layernorm(attn.o_proj(out.reshape(batch, 1, heads * attn.head_dim)))
         return self.feed_forward(x)
 
 
@@ -189,22 +232,19 @@ class T5Gemma2(nn.Module):
                     f"{image_features.shape[1]} tokens: expand each image placeholder with the tokenizer"
                 )
             x = x.masked_scatter(slots[..., None], image_features.to(x.dtype))
-        # Token-wise work (projections, MLP, norms) runs on the real tokens only, packed into
-        # one row; only attention sees the padded [B, S] layout. Padding costs nothing there.
         padding = attention_mask.bool()
-        packing = Packing(padding)
+        packing = Packing(padding, self.config.encoder.sliding_window, x.dtype)
         positions = torch.arange(input_ids.shape[1], device=x.device).expand_as(input_ids)
-        angles = self.encoder.angles(packing.pack(positions), x.dtype)  # [1, 1, N, D] per type
-        masks = encoder_masks(padding, self.config.encoder.sliding_window)
+        angles = self.encoder.angles(packing.pack(positions), x.dtype)  # [1, N, 1, D] per type
         x = packing.pack(x)  # [1, N, H]
         for layer in self.encoder.layers:
             cos, sin = angles[layer.layer_type]
-            x = layer.encode(x, cos, sin, masks[layer.layer_type], packing)
+            x = layer.encode(x, cos, sin, packing)
         return packing.unpack_tokens(self.encoder.norm(x))  # [B, S, H], zeros at padding
 
-    def cross_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """memory [B, S, H] -> per decoder layer (k, v) [B, Hkv, S, D], computed once per request."""
-        return [layer.self_attn.cross_kv(memory) for layer in self.decoder.layers]
+    def cross_kv(self, memory: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """memory [B, S, H] -> per decoder layer (k, v) [B, Hkv, S, D], lazily, one layer at a time."""
+        return (layer.self_attn.cross_kv(memory) for layer in self.decoder.layers)
 
     # ---- decoder side ------------------------------------------------------------------------
 
@@ -215,24 +255,46 @@ class T5Gemma2(nn.Module):
         self_masks: dict[str, torch.Tensor],
         cross: Sequence[tuple[torch.Tensor, torch.Tensor]],
         cross_mask: torch.Tensor,
-        caches: Sequence[CacheUpdate] | None = None,
     ) -> torch.Tensor:
-        """Decoder tokens [B, T] at positions [B, T] -> final hidden states [B, T, H].
+        """Teacher-forced decoder: tokens [B, T] at positions [B, T] -> final hidden states [B, T, H].
 
-        self_masks: layer type -> [B, T, S1] over the keys each layer attends to (the new
-        tokens' own keys without caches, the cache slots with them); cross_mask [B, S2].
+        self_masks: layer type -> [B, T, T]; cross: per layer (k, v) [B, Hkv, S, D]; cross_mask [B, S].
         """
         x = self.embed_tokens(decoder_input_ids)
         angles = self.decoder.angles(positions, x.dtype)
-        for i, layer in enumerate(self.decoder.layers):
+        for layer, kv in zip(self.decoder.layers, cross):
             cos, sin = angles[layer.layer_type]
-            cache = caches[i] if caches is not None else None
-            x = layer.decode(x, cos, sin, self_masks[layer.layer_type], cross[i], cross_mask, cache)
+            x = layer.decode(x, cos, sin, self_masks[layer.layer_type], kv, cross_mask)
         return self.decoder.norm(x)
+
+    def start_decoding(self, memory: torch.Tensor, attention_mask: torch.Tensor, max_steps: int,
+                       repeat: int = 1) -> DecoderCache:
+        """The decoder state for generating up to max_steps tokens from memory [B, S, H].
+
+        The encoder's keys/values are computed here, once per request and layer, each row
+        repeated `repeat` times (beam search) -> a cache of B * repeat rows.
+        """
+        cross = self.cross_kv(memory)
+        mask = attention_mask.bool()
+        if repeat > 1:
+            cross = ((k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in cross)
+            mask = mask.repeat_interleave(repeat, 0)
+        positions = torch.arange(max_steps, device=memory.device)
+        return DecoderCache(self.config.decoder, cross, mask, max_steps, self.decoder.angles(positions, memory.dtype))
+
+    def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """tokens [B] at position cache.step -> final hidden states [B, H]; the cache then holds the step."""
+        x = self.embed_tokens(tokens[:, None])  # [B, 1, H]
+        angles = cache.begin_step()
+        for layer, layer_cache in zip(self.decoder.layers, cache.layers):
+            cos, sin = angles[layer.layer_type]
+            x = layer.decode_step(x, cos, sin, layer_cache, cache.slot(layer_cache), cache.masks[layer.layer_type])
+        cache.advance()
+        return self.decoder.norm(x[:, 0])
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., V] through the tied table, soft-capped when the config says so."""
-        logits = torch.matmul(hidden, self.embed_tokens.weight.t())
+        logits = F.linear(hidden, self.embed_tokens.weight)
         cap = self.config.decoder.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -250,7 +312,7 @@ class T5Gemma2(nn.Module):
         steps = decoder_input_ids.shape[1]
         positions = torch.arange(steps, device=memory.device).expand_as(decoder_input_ids)
         masks = decoder_self_masks(positions, positions, self.config.decoder.sliding_window)
-        hidden = self.decode(decoder_input_ids, positions, masks, self.cross_kv(memory), attention_mask.bool())
+        hidden = self.decode(decoder_input_ids, positions, masks, list(self.cross_kv(memory)), attention_mask.bool())
         return self.lm_logits(hidden)
 
     def reset_buffers(self) -> None:

@@ -8,7 +8,9 @@ run arbitrary code.
 
 Checkpoint key layouts differ between transformers versions (`encoder.text_model.layers`
 vs `encoder.layers`, `vision_tower.vision_model.encoder` vs `vision_tower.encoder`);
-`_RENAMES` folds them all onto our parameter names.
+`_RENAMES` folds them all onto our names. Projections the model runs as one matmul
+(`FusedLinear`: q|k|v, gate|up) stay separate tensors in checkpoints: `fused_parts` says which
+rows of a fused parameter each checkpoint tensor fills, for loading and for writing.
 
 Not here: the model math (t5gemma2.py), tokenizer and image settings (tokenizer.py, images.py).
 """
@@ -24,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from .config import T5Gemma2Config
+from .layers import FusedLinear
 from .source import CheckpointError, CheckpointSource
 from .t5gemma2 import T5Gemma2
 
@@ -57,6 +60,19 @@ def parameter_name(checkpoint_key: str):
         if pattern.match(checkpoint_key):
             return None if target is None else pattern.sub(target, checkpoint_key)
     return _NO_MATCH
+
+
+def fused_parts(model: T5Gemma2) -> dict[str, tuple[str, int, int]]:
+    """Per separate projection name (as checkpoints hold it, in our naming): (fused parameter, first row, end row)."""
+    parts = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, FusedLinear):
+            parent = prefix.rsplit(".", 1)[0]
+            start = 0
+            for part, rows in module.parts.items():
+                parts[f"{parent}.{part}.weight"] = (f"{prefix}.weight", start, start + rows)
+                start += rows
+    return parts
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -117,7 +133,12 @@ def load_pretrained(
     shards = weight_files(src)
     with torch.device("meta"):
         model = T5Gemma2(config)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    fused = fused_parts(model)
+    for name, (target, start, end) in fused.items():  # checkpoints hold the parts, not the fused tensor
+        expected[name] = (end - start, *expected[target][1:])
+    for target in {target for target, _, _ in fused.values()}:
+        del expected[target]
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     wrong_shape: list[str] = []
@@ -159,6 +180,9 @@ def load_pretrained(
         raise CheckpointError(
             f"checkpoint {src.description!r} does not match its config.json: " + " | ".join(problems)
         )
+    for target in sorted({target for target, _, _ in fused.values()}):
+        names = sorted((n for n, (t, _, _) in fused.items() if t == target), key=lambda n: fused[n][1])
+        state[target] = torch.cat([state.pop(n) for n in names])
     model.load_state_dict(state, strict=True, assign=True)
     model.reset_buffers()
     model.source = src.description
@@ -191,7 +215,14 @@ def save_pretrained(model: T5Gemma2, directory: str | os.PathLike) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
-    tensors = {checkpoint_key(name): t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    state = model.state_dict()
+    fused = fused_parts(model)
+    for name, (target, start, end) in fused.items():
+        state[name] = state[target][start:end]
+    for target in {target for target, _, _ in fused.values()}:
+        del state[target]
+    # clone: safetensors refuses tensors that share storage (the parts of one fused tensor do)
+    tensors = {checkpoint_key(name): t.detach().cpu().clone() for name, t in state.items()}
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as handle:
         json.dump(model.config.to_hf_dict(), handle, indent=2)

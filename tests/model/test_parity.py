@@ -79,6 +79,22 @@ def test_teacher_forced_logits_text_padded(pair):
     assert_close(ours(ids, mask, dec), expected)
 
 
+@pytest.mark.parametrize("group_area", [0, None], ids=["one-group-per-length", "default-groups"])
+@torch.no_grad()
+def test_encoder_attention_groups_give_the_reference_logits(pair, monkeypatch, group_area):
+    """The encoder pads attention per group of similar-length rows; any grouping is the reference's math."""
+    _, ref, ours = pair
+    if group_area is not None:  # cut a group at every length change (the most groups)
+        monkeypatch.setattr(model.t5gemma2.Packing, "GROUP_MIN_AREA", group_area)
+        monkeypatch.setattr(model.t5gemma2.Packing, "GROUP_WASTE", 1.0)
+    ids, mask = text_batch([2, 5, 5, 9, 40, 3, 31])  # unsorted on purpose: groups are consecutive rows
+    groups = model.t5gemma2.Packing(mask.bool(), 4, torch.float32).groups
+    assert len(groups) >= (5 if group_area == 0 else 1)
+    dec = decoder_batch(7, 6)
+    expected = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert_close(ours(ids, mask, dec), expected)
+
+
 @torch.no_grad()
 def test_teacher_forced_logits_with_images(pair):
     _, ref, ours = pair
