@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out_tokens = sum(len(t) for t in ours_tokens)
     print(f"ours: {rows / best_ours:10.1f} rows/s  {out_tokens / best_ours:12.1f} output tokens/s  "
-          f"padding efficiency {stats.padding_efficiency:.2f} (attention layout; projections and MLP run "
-          f"packed)  micro-batches {stats.micro_batches}  "
+          f"padding efficiency {stats.padding_efficiency:.2f} (micro-batch layout; projections and MLP run "
+          f"packed, encoder attention in length groups)  micro-batches {stats.micro_batches}  "
           f"peak memory {peak_memory_gb(device):.2f} GiB")
     if ref is not None:
         hf_out = sum(len(t) for t in hf_tokens)

@@ -1,0 +1,38 @@
+"""Layer-level promises the parity tests do not pin down on their own."""
+
+from __future__ import annotations
+
+import torch
+
+from model.config import RopeConfig
+from model.layers import RMSNorm, Rotary, apply_rotary
+
+
+def test_norm_scale_cache_follows_weight_changes():
+    norm = RMSNorm(8, 1e-6)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        before = norm(x)  # caches (1 + w)
+    with torch.no_grad():
+        norm.weight.add_(0.5)  # in place, as load_state_dict writes
+    with torch.inference_mode():
+        after = norm(x)
+    assert torch.allclose(after, before * 1.5, atol=1e-6)
+    norm.weight = torch.nn.Parameter(torch.full((8,), -0.25))  # replaced, as assign=True loading does
+    with torch.inference_mode():
+        assert torch.allclose(norm(x), before * 0.75, atol=1e-6)
+    # With autograd on, gradients still reach the weight.
+    norm(x).sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+
+
+def test_rotary_equals_the_rotate_half_formula():
+    rot = Rotary(16, RopeConfig(10_000.0))
+    x = torch.randn(2, 5, 3, 16)  # [B, T, heads, D]
+    positions = torch.arange(5).expand(2, 5)
+    cos, signed_sin = rot.cos_sin(positions, torch.float32)
+    freqs = positions.float()[..., None] * rot.inv_freq
+    angles = torch.cat((freqs, freqs), -1)[:, :, None]  # [B, T, 1, D]
+    rotate_half = torch.cat((-x[..., 8:], x[..., :8]), -1)
+    expected = x * angles.cos() + rotate_half * angles.sin()
+    assert torch.allclose(apply_rotary(x, cos, signed_sin), expected, atol=1e-6)
