@@ -104,6 +104,13 @@ def weight_files(src: CheckpointSource) -> list[str]:
                 f"{src.description}/model.safetensors.index.json is malformed ({exc}): it needs a 'weight_map' "
                 f"of tensor name -> shard file"
             ) from exc
+        not_safetensors = [s for s in shards if not str(s).endswith(".safetensors")]
+        if not_safetensors:
+            raise CheckpointError(
+                f"{src.description}/model.safetensors.index.json names shards that are not safetensors files "
+                f"({', '.join(map(str, not_safetensors))}); only safetensors weights are loaded (pickle files can "
+                f"run code when loaded). Convert them to safetensors in a trusted environment"
+            )
         missing = [s for s in shards if s not in files]
         if missing:
             raise CheckpointError(f"checkpoint {src.description!r} index names shards that are absent: {missing}")
