@@ -45,6 +45,7 @@ def _job_parser(prog: str, with_address: bool) -> argparse.ArgumentParser:
 def cmd_run(argv: list[str]) -> int:
     from pipeline.run import run_job
     from pipeline.spec import JobError, load_job
+    from pipeline.storage import StorageError
 
     args = _job_parser("t5g2 run", with_address=True).parse_args(argv)
     try:
@@ -53,6 +54,9 @@ def cmd_run(argv: list[str]) -> int:
     except JobError as exc:
         print(f"t5g2 run: the job cannot run: {exc}", file=sys.stderr)
         return 2
+    except StorageError as exc:  # storage failed mid-run: committed units stay, a rerun resumes
+        print(f"t5g2 run: the job stopped: {exc}", file=sys.stderr)
+        return 1
     return 0 if report.get("complete") else 1
 
 

@@ -38,10 +38,20 @@ ROW = "__row"  # row number inside its input file
 TEXT = "__text"  # input text as bytes (validated and decoded in prepare)
 IMAGE = "__image"  # encoded image bytes
 PIXELS = "__pixels"  # preprocessed image, float32 [3, S, S] as raw bytes (null when none)
+# Present only in blocks read from a file whose text (image) column is missing or of an unusable
+# type (schema drift across input files): the error kind and message every row of that file gets
+# for the tasks that read the column; prepare turns them into task errors.
+TEXT_ERROR = "__text_error"  # "column_missing" | "column_type"
+TEXT_ERROR_MESSAGE = "__text_error_message"
+IMAGE_ERROR = "__image_error"
+IMAGE_ERROR_MESSAGE = "__image_error_message"
 INTERNAL_PREFIX = "__"
 
-# Per-row error kinds. Input problems are found on CPU in prepare; model problems in infer.
+# Per-row error kinds. Input problems are found on CPU in prepare (the two column_* kinds when the
+# file is read); model problems in infer.
 ERROR_KINDS = (
+    "column_missing",  # the row's file lacks the task's text/image column (other files have it)
+    "column_type",  # the row's file has that column with a type that cannot hold text/image bytes
     "text_missing",  # the text is null
     "text_empty",  # the text is empty or only whitespace
     "text_invalid_utf8",  # the text bytes are not valid UTF-8

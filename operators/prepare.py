@@ -8,8 +8,13 @@ fills PIXELS once per row (shared by every task of the row). Nothing here raises
   text null -> text_missing; not UTF-8 -> text_invalid_utf8; empty/whitespace -> text_empty;
   literal image markers in the text -> prompt_images;
   prompt over max_input_tokens -> text_too_long (long_input = "error"), or the text is cut
-  at a token boundary until the prompt fits (long_input = "truncate");
-  image null -> image_missing; unreadable / not allowed / too many pixels -> the ImageError kind.
+  at a token boundary until the prompt fits (long_input = "truncate"); a text far longer than
+  the limit (megabytes) is judged on its head alone, so it is never tokenized whole;
+  image null -> image_missing; unreadable / not allowed / too many pixels -> the ImageError kind;
+  the row's file lacks the text (image) column or holds it with an unusable type -> the kind and
+  message that the read stage put in TEXT_ERROR (IMAGE_ERROR) and their message columns
+  ("column_missing" / "column_type"; see the schema-drift policy in pipeline/storage.py). These
+  optional columns are present only in blocks of such files.
 
 Not here: Ray scheduling (pipeline/build.py), reading files (pipeline/storage.py), generation.
 """
@@ -37,11 +42,25 @@ class PromptTask:
     uses_image: bool = False  # the template has {image}
 
 
+# Characters a prompt keeps per allowed token before longer texts are cut (truncate) or judged on
+# their head alone (error): far more than any real token covers.
+_CHARS_PER_TOKEN = 16
+
+
 class _RowError(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
         self.message = message
+
+
+def _column_problems(batch: pa.Table, kind_column: str, message_column: str) -> list[_RowError | None]:
+    """Per row, the error the read stage found for the whole column of the row's file (or None)."""
+    if kind_column not in batch.column_names:
+        return [None] * batch.num_rows
+    kinds = batch.column(kind_column).to_pylist()
+    messages = batch.column(message_column).to_pylist()
+    return [None if kind is None else _RowError(kind, message) for kind, message in zip(kinds, messages)]
 
 
 class Prepare:
@@ -77,15 +96,17 @@ class Prepare:
         n = batch.num_rows
         texts = batch.column(C.TEXT).to_pylist() if self.needs_text else [None] * n
         images = batch.column(C.IMAGE).to_pylist() if self.needs_image else [None] * n
+        text_problems = _column_problems(batch, C.TEXT_ERROR, C.TEXT_ERROR_MESSAGE)
+        image_problems = _column_problems(batch, C.IMAGE_ERROR, C.IMAGE_ERROR_MESSAGE)
 
         pixels: list[bytes | None] = [None] * n
         per_task: dict[str, tuple[list, list, list]] = {t.output_column: ([], [], []) for t in self.tasks}
         for r in range(n):
             text, text_error = (None, None)
             if self.needs_text:
-                text, text_error = self._text(texts[r])
-            image_error = None
-            if self.needs_image:
+                text, text_error = (None, text_problems[r]) if text_problems[r] else self._text(texts[r])
+            image_error = image_problems[r]
+            if self.needs_image and image_error is None:
                 try:
                     pixels[r] = self._pixels(images[r])
                 except _RowError as exc:
@@ -156,10 +177,21 @@ class Prepare:
 
     def _prompt_ids(self, task: PromptTask, text: str | None) -> list[int]:
         limit = self.max_input_tokens
-        if self.long_input == "truncate" and task.uses_text and len(text) > limit * 16:
+        if task.uses_text and len(text) > limit * _CHARS_PER_TOKEN:
             # No token covers more than a few dozen characters in practice: cut absurdly long texts
-            # before tokenizing them whole (the exact cut is made below, at a token boundary).
-            text = text[: limit * 16]
+            # before tokenizing them whole (a megabyte text would take hundreds of MB as token ids).
+            head = text[: limit * _CHARS_PER_TOKEN]
+            if self.long_input == "truncate":
+                text = head  # the exact cut is made below, at a token boundary
+            else:
+                ids = self._render(task, head)
+                if len(ids) > 2 * limit:  # far over even before the rest: the whole prompt is too
+                    raise _RowError(
+                        "text_too_long",
+                        f"the prompt is more than input.max_input_tokens = {limit} tokens (the first {len(head)} of "
+                        f"the text's {len(text)} characters already give {len(ids)}); set input.long_input = "
+                        f"\"truncate\" to cut such texts, or raise max_input_tokens",
+                    )
         ids = self._render(task, text)
         if len(ids) <= limit:
             return ids

@@ -3,9 +3,12 @@
 `run_job(spec, address=None)`:
   1. `validate(spec)` checks everything that can be checked before any GPU work, and fails with
      a JobError naming the fix: the checkpoint (config.json, weights present, tokenizer.model,
-     image settings), every input file's footer (columns present with usable types, the same id
-     type everywhere), and the output path (a probe object written and deleted; a directory that
-     holds another job's outputs is refused).
+     image settings), the input files' footers, and the output path (a probe object written and
+     deleted; a directory that holds another job's outputs is refused). Inputs: each named column
+     must be usable in at least one file, and the id column in every file with types that cast
+     losslessly to one; a file whose text or image column is missing or unusable (schema drift) does
+     not fail the job: its rows get column_missing / column_type errors (policy in storage.py), and
+     validation warns about it.
   2. Lists the done-markers and plans only the missing units (the input of done units is never
      read); deletes scratch files and unmarked part files that belong to no unit of the plan.
   3. Starts a local Ray (or joins `address` / RAY_ADDRESS, or the Ray this process already has),
@@ -16,8 +19,10 @@
   4. Writes the report to <output>/_report.json, prints a summary, and returns the report.
 
 Fault hook for tests, never set in production: with the environment variable
-T5G2_FAULT_EXIT_AFTER_UNITS=N the driver process exits abruptly (os._exit, no cleanup) right after
-committing its N-th unit, as a crash would; the resume tests use it.
+T5G2_FAULT_EXIT_AT=STEP:N the driver process exits abruptly (os._exit(75), no cleanup), as a crash
+would, at STEP of committing the N-th unit of this run: "before-publish" (its part file not yet
+written), "after-publish" (part file published, no done-marker yet) or "after-done" (marker
+written). The resume and commit-fault tests use it; a malformed value is refused.
 
 Not here: the plan itself (build.py), parsing job files (spec.py).
 """
@@ -37,9 +42,12 @@ from operators import columns as C
 
 from . import build, report as reports
 from .spec import JobError, JobSpec
-from .storage import InputFile, OutputStore, StorageError, Unit, list_inputs, make_units, read_footers
+from .storage import (COLUMN_TYPE, InputFile, OutputStore, StorageError, Unit, column_problem, id_output_type,
+                      id_transport_type, list_inputs, make_units, read_footers)
 
-FAULT_ENV = "T5G2_FAULT_EXIT_AFTER_UNITS"
+FAULT_ENV = "T5G2_FAULT_EXIT_AT"  # fault hook for tests, never set in production (see above)
+FAULT_STEPS = ("before-publish", "after-publish", "after-done")  # the points of Committer.commit
+FAULT_EXIT_CODE = 75
 PROGRESS_SECONDS = 10.0
 ACTOR_MEMORY_HEADROOM = 1 << 30  # host memory per model actor beyond its weights
 
@@ -57,6 +65,7 @@ class Validated:
     run_hash: str
     store: OutputStore
     weight_bytes: int  # size of the checkpoint's weight files
+    drift: tuple[str, ...] = ()  # warnings: input files whose rows get column_missing / column_type errors
 
     @property
     def provenance(self) -> dict:
@@ -108,51 +117,77 @@ def _check_model(spec: JobSpec) -> tuple[int, str | None, int]:
     return config.vision.image_size, src.revision, weight_bytes
 
 
-_TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
-_BYTES_TYPES = (pa.types.is_binary, pa.types.is_large_binary)
+def _check_ids(column: str | None, files: list[InputFile]) -> pa.DataType:
+    """The output id type; every file must have the id column, its types cast losslessly to one."""
+    if not column:
+        return pa.string()  # derived ids (storage.derived_ids)
+    for f in files:
+        if column not in f.schema.names:
+            raise JobError(
+                f"input.id_column {column!r} is not a column of {f.uri} (columns: {', '.join(f.schema.names)}); "
+                f"every input file needs it, since an id must mean the same thing in every output row: add it to "
+                f"that file, set input.id_column to a column all files have, or leave id_column out to derive ids"
+            )
+        t = f.schema.field(column).type
+        if id_transport_type(t) is None:
+            raise JobError(f"input.id_column {column!r} in {f.uri} has nested type {t}; use a string or integer id "
+                           f"column, or leave id_column out to derive ids")
+    types = [f.schema.field(column).type for f in files]
+    try:
+        return id_output_type(types)
+    except ValueError:
+        first = files[0]
+        other = next(f for f in files if f.schema.field(column).type != types[0])
+        raise JobError(
+            f"input.id_column {column!r} is {types[0]} in {first.uri} but {other.schema.field(column).type} in "
+            f"{other.uri}, which do not cast losslessly to one type (integers of any width but uint64 do, and "
+            f"string with large_string); make the id type the same in every file"
+        ) from None
 
 
-def _check_inputs(spec: JobSpec) -> tuple[list[InputFile], pa.DataType]:
+def _check_column(spec: JobSpec, role: str, column: str, files: list[InputFile]) -> list[str]:
+    """Fail the job when no file has a usable `role` column; else warnings about the files that lack one.
+
+    Files without a usable column are schema drift, handled per row (storage.py): their rows get
+    error kind column_missing / column_type in the tasks that read the column.
+    """
+    setting = f"input.{role}_column"
+    problems = [(f, column_problem(f.uri, f.schema, role, column)) for f in files]
+    bad = [(f, p) for f, p in problems if p is not None]
+    if len(bad) == len(files):
+        typed = [p for _, p in bad if p.kind == COLUMN_TYPE]
+        if typed:
+            raise JobError(f"no input file has a usable {setting}: {typed[0].message}")
+        first, names = files[0].uri, ", ".join(files[0].schema.names)
+        if len(files) == 1:
+            raise JobError(f"{setting} {column!r} is not a column of {first} (columns: {names}); set {setting} to "
+                           f"one of them")
+        raise JobError(f"{setting} {column!r} is not a column of any of the {len(files)} input files; set {setting} "
+                       f"to a column they have (e.g. {first} has: {names})")
+    readers = [t.output_column for t in spec.tasks if (t.uses_text if role == "text" else t.uses_image)]
+    if not bad or not readers:
+        return []  # a column no task reads is never read, whatever the files hold
+    rows = sum(f.num_rows for f, _ in bad)
+    kinds = sorted({p.kind for _, p in bad})
+    shown = "; ".join(p.message for _, p in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return [(f"{setting} {column!r}: {len(bad)} of {len(files)} input files cannot provide it, so their {rows} rows "
+             f"get error kind {' / '.join(kinds)} in {', '.join(readers)} ({shown})")]
+
+
+def _check_inputs(spec: JobSpec) -> tuple[list[InputFile], pa.DataType, list[str]]:
+    """The input files, the output id type, and warnings about schema drift (handled per row)."""
     inp = spec.input
     options = spec.storage_options(inp.paths[0])
     try:
         files = read_footers(list_inputs(inp.paths, options), options)
     except StorageError as exc:
         raise JobError(str(exc)) from exc
-    id_type = None
-    for f in files:
-        names = f.schema.names
-        for role, column in (("id_column", inp.id_column), ("text_column", inp.text_column),
-                             ("image_column", inp.image_column)):
-            if column and column not in names:
-                raise JobError(
-                    f"input.{role} {column!r} is not a column of {f.uri} (columns: {', '.join(names)}); set "
-                    f"input.{role} to one of them"
-                )
-        if inp.text_column:
-            t = f.schema.field(inp.text_column).type
-            if not any(check(t) for check in _TEXT_TYPES) and not pa.types.is_null(t):
-                raise JobError(f"input.text_column {inp.text_column!r} in {f.uri} has type {t}; it must be a string "
-                               f"(or binary UTF-8) column")
-        if inp.image_column:
-            t = f.schema.field(inp.image_column).type
-            ok = any(check(t) for check in _BYTES_TYPES) or pa.types.is_null(t) or (
-                pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
-                and any(check(t.field("bytes").type) for check in _BYTES_TYPES))
-            if not ok:
-                raise JobError(f"input.image_column {inp.image_column!r} in {f.uri} has type {t}; it must hold "
-                               f"encoded image bytes, or {{bytes, path}} structs as Hugging Face datasets write them")
-        if inp.id_column:
-            t = f.schema.field(inp.id_column).type
-            if pa.types.is_nested(t):
-                raise JobError(f"input.id_column {inp.id_column!r} in {f.uri} has nested type {t}; use a string or "
-                               f"integer id column, or leave id_column out to derive ids")
-            if id_type is None:
-                id_type = t
-            elif t != id_type:
-                raise JobError(f"input.id_column {inp.id_column!r} is {id_type} in {files[0].uri} but {t} in {f.uri}; "
-                               f"make the id type the same in every file")
-    return files, id_type if id_type is not None else pa.string()
+    id_type = _check_ids(inp.id_column, files)
+    drift = []
+    for role, column in (("text", inp.text_column), ("image", inp.image_column)):
+        if column:
+            drift += _check_column(spec, role, column, files)
+    return files, id_type, drift
 
 
 def _check_output(spec: JobSpec, store: OutputStore, run_hash: str) -> None:
@@ -180,7 +215,9 @@ def validate(spec: JobSpec) -> Validated:
     """Every check that needs no GPU; raises JobError with the fix."""
     run_hash = spec.run_config_hash()
     image_size, revision, weight_bytes = _check_model(spec)
-    files, id_type = _check_inputs(spec)
+    files, id_type, drift = _check_inputs(spec)
+    for warning in drift:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     try:
         store = OutputStore(spec.output.path, spec.storage_options(spec.output.path))
     except StorageError as exc:
@@ -188,7 +225,8 @@ def validate(spec: JobSpec) -> Validated:
     _check_output(spec, store, run_hash)
     units = make_units(files, spec.output.rows_per_file, run_hash)
     return Validated(spec=spec, files=tuple(files), units=tuple(units), id_type=id_type, image_size=image_size,
-                     model_revision=revision, run_hash=run_hash, store=store, weight_bytes=weight_bytes)
+                     model_revision=revision, run_hash=run_hash, store=store, weight_bytes=weight_bytes,
+                     drift=tuple(drift))
 
 
 # ---- running -----------------------------------------------------------------------------------
@@ -261,6 +299,7 @@ def make_plan(v: Validated, todo: list[Unit]) -> build.Plan:
         rows_per_call=r.rows_per_call,
         # The weights as stored (the largest form they take in host memory) plus headroom.
         actor_memory_bytes=v.weight_bytes + ACTOR_MEMORY_HEADROOM,
+        call_timeout_s=r.call_timeout_s,
     )
 
 
@@ -276,8 +315,25 @@ class Committer:
         self.duplicates = 0
         self.committed: set[str] = set()
         self.schema = C.output_schema(v.output_columns, v.id_type)
-        fault = os.environ.get(FAULT_ENV)
-        self.exit_after = int(fault) if fault else None
+        self.commits_started = 0
+        self.fault = self._fault_point(os.environ.get(FAULT_ENV))
+
+    @staticmethod
+    def _fault_point(value: str | None) -> tuple[str, int] | None:
+        """(step, n) from the test fault hook's value "STEP:N", or None when it is unset."""
+        if not value:
+            return None
+        step, _, n = value.partition(":")
+        if step not in FAULT_STEPS or not n.isdigit() or int(n) < 1:
+            raise RuntimeError(f"{FAULT_ENV}={value!r} must be STEP:N with STEP one of {', '.join(FAULT_STEPS)} "
+                               f"and N >= 1 (a fault hook for tests; unset it)")
+        return step, int(n)
+
+    def _maybe_crash(self, step: str) -> None:
+        """The test fault hook: die here, as a killed driver would, without any cleanup."""
+        if self.fault == (step, self.commits_started):
+            print(f"{FAULT_ENV}={step}:{self.commits_started}: exiting abruptly", flush=True)
+            os._exit(FAULT_EXIT_CODE)
 
     def add(self, batch: pa.Table) -> None:
         keys = batch.column(C.UNIT).to_pylist()
@@ -297,20 +353,49 @@ class Committer:
                 self.commit(key)
 
     def commit(self, key: str) -> None:
+        self.commits_started += 1
         table = pa.concat_tables(self.parts.pop(key))
         table = table.take(pc.sort_indices(table, sort_keys=[(C.ROW, "ascending")]))
         table = pa.table([table.column(f.name).cast(f.type) for f in self.schema], schema=self.schema)
         store, compression = self.v.store, self.v.spec.output.compression
+        self._maybe_crash("before-publish")
         store.publish(key, table, compression)
+        self._maybe_crash("after-publish")
         stats = reports.unit_stats(table, self.v.output_columns)
         store.mark_done(key, stats)
         self.stats.add(stats)
         del self.seen[key]
         self.committed.add(key)
-        if self.exit_after is not None and self.stats.units >= self.exit_after:
-            print(f"{FAULT_ENV}={self.exit_after}: exiting abruptly after {self.stats.units} committed units",
-                  flush=True)
-            os._exit(75)
+        self._maybe_crash("after-done")
+
+
+def _stuck_model_message(exc: Exception, spec: JobSpec, committed: str) -> str | None:
+    """What to tell the user when the plan failed because model calls kept dying or nothing moved.
+
+    None for any other failure, which is raised as it is.
+    """
+    import ray.data.exceptions
+    import ray.exceptions
+
+    no_progress_error = getattr(ray.data.exceptions, "ExecutionTimeoutError", ())  # Ray Data's own guard, if any
+    timeout = spec.resources.call_timeout_s
+    kept = (f"{committed} units were committed and stay; running the job again computes only the rest "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    if isinstance(exc, no_progress_error):
+        return (f"the job stopped: nothing moved through the pipeline for longer than its no-progress bound "
+                f"({build.NO_PROGRESS_CALLS} x resources.call_timeout_s = {build.NO_PROGRESS_CALLS * timeout:g} s, "
+                f"and never below Ray Data's "
+                f"execution_no_progress_timeout_s). A model actor is stuck where its hang guard cannot stop it "
+                f"(a frozen process, an actor that never starts or never loads the model) or the cluster cannot "
+                f"place the actors; check the Ray worker logs. {kept}")
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return (f"the job stopped: a model call could not be completed because its actor process kept dying "
+                f"(a call is tried {build.CALL_RETRIES + 1} times at most, each time on a restarted actor). Either "
+                f"the actor crashed (a GPU fault, host memory: see the Ray worker logs), or the call ran longer "
+                f"than resources.call_timeout_s = {timeout:g} s and the hang guard stopped it (the worker log then "
+                f"says '{build.HANG_GUARD_MESSAGE}: ...'); if calls really take that long, raise "
+                f"resources.call_timeout_s or lower resources.rows_per_call. {kept}")
+    return None
 
 
 def run_job(spec: JobSpec, address: str | None = None) -> dict:
@@ -343,14 +428,20 @@ def run_job(spec: JobSpec, address: str | None = None) -> dict:
         ds = build.build_dataset(make_plan(v, todo))
         last = time.perf_counter()
         total_rows = sum(u.rows for u in todo)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            committer.add(batch)
-            now = time.perf_counter()
-            if now - last >= PROGRESS_SECONDS:
-                rate = committer.stats.rows / max(1e-9, now - compute_started)
-                print(f"  progress: {committer.stats.units}/{len(todo)} units, {committer.stats.rows}/{total_rows} "
-                      f"rows committed, {rate:.1f} rows/s", flush=True)
-                last = now
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                committer.add(batch)
+                now = time.perf_counter()
+                if now - last >= PROGRESS_SECONDS:
+                    rate = committer.stats.rows / max(1e-9, now - compute_started)
+                    print(f"  progress: {committer.stats.units}/{len(todo)} units, {committer.stats.rows}/"
+                          f"{total_rows} rows committed, {rate:.1f} rows/s", flush=True)
+                    last = now
+        except Exception as exc:
+            why = _stuck_model_message(exc, spec, f"{committer.stats.units}/{len(todo)}")
+            if why is None:
+                raise
+            raise RuntimeError(why) from exc
         if committer.committed != set(committer.units):
             raise RuntimeError(
                 f"{len(todo) - committer.stats.units} unit(s) did not get all their rows back from the plan; "

@@ -16,8 +16,11 @@ Schema (see ../shared/design.md):
                target_language, and generation settings (max_new_tokens, min_new_tokens,
                temperature, top_k, top_p, seed, num_beams, length_penalty)
   [resources]  gpu_actors (1, or [min, max]), gpus_per_actor (1.0; fractions allowed; 0 = CPU),
-               cpus_per_actor (1.0), rows_per_call (256), max_batch_tokens (65536)
-  [storage.P]  fsspec options for paths of protocol P (s3, gcs, ...); never credentials
+               cpus_per_actor (1.0), rows_per_call (256), max_batch_tokens (65536),
+               call_timeout_s (1800; seconds one model call may run before the hang guard stops its
+               actor, which Ray restarts and retries the call, at most 3 times, then the job fails)
+  [storage.P]  fsspec options for paths of protocol P (s3, gcs, ...); never credentials. S3 gets
+               bounded retries and timeouts unless the job sets its own (S3_CONFIG_DEFAULTS)
 
 Not here: running the job (run.py), task templates (tasks.py).
 """
@@ -53,6 +56,33 @@ _CREDENTIAL_NAME = re.compile(
     r"credential",
     re.IGNORECASE,
 )
+
+
+# Bounded, explicit retries and timeouts for every S3 filesystem a job opens. They live here because
+# JobSpec.storage_options() is where all of them get their options: the input listing and footers
+# (driver), the input reads (Ray workers), the checkpoint (driver, prepare/finish tasks and model
+# actors, through model.source) and the output commit (driver). Without them a call's retries come
+# from layers nobody chose: botocore's "legacy" mode (5 attempts, no retry quota), or whatever
+# AWS_MAX_ATTEMPTS / ~/.aws/config say on each machine, wrapped in s3fs's own repeats, and a store
+# that stops answering holds the job for many minutes per call. With these (botocore Config keys,
+# passed by s3fs as config_kwargs):
+#   * "standard" retry mode: at most 8 attempts per call, exponential backoff with jitter (at most
+#     20 s apart) on throttling (503 SlowDown), other 5xx answers, connection errors and timeouts;
+#     its retry quota stops retrying early when a store keeps failing;
+#   * s3fs repeats a call that still fails with SlowDown or a timeout up to 5 times (its fixed
+#     `retries`; this s3fs takes no option for it), so one call makes at most 5 x 8 attempts;
+#   * connect within 10 s; a connection that sends nothing for 30 s is dead (the read timeout is per
+#     socket read, not per object, so large reads are not cut short);
+#   * permission (403 AccessDenied), not-found and other client errors are never retried: a job
+#     without write access fails at once, with the path and the fix (storage.OutputStore).
+# A job's own [storage.s3] config_kwargs win, key by key ("retries" counts as one key, since
+# botocore lets total_max_attempts override max_attempts). Other protocols keep their library's
+# defaults.
+S3_CONFIG_DEFAULTS = {
+    "retries": {"total_max_attempts": 8, "mode": "standard"},
+    "connect_timeout": 10,
+    "read_timeout": 30,
+}
 
 
 class JobError(ValueError):
@@ -102,6 +132,7 @@ class ResourcesSpec:
     cpus_per_actor: float  # CPUs reserved per actor
     rows_per_call: int  # rows handed to an actor per call
     max_batch_tokens: int  # Generator token budget per forward micro-batch
+    call_timeout_s: float  # a model call running longer is taken as hung: its actor is restarted
 
 
 @dataclass(frozen=True)
@@ -115,11 +146,18 @@ class JobSpec:
     origin: str = "<text>"  # where the job came from, for messages
 
     def storage_options(self, path: str) -> dict:
-        """fsspec options for `path`'s protocol (a copy; empty for local paths)."""
+        """fsspec options for `path`'s protocol (a copy; empty for local paths), with the bounded
+        retries and timeouts of S3_CONFIG_DEFAULTS for S3 where [storage.s3] does not set its own."""
         protocol = protocol_of(path)
         aliases = {"s3a": "s3", "gs": "gcs", "abfs": "az", "abfss": "az"}
-        options = self.storage.get(protocol) or self.storage.get(aliases.get(protocol, ""), {})
-        return copy.deepcopy(dict(options))
+        family = aliases.get(protocol, protocol)
+        options = copy.deepcopy(dict(self.storage.get(protocol) or self.storage.get(family, {})))
+        if family == "s3":
+            config = dict(options.get("config_kwargs") or {})
+            for key, value in S3_CONFIG_DEFAULTS.items():
+                config.setdefault(key, copy.deepcopy(value))
+            options["config_kwargs"] = config
+        return options
 
     def run_config(self) -> dict:
         """Everything that decides the output rows' content and layout (no paths, no resources)."""
@@ -232,7 +270,9 @@ _MODEL_KEYS = {"source", "dtype"}
 _INPUT_KEYS = {"path", "id_column", "text_column", "image_column", "max_input_tokens", "long_input"}
 _OUTPUT_KEYS = {"path", "rows_per_file", "compression"}
 _TASK_KEYS = {"kind", "output_column", "prompt", "source_language", "target_language", *GENERATION_FIELDS}
-_RESOURCE_KEYS = {"gpu_actors", "gpus_per_actor", "cpus_per_actor", "rows_per_call", "max_batch_tokens"}
+_RESOURCE_KEYS = {"gpu_actors", "gpus_per_actor", "cpus_per_actor", "rows_per_call", "max_batch_tokens",
+                  "call_timeout_s"}
+DEFAULT_CALL_TIMEOUT_S = 1800.0  # half an hour: far above any sane call (rows_per_call rows on one GPU)
 
 
 def _unknown(table: dict, allowed: set[str], where: str) -> None:
@@ -405,6 +445,7 @@ def parse_job(raw: dict, origin: str = "<job>") -> JobSpec:
         cpus_per_actor=_number(r, "cpus_per_actor", "resources", 1.0),
         rows_per_call=_int(r, "rows_per_call", "resources", 256),
         max_batch_tokens=_int(r, "max_batch_tokens", "resources", 65536),
+        call_timeout_s=_call_timeout(r),
     )
     storage = _table(raw, "storage", required=False)
     for protocol, options in storage.items():
@@ -414,6 +455,15 @@ def parse_job(raw: dict, origin: str = "<job>") -> JobSpec:
 
     return JobSpec(model=model, input=inp, output=output, tasks=tasks, resources=resources,
                    storage=copy.deepcopy(storage), origin=origin)
+
+
+def _call_timeout(r: dict) -> float:
+    value = r.get("call_timeout_s", DEFAULT_CALL_TIMEOUT_S)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise JobError(f"resources.call_timeout_s must be a number of seconds > 0, got {value!r}; it bounds one "
+                       f"model call (default {DEFAULT_CALL_TIMEOUT_S:g}): raise it if a call of rows_per_call rows "
+                       f"really takes longer")
+    return float(value)
 
 
 def _parse_task(t: Any, n: int, inp: InputSpec) -> TaskSpec:

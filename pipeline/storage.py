@@ -63,8 +63,9 @@ _GLOB_CHARS = "*?["
 _LOCAL_PROTOCOLS = ("file", "local")
 
 
-class StorageError(Exception):
-    """A path cannot be listed, read or written; the message names the path and the fix."""
+class StorageError(OSError):
+    """A path cannot be listed, read or written; the message names the path and the fix. An OSError,
+    like the failures it wraps, so code that handles I/O errors handles it too."""
 
 
 def _protocol(fs) -> str:
@@ -165,15 +166,122 @@ def derived_ids(uri: str, start: int, stop: int) -> pa.Array:
     return pa.array([f"{prefix}-{row}" for row in range(start, stop)], type=pa.string())
 
 
+# ---- schema drift: what each input column may be, file by file -----------------------------
+#
+# Input files written at different times drift: a column goes missing, changes type, gains
+# neighbours. The policy, applied per file by read_unit and to every footer by run.validate:
+#   * text or image column missing from a file, or of a type that cannot hold text / image bytes:
+#     every row of that file gets error kind "column_missing" / "column_type" in the tasks that read
+#     the column; its other tasks run. (No file with a usable column at all is a wrong job instead:
+#     validate fails it before any work.)
+#   * compatible types are read as they are: text as string, large_string, binary, large_binary (UTF-8
+#     checked per row), a dictionary of those, or null; images as binary, large_binary, {bytes, path}
+#     structs (Hugging Face datasets' Image), or null. Extra columns are never read.
+#   * the id column must be in every file (an id means the same thing in every output row, so a file
+#     cannot fall back to derived ids), and its types must cast losslessly to one output type:
+#     integers of any width but uint64 -> int64, string / large_string -> large_string, binary /
+#     large_binary -> large_binary; anything else must be the same type in every file.
+
+COLUMN_MISSING = "column_missing"
+COLUMN_TYPE = "column_type"
+COLUMN_SETTINGS = {"id": "input.id_column", "text": "input.text_column", "image": "input.image_column"}
+
+
+@dataclass(frozen=True)
+class ColumnProblem:
+    """Why one input file cannot give a column the job reads; its rows get this as their error."""
+
+    kind: str  # COLUMN_MISSING | COLUMN_TYPE (error kinds of operators/columns.py)
+    message: str  # names the file, the column, what is wrong and the fix
+
+
+def _is_text_type(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t) or pa.types.is_null(t))
+
+
+def _is_bytes_type(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_null(t)
+
+
+def _is_image_type(t: pa.DataType) -> bool:
+    if pa.types.is_struct(t):
+        return t.get_field_index("bytes") >= 0 and _is_bytes_type(t.field("bytes").type)
+    return _is_bytes_type(t)
+
+
+_WANTED_TYPE = {
+    "text": ("text must be a string column (or binary holding UTF-8)", "write the column as string"),
+    "image": (("images must be encoded bytes (binary), or {bytes, path} structs as Hugging Face datasets "
+               "write them"), "write the column as binary image bytes"),
+}
+
+
+def _names(schema: pa.Schema, most: int = 20) -> str:
+    names = schema.names
+    shown = ", ".join(names[:most])
+    return shown + (f", ... ({len(names) - most} more)" if len(names) > most else "") if names else "none"
+
+
+def column_problem(uri: str, schema: pa.Schema, role: str, column: str) -> ColumnProblem | None:
+    """None when file `uri` (its Arrow schema) has a usable `role` ("text" | "image") column `column`."""
+    setting = COLUMN_SETTINGS[role]
+    if column not in schema.names:
+        return ColumnProblem(COLUMN_MISSING, f"{setting} {column!r} is not a column of {uri} (its columns: "
+                                             f"{_names(schema)}); add it to this file, or remove the file from "
+                                             f"input.path")
+    t = schema.field(column).type
+    if (_is_text_type if role == "text" else _is_image_type)(t):
+        return None
+    need, fix = _WANTED_TYPE[role]
+    return ColumnProblem(COLUMN_TYPE, f"{setting} {column!r} in {uri} has type {t}; {need}: {fix}, or remove the "
+                                      f"file from input.path")
+
+
+def id_transport_type(t: pa.DataType) -> pa.DataType | None:
+    """The type ids of an input id column of type `t` travel in between stages, or None when `t`
+    cannot be an id (nested types). One type per family, so that blocks of files whose id types
+    differ losslessly (int32 and int64, string and large_string) meet in one batch safely; the
+    committer casts them to the job's output id type (id_output_type)."""
+    if pa.types.is_nested(t):
+        return None
+    if pa.types.is_integer(t):
+        return pa.uint64() if pa.types.is_uint64(t) else pa.int64()
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pa.large_string()
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return pa.large_binary()
+    return t
+
+
+def id_output_type(types: list[pa.DataType]) -> pa.DataType:
+    """The one id type of a job's output for its files' id types: their type when all agree, else
+    their common transport type; ValueError when they do not cast losslessly to one type."""
+    distinct = list(dict.fromkeys(types))
+    if len(distinct) == 1:
+        return distinct[0]
+    transport = {id_transport_type(t) for t in distinct}
+    if len(transport) == 1 and None not in transport:
+        return transport.pop()
+    raise ValueError(f"id types {', '.join(map(str, distinct))} do not cast losslessly to one type")
+
+
 def image_bytes(column: pa.ChunkedArray) -> pa.ChunkedArray:
     """Image bytes from a binary column or a {bytes, path} struct column (HF datasets' Image)."""
     if pa.types.is_struct(column.type):
-        column = pa.chunked_array([chunk.field("bytes") for chunk in column.chunks], type=column.type.field("bytes").type)
+        index = column.type.get_field_index("bytes")
+        # flatten() keeps a null struct null in its fields; field() alone would not.
+        column = pa.chunked_array([chunk.flatten()[index] for chunk in column.chunks],
+                                  type=column.type.field(index).type)
     return column
 
 
 def text_bytes(column: pa.ChunkedArray) -> pa.ChunkedArray:
     """Text as bytes: UTF-8 is checked per row in prepare, so invalid bytes become a row error."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
     if pa.types.is_string(column.type):
         return column.cast(pa.binary())
     if pa.types.is_large_string(column.type):
@@ -181,38 +289,71 @@ def text_bytes(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column
 
 
+_ROLES = (  # role, internal column, bytes of the input column, internal error kind and message columns
+    ("text", C.TEXT, text_bytes, C.TEXT_ERROR, C.TEXT_ERROR_MESSAGE),
+    ("image", C.IMAGE, image_bytes, C.IMAGE_ERROR, C.IMAGE_ERROR_MESSAGE),
+)
+
+
 def read_unit(unit: dict, columns: dict, options: dict, block_rows: int) -> Iterator[pa.Table]:
     """The rows of one unit as Arrow tables of at most `block_rows` rows with the internal columns.
 
     `columns` maps "id", "text", "image" to input column names (or None); only those are read.
+    Ids are cast to their id_transport_type. A text or image column this file lacks, or holds with
+    an unusable type (see the schema-drift policy above), is not read: its internal column is null
+    and the blocks carry that role's error kind and message columns on every row instead, which
+    prepare turns into the rows' task errors. Every row of the unit comes out, in order.
     """
     uri, start, stop = unit["uri"], unit["start"], unit["stop"]
-    wanted = [c for c in (columns.get("id"), columns.get("text"), columns.get("image")) if c]
     fs, p = open_fs(uri, options)
-    with fs.open(p, "rb") as handle:
-        parquet = pq.ParquetFile(handle)
-        meta = parquet.metadata
-        groups, offset, first = [], 0, None
-        for g in range(meta.num_row_groups):
-            n = meta.row_group(g).num_rows
-            if offset + n > start and offset < stop:
-                groups.append(g)
-                first = offset if first is None else first
-            offset += n
-        table = parquet.read_row_groups(groups, columns=wanted) if groups else None
+    try:
+        with fs.open(p, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            schema = parquet.schema_arrow
+            problems = {role: column_problem(uri, schema, role, columns[role]) for role, *_ in _ROLES if columns.get(role)}
+            if columns.get("id") and columns["id"] not in schema.names:
+                raise StorageError(f"{uri} has no id column {columns['id']!r} any more: it changed during the run")
+            wanted = [c for role in ("id", "text", "image") if (c := columns.get(role)) and problems.get(role) is None]
+            meta = parquet.metadata
+            groups, offset, first = [], 0, None
+            for g in range(meta.num_row_groups):
+                n = meta.row_group(g).num_rows
+                if offset + n > start and offset < stop:
+                    groups.append(g)
+                    first = offset if first is None else first
+                offset += n
+            table = parquet.read_row_groups(groups, columns=wanted) if groups else None
+    except StorageError:
+        raise
+    except (OSError, pa.ArrowException) as exc:  # after the store's own bounded retries
+        raise StorageError(
+            f"cannot read input file {uri!r} (rows {start}-{stop}): {type(exc).__name__}: {exc}; check that the store "
+            f"is reachable and the file readable, then run the job again (committed units are kept)"
+        ) from exc
     if table is None:
         return
     table = table.slice(start - first, stop - start)
     if table.num_rows != stop - start:
         raise StorageError(f"{uri} has {first + table.num_rows} rows in range, expected {stop}: it changed during the run")
-    ids = table.column(columns["id"]) if columns.get("id") else derived_ids(uri, start, stop)
-    out = {C.UNIT: pa.array([unit["key"]] * table.num_rows, type=pa.string()),
+    n = table.num_rows
+    if columns.get("id"):
+        ids = table.column(columns["id"])
+        ids = ids.cast(id_transport_type(ids.type))
+    else:
+        ids = derived_ids(uri, start, stop)
+    out = {C.UNIT: pa.array([unit["key"]] * n, type=pa.string()),
            C.ROW: pa.array(range(start, stop), type=pa.int64()),
            C.ID: ids}
-    if columns.get("text"):
-        out[C.TEXT] = text_bytes(table.column(columns["text"]))
-    if columns.get("image"):
-        out[C.IMAGE] = image_bytes(table.column(columns["image"]))
+    for role, internal, to_bytes, kind_column, message_column in _ROLES:
+        if not columns.get(role):
+            continue
+        problem = problems[role]
+        if problem is None:
+            out[internal] = to_bytes(table.column(columns[role]))
+        else:
+            out[internal] = pa.nulls(n, pa.binary())
+            out[kind_column] = pa.array([problem.kind] * n, type=pa.string())
+            out[message_column] = pa.array([problem.message] * n, type=pa.string())
     whole = pa.table(out)
     for offset in range(0, whole.num_rows, block_rows):
         yield whole.slice(offset, block_rows)
@@ -242,7 +383,31 @@ class OutputStore:
     # -- writing -------------------------------------------------------------------------------
 
     def put_atomic(self, path: str, data: bytes) -> None:
-        """Make `path` hold `data` in one step: readers see the old object or the whole new one."""
+        """Make `path` hold `data` in one step: readers see the old object or the whole new one.
+
+        Raises StorageError naming the object, output.path and the fix when the store refuses the
+        write or keeps failing after the bounded retries of [storage] (see spec.S3_CONFIG_DEFAULTS).
+        """
+        try:
+            self._put_whole(path, data)
+        except Exception as exc:
+            raise self.write_error(path, exc) from exc
+
+    def write_error(self, path: str, exc: Exception, action: str = "write") -> StorageError:
+        """The error for a failed write (or delete) under output.path: what, why, and the fix."""
+        name = path[len(self.root):].lstrip("/") if path.startswith(self.root) else path
+        if isinstance(exc, PermissionError):
+            fix = ("the store refused it: give this job's credentials write and delete access to output.path (on "
+                   "S3: s3:PutObject and s3:DeleteObject on its prefix), or choose an output.path you can write to")
+        else:
+            fix = ("the store kept failing after the bounded retries (on S3: [storage.s3] config_kwargs retries "
+                   "and timeouts); check the store, then run the job again")
+        return StorageError(
+            f"cannot {action} {name!r} under output.path {self.uri!r} ({type(exc).__name__}: {exc}); {fix}. "
+            f"Units committed before this are kept and the next run skips them"
+        )
+
+    def _put_whole(self, path: str, data: bytes) -> None:
         if self.local:
             tmp_dir = self.path(TMP_DIR)
             os.makedirs(tmp_dir, exist_ok=True)
@@ -267,6 +432,8 @@ class OutputStore:
         return len(data)
 
     def mark_done(self, key: str, stats: dict) -> None:
+        """Write the unit's done-marker; call it only after publish() returned (a failed publish
+        raises, so no marker ever names a part file that was not written whole)."""
         self.put_atomic(self.marker_path(key), json.dumps(stats, sort_keys=True).encode())
 
     # -- reading and cleanup -------------------------------------------------------------------
@@ -310,6 +477,8 @@ class OutputStore:
                 self.fs.rm(p)
             except FileNotFoundError:
                 pass
+            except Exception as exc:
+                raise self.write_error(p, exc, action="delete") from exc
         return len(stale)
 
     def probe(self) -> None:

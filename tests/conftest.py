@@ -60,10 +60,16 @@ def ray_cluster(tmp_path_factory):
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     # Armed by a test that creates this file: the next model actor call dies (pipeline/build.py).
-    fault_file = tmp_path_factory.mktemp("faults") / "kill-one-actor"
-    os.environ["T5G2_FAULT_ACTOR_EXIT_FILE"] = str(fault_file)
+    faults = tmp_path_factory.mktemp("faults")
+    os.environ["T5G2_FAULT_ACTOR_EXIT_FILE"] = str(faults / "kill-one-actor")
+    # The other actor fault hooks of pipeline/build.py, armed the same way (tests/pipeline/test_actor_faults.py).
+    os.environ["T5G2_FAULT_ACTOR_EXIT_EVERY_FILE"] = str(faults / "actor-exit-every")
+    os.environ["T5G2_FAULT_ACTOR_EXIT_MID_BATCH_FILE"] = str(faults / "actor-exit-mid-batch")
+    os.environ["T5G2_FAULT_ACTOR_HANG_FILE"] = str(faults / "actor-hang")
+    os.environ["T5G2_FAULT_OOM_FILE"] = str(faults / "oom.json")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        # address="local": always a new Ray of our own, never one another process left running
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="warning")
     import ray.data
 

@@ -16,7 +16,7 @@ import pytest
 from helpers.pipeline_data import job_toml, mixed_rows, write_inputs
 from operators import columns as C
 from pipeline import run as run_module
-from pipeline.run import FAULT_ENV, run_job
+from pipeline.run import FAULT_ENV, FAULT_EXIT_CODE, run_job
 from pipeline.spec import JobError, load_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,10 +120,10 @@ def test_resume_after_killed_driver(ray_cluster, tiny_checkpoint, dataset, tmp_p
     job.write_text(job_toml(str(tiny_checkpoint), f"{tmp_path}/in/*.parquet", str(out), rows_per_file=3))
 
     # Run 1: a separate driver process joins the session's Ray and dies abruptly after 3 commits.
-    env = dict(os.environ, **{FAULT_ENV: "3"})
+    env = dict(os.environ, **{FAULT_ENV: "after-done:3"})
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(job), "--address", ray_cluster],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == FAULT_EXIT_CODE, proc.stdout[-2000:] + proc.stderr[-4000:]
     markers = list((out / "_done").glob("*.json"))
     assert len(markers) == 3
     committed_rows = sum(json.loads(m.read_text())["rows"] for m in markers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.spec import JobError, load_job
+from pipeline.spec import S3_CONFIG_DEFAULTS, JobError, load_job
 from pipeline.tasks import TASK_KINDS
 
 BASE = """
@@ -72,7 +72,8 @@ output_column = "short"
     assert spec.resources.rows_per_call == 7 and (spec.resources.min_actors, spec.resources.max_actors) == (1, 3)
     assert spec.tasks[0].generation["max_new_tokens"] == 128 and spec.tasks[1].generation["max_new_tokens"] == 9
     assert spec.output.path == "s3://bucket/out"
-    assert spec.storage_options("s3://bucket/x") == {"endpoint_url": "http://127.0.0.1:9000"}
+    assert spec.storage_options("s3://bucket/x") == {"endpoint_url": "http://127.0.0.1:9000",
+                                                    "config_kwargs": S3_CONFIG_DEFAULTS}
     assert spec.storage_options("/local/x") == {} and spec.model.dtype == "float32"
     every = load_job(path, ["task.max_new_tokens=5"])
     assert [t.generation["max_new_tokens"] for t in every.tasks] == [5, 5]
@@ -122,3 +123,20 @@ def test_errors_name_the_field_and_fix(text, overrides, message):
 def test_missing_file():
     with pytest.raises(JobError, match=r"job file 'nope.toml' not found"):
         load_job("nope.toml")
+
+
+def test_call_timeout_defaults_to_half_an_hour_and_leaves_the_run_config_alone():
+    spec = load_job(job())
+    assert spec.resources.call_timeout_s == 1800.0
+    tuned = load_job(job(), ["resources.call_timeout_s=90"])
+    assert tuned.resources.call_timeout_s == 90.0 and isinstance(tuned.resources.call_timeout_s, float)
+    assert load_job(job(), ["resources.call_timeout_s=0.5"]).resources.call_timeout_s == 0.5
+    # A resource, not a result: changing it between a run and its resume is allowed.
+    assert tuned.run_config() == spec.run_config() and tuned.run_config_hash() == spec.run_config_hash()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "true", "'600'", "inf", "nan"])
+def test_call_timeout_must_be_positive_seconds(value):
+    with pytest.raises(JobError, match=r"resources.call_timeout_s must be a number of seconds > 0, got .*raise it if "
+                                       r"a call of rows_per_call rows really takes longer"):
+        load_job(job(), [f"resources.call_timeout_s={value}"])
