@@ -9,7 +9,8 @@ number of kernels launched, not their size:
 - derived constants (the (1 + w) norm scales, the per-head q|k scale) are built once and
   reused while their weights are unchanged (`_derived`), not recomputed at every call.
 The math is Gemma 3's, op for op where it matters for rounding (RMSNorm in float32 as the
-reference writes it).
+reference writes it). Intermediates this code just made are updated in place (`mul_`,
+`addcmul_`): on CPU every fresh large tensor costs page faults, not only arithmetic.
 
 Not here: how layers are stacked (t5gemma2.py), caches and the per-step attention layout
 (cache.py), SigLIP (siglip.py).
@@ -45,10 +46,15 @@ def _derived(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], bui
     return hit[1]
 
 
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) over the last dim, in float32 (as Gemma computes it)."""
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if x.dtype != torch.float32:  # (a no-op .float() still costs a dispatch per call)
+        x = x.float()
+    return x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
 
 
 class RMSNorm(nn.Module):
@@ -65,7 +71,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Cast down once at the end (as Gemma does), so bf16 rounding happens once.
-        return (rms_normalize(x, self.eps) * self.scale()).to(x.dtype)
+        return _cast(rms_normalize(x, self.eps).mul_(self.scale()), x.dtype)
 
 
 class FusedLinear(nn.Module):
@@ -94,7 +100,7 @@ class GeGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(F.gelu(gate, approximate="tanh").mul_(up))
 
 
 class Rotary(nn.Module):
@@ -127,7 +133,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     Gemma's x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1): rolling x by half
     gives (x2, x1), and the sign sits in signed_sin.
     """
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+    return (x * cos).addcmul_(x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -168,7 +174,7 @@ class AttentionProjections(nn.Module):
         batch, steps, _ = x.shape
         qkv = self.qkv_proj(x).view(batch, steps, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         split = self.num_heads + self.num_kv_heads
-        qk = (rms_normalize(qkv[:, :, :split], self.eps) * self._qk_scale()).to(x.dtype)
+        qk = _cast(rms_normalize(qkv[:, :, :split], self.eps).mul_(self._qk_scale()), x.dtype)
         return apply_rotary(qk, cos, sin), qkv[:, :, split:]
 
     def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,14 +136,15 @@ class Block(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        # residual added into the fresh branch output (same sum, one tensor fewer)
+        return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))).add_(x)
 
     def encode(self, x: torch.Tensor, cos, sin, packing: Packing) -> torch.Tensor:
         """Encoder block over packed tokens. x [1, N, H] (real tokens only)."""
         attn = self.self_attn
         qk, v = attn.qkv(self.pre_self_attn_layernorm(x), cos, sin)  # [1, N, Hq + Hkv, D], [1, N, Hkv, D]
         out = packing.attention(qk, v, attn.num_heads, self.layer_type, attn.scale)  # [1, N, Hq * D]
-        x = x + self.post_self_attn_layernorm(attn.o_proj(out))  # [1, N, H]
+        x = self.post_self_attn_layernorm(attn.o_proj(out)).add_(x)  # [1, N, H]
         return self.feed_forward(x)
 
     def decode(self, x: torch.Tensor, cos, sin, self_mask: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor],
@@ -160,7 +161,7 @@ class Block(nn.Module):
         values = torch.cat((v.transpose(1, 2), cross[1]), dim=2)
         mask = torch.cat((self_mask, cross_mask[:, None, :].expand(-1, x.shape[1], -1)), dim=2)  # [B, T, T + S]
         out = attention(qk[:, : attn.num_heads], keys, values, mask, attn.scale)
-        x = x + self.post_self_attn_layernorm(attn.out(out))
+        x = self.post_self_attn_layernorm(attn.out(out)).add_(x)
         return self.feed_forward(x)
 
     def decode_step(self, x: torch.Tensor, cos, sin, cache: LayerCache, slot: int, mask: torch.Tensor) -> torch.Tensor:
@@ -173,7 +174,7 @@ class Block(nn.Module):
         # The query heads of one kv head attend as a group: [B, Hkv, G, D] reads each key once.
         q = qk[:, 0, :heads].view(batch, kv_heads, heads // kv_heads, attn.head_dim)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)  # [B, Hkv, G, D]
-        x = x + self.post_self_attn_layernorm(attn.o_proj(out.reshape(batch, 1, heads * attn.head_dim)))
+        x = self.post_self_attn_layernorm(attn.o_proj(out.reshape(batch, 1, heads * attn.head_dim))).add_(x)
         return self.feed_forward(x)
 
 
