@@ -59,10 +59,10 @@ def ray_cluster(tmp_path_factory):
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    # Armed by a test that creates this file: the next model actor call dies (pipeline/build.py).
+    # Armed by a test that creates this file: the next model actor call dies (pipeline/faults.py).
     faults = tmp_path_factory.mktemp("faults")
     os.environ["T5G2_FAULT_ACTOR_EXIT_FILE"] = str(faults / "kill-one-actor")
-    # The other actor fault hooks of pipeline/build.py, armed the same way (tests/pipeline/test_actor_faults.py).
+    # The other actor fault hooks of pipeline/faults.py, armed the same way (tests/pipeline/test_actor_faults.py).
     os.environ["T5G2_FAULT_ACTOR_EXIT_EVERY_FILE"] = str(faults / "actor-exit-every")
     os.environ["T5G2_FAULT_ACTOR_EXIT_MID_BATCH_FILE"] = str(faults / "actor-exit-mid-batch")
     os.environ["T5G2_FAULT_ACTOR_HANG_FILE"] = str(faults / "actor-hang")

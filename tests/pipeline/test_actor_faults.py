@@ -2,7 +2,7 @@
 calls and in the middle of a batch, injected device out-of-memory, calls that hang, a process that
 freezes, and a two-node cluster that loses one node's workers mid-job.
 
-Faults come from the test-only hooks of pipeline/build.py (files named by T5G2_FAULT_* variables,
+Faults come from the test-only hooks of pipeline/faults.py (files named by T5G2_FAULT_* variables,
 set for the session's Ray in tests/conftest.py); every fault that fires leaves a line in
 "<file>.fired", so each test also proves its faults really happened. Outputs are compared with a
 clean run of the same input: generation is batch-invariant, so a run that survived faults must give
@@ -27,6 +27,7 @@ from helpers.pipeline_data import job_toml, mixed_rows, write_inputs
 
 from operators import columns as C
 from pipeline import build
+from pipeline import faults as fault_hooks
 from pipeline.run import run_job
 from pipeline.spec import load_job
 from pipeline.storage import DONE_DIR, PART_PREFIX
@@ -42,12 +43,12 @@ POISON_ID = "good-005"
 @pytest.fixture
 def faults(ray_cluster):
     """The hook files by variable (write one to arm its fault); all disarmed and their logs removed after."""
-    paths = {env: Path(os.environ[env]) for env in build.FAULT_ENVS}
+    paths = {env: Path(os.environ[env]) for env in fault_hooks.FAULT_ENVS}
 
     def disarm():
         for path in paths.values():
             path.unlink(missing_ok=True)
-            Path(str(path) + build.FAULT_LOG_SUFFIX).unlink(missing_ok=True)
+            Path(str(path) + fault_hooks.FAULT_LOG_SUFFIX).unlink(missing_ok=True)
 
     disarm()
     yield paths
@@ -56,7 +57,7 @@ def faults(ray_cluster):
 
 def fired(paths: dict, env: str) -> list[tuple[str, dict]]:
     """The faults of hook `env` that fired: (fault, facts) per line "<fault> batch=... pid=N" of its log."""
-    log = Path(str(paths[env]) + build.FAULT_LOG_SUFFIX)
+    log = Path(str(paths[env]) + fault_hooks.FAULT_LOG_SUFFIX)
     lines = log.read_text().splitlines() if log.exists() else []
     return [(words[0], dict(w.split("=", 1) for w in words[1:])) for words in map(str.split, lines)]
 
@@ -106,7 +107,7 @@ def dataset(tmp_path_factory):
 def clean(ray_cluster, tiny_checkpoint, dataset, tmp_path_factory):
     """The clean run's committed rows (no fault armed), the reference for every faulted run."""
     rows, inputs = dataset
-    for env in build.FAULT_ENVS:
+    for env in fault_hooks.FAULT_ENVS:
         assert not Path(os.environ[env]).exists(), f"{env} is armed before the clean run"
     out = tmp_path_factory.mktemp("clean") / "out"
     report = run_job(job(tiny_checkpoint, inputs, out))
@@ -130,16 +131,16 @@ def assert_same_as_clean(out: Path, clean: dict, rows: list[dict], report: dict,
 def test_actors_dying_on_a_share_of_calls_and_mid_batch_give_each_row_exactly_once(
         faults, tiny_checkpoint, dataset, clean, tmp_path):
     rows, inputs = dataset
-    faults[build.ACTOR_EXIT_EVERY_ENV].write_text("3")  # every actor process dies at its 3rd, 6th, ... call
-    faults[build.ACTOR_EXIT_MID_BATCH_ENV].write_text("armed")  # and one dies inside the decoder, mid-batch
+    faults[fault_hooks.ACTOR_EXIT_EVERY_ENV].write_text("3")  # every actor process dies at its 3rd, 6th, ... call
+    faults[fault_hooks.ACTOR_EXIT_MID_BATCH_ENV].write_text("armed")  # and one dies inside the decoder, mid-batch
     out = tmp_path / "out"
     report = run_job(job(tiny_checkpoint, inputs, out, "resources.rows_per_call=4"))
 
-    every = fired(faults, build.ACTOR_EXIT_EVERY_ENV)
-    mid = fired(faults, build.ACTOR_EXIT_MID_BATCH_ENV)
+    every = fired(faults, fault_hooks.ACTOR_EXIT_EVERY_ENV)
+    mid = fired(faults, fault_hooks.ACTOR_EXIT_MID_BATCH_ENV)
     assert len(every) >= 2 and all(f == "exit-every" and int(facts["call"]) % 3 == 0 for f, facts in every), every
     assert len({facts["batch"] for _, facts in every}) == len(every)  # a batch dies once: the retries finish the job
-    assert [f for f, _ in mid] == ["exit-mid-batch"] and not faults[build.ACTOR_EXIT_MID_BATCH_ENV].exists()
+    assert [f for f, _ in mid] == ["exit-mid-batch"] and not faults[fault_hooks.ACTOR_EXIT_MID_BATCH_ENV].exists()
     assert_same_as_clean(out, clean, rows, report)
 
 
@@ -152,11 +153,11 @@ def test_out_of_memory_splits_batches_and_only_the_row_that_fails_alone_gets_the
     # Any micro-batch of more padded tokens than the longest single prompt runs out of memory, so
     # only requests alone run; and every micro-batch holding a prompt of POISON_ID does, even alone.
     longest = max(r[f"{t}_input_tokens"] or 0 for r in clean.values() for t in TASKS)
-    faults[build.ACTOR_OOM_ENV].write_text(json.dumps({"max_tokens": longest, "poison_ids": [POISON_ID]}))
+    faults[fault_hooks.ACTOR_OOM_ENV].write_text(json.dumps({"max_tokens": longest, "poison_ids": [POISON_ID]}))
     out = tmp_path / "out"
     report = run_job(job(tiny_checkpoint, inputs, out))
 
-    ooms = fired(faults, build.ACTOR_OOM_ENV)
+    ooms = fired(faults, fault_hooks.ACTOR_OOM_ENV)
     by_size = [facts for f, facts in ooms if f == "oom-size"]
     alone = [facts for f, facts in ooms if f == "oom-poison" and facts["rows"] == "1"]
     assert by_size and all(int(facts["rows"]) > 1 for facts in by_size), ooms  # multi-request batches were split
@@ -176,13 +177,13 @@ def test_out_of_memory_splits_batches_and_only_the_row_that_fails_alone_gets_the
 
 def test_a_hung_call_is_stopped_after_call_timeout_and_retried(faults, tiny_checkpoint, dataset, clean, tmp_path):
     rows, inputs = dataset
-    faults[build.ACTOR_HANG_ENV].write_text("once")  # the first call sleeps for ever
+    faults[fault_hooks.ACTOR_HANG_ENV].write_text("once")  # the first call sleeps for ever
     out = tmp_path / "out"
     started = time.monotonic()
     report = run_job(job(tiny_checkpoint, inputs, out, "resources.rows_per_call=4", "resources.call_timeout_s=6"))
     assert time.monotonic() - started < 240  # bounded; without the guard it never returns
 
-    (hang,) = fired(faults, build.ACTOR_HANG_ENV)
+    (hang,) = fired(faults, fault_hooks.ACTOR_HANG_ENV)
     assert hang[0] == "hang-once"
     # The guard said why it stopped the process, naming the setting.
     said = worker_log_lines(f"stopping this actor process (pid {hang[1]['pid']})")
@@ -194,14 +195,14 @@ def test_a_hung_call_is_stopped_after_call_timeout_and_retried(faults, tiny_chec
 def test_a_call_that_hangs_every_time_fails_the_job_with_the_setting_named(faults, tiny_checkpoint, dataset,
                                                                           tmp_path):
     _, inputs = dataset
-    faults[build.ACTOR_HANG_ENV].write_text("always")
+    faults[fault_hooks.ACTOR_HANG_ENV].write_text("always")
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=rf"tried {build.CALL_RETRIES + 1} times at most.*resources.call_timeout_s "
                                            rf"= 4 s and the hang guard stopped it"):
         run_job(job(tiny_checkpoint, inputs, tmp_path / "out", "resources.rows_per_call=4",
                     "resources.call_timeout_s=4"))
     assert time.monotonic() - started < 300
-    hangs = fired(faults, build.ACTOR_HANG_ENV)
+    hangs = fired(faults, fault_hooks.ACTOR_HANG_ENV)
     assert len(hangs) >= build.CALL_RETRIES + 1 and {f for f, _ in hangs} == {"hang-always"}
     assert len({facts["pid"] for _, facts in hangs}) == len(hangs)  # each attempt in a new process: restarted
 
@@ -213,19 +214,19 @@ def test_a_frozen_actor_process_fails_the_job_by_the_no_progress_bound(faults, t
     # Ray Data's own bound is the floor of ours (30 min unless changed): lower it so that 3 x
     # call_timeout_s decides, as it does in production for call timeouts above 10 minutes.
     monkeypatch.setattr(ray.data.DataContext.get_current(), "execution_no_progress_timeout_s", 1)
-    faults[build.ACTOR_HANG_ENV].write_text("freeze")  # SIGSTOP: the hang guard's thread stops too
+    faults[fault_hooks.ACTOR_HANG_ENV].write_text("freeze")  # SIGSTOP: the hang guard's thread stops too
     started = time.monotonic()
     try:
         with pytest.raises(RuntimeError, match=r"nothing moved through the pipeline .*3 x resources.call_timeout_s "
                                                r"= 30 s"):
             run_job(job(tiny_checkpoint, inputs, tmp_path / "out", "resources.call_timeout_s=10"))
         assert time.monotonic() - started < 300
-        (freeze,) = fired(faults, build.ACTOR_HANG_ENV)
+        (freeze,) = fired(faults, fault_hooks.ACTOR_HANG_ENV)
         assert freeze[0] == "hang-freeze"
     finally:
         # Ray Data releases a failed run's actors gracefully, which a stopped process never
         # answers: it would hold its CPU until this session's Ray ends. Kill it for the next tests.
-        for _, facts in fired(faults, build.ACTOR_HANG_ENV):
+        for _, facts in fired(faults, fault_hooks.ACTOR_HANG_ENV):
             try:
                 os.kill(int(facts["pid"]), signal.SIGKILL)
             except ProcessLookupError:
