@@ -58,18 +58,20 @@ def _ids_of_all_parts(out: Path) -> list:
 
 
 # A driver run costs ~15 s here: the step whose crash leaves an unmarked part file runs by default;
-# the other two (after-done is also what test_run.py's resume test kills at) run nightly.
-@pytest.mark.parametrize("step", [pytest.param(s, marks=[] if s == "after-publish" else [pytest.mark.slow])
-                                  for s in FAULT_STEPS])
-def test_driver_killed_at_each_commit_step_resumes_exactly_once(step, ray_cluster, tiny_checkpoint, tmp_path):
+# the others (after-done is also what test_run.py's resume test kills at) run nightly. Crashing at
+# the second commit leaves one unit recorded done, whose files must survive the rerun untouched;
+# before-publish also crashes at the first, before any output at all is published.
+@pytest.mark.parametrize("step, crash_at", [
+    pytest.param(s, n, marks=[] if s == "after-publish" else [pytest.mark.slow], id=f"{s}:{n}")
+    for s, n in [(FAULT_STEPS[0], 1)] + [(s, 2) for s in FAULT_STEPS]])
+def test_driver_killed_at_each_commit_step_resumes_exactly_once(step, crash_at, ray_cluster, tiny_checkpoint,
+                                                                 tmp_path):
     rows = mixed_rows(good=12)[0][:12]
     write_inputs(rows, str(tmp_path / "in"), files=2)  # 2 files x 6 rows -> 6 units of 2 rows
     out = tmp_path / "out"
     job = tmp_path / "job.toml"
     job.write_text(job_toml(str(tiny_checkpoint), f"{tmp_path}/in/*.parquet", str(out), tasks=TEXT_ONLY,
                             rows_per_file=2))
-    crash_at = 2  # the second unit this driver commits
-
     env = dict(os.environ, **{FAULT_ENV: f"{step}:{crash_at}"})
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(job), "--address", ray_cluster],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
