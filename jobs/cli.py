@@ -87,7 +87,9 @@ def _inspect_job(path: str, overrides: list[str]) -> int:
     actors = str(r.min_actors) if r.min_actors == r.max_actors else f"{r.min_actors}..{r.max_actors}"
     device = f"{r.gpus_per_actor:g} GPU" if r.gpus_per_actor else "CPU"
     print(f"  resources {actors} actor(s) x ({device}, {r.cpus_per_actor:g} CPU), {r.rows_per_call} rows/call, "
-          f"{r.max_batch_tokens} tokens/batch")
+          f"{r.max_batch_tokens} tokens/batch, a call taken as hung after {r.call_timeout_s:g} s")
+    for warning in v.drift:
+        print(f"  drift     {warning}")
     print(f"  run hash  {v.run_hash}")
     return 0
 

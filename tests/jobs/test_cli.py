@@ -55,6 +55,7 @@ def test_inspect_job_and_checkpoint(job_file, tiny_checkpoint, capsys):
     out = capsys.readouterr().out
     assert "1 file(s), 6 rows" in out and "2 unit(s) of <= 5 rows, 0 done, 2 to compute" in out
     assert "task      summarize -> summary" in out and "1 actor(s) x (CPU" in out
+    assert "a call taken as hung after 1800 s" in out
     assert cli.main(["inspect", str(tiny_checkpoint)]) == 0
     out = capsys.readouterr().out
     assert "encoder  3 layers (2 sliding (window 5) + 1 full)" in out and "tokenizer.model yes" in out
