@@ -425,6 +425,12 @@ def run_job(spec: JobSpec, address: str | None = None) -> dict:
         if store.read_json("_job.json") is None:
             store.write_json("_job.json", {"run_config_hash": v.run_hash, "run_config": spec.run_config()})
         _check_capacity(spec, fixed_size=_connect(address))
+        if not sys.stdout.isatty():
+            # Off a terminal (batch logs, CI), Ray Data logs a block of lines per operator every few
+            # seconds; the one-line progress below says what a job log needs.
+            import ray.data
+
+            ray.data.DataContext.get_current().enable_progress_bars = False
         ds = build.build_dataset(make_plan(v, todo))
         last = time.perf_counter()
         total_rows = sum(u.rows for u in todo)
