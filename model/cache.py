@@ -11,7 +11,9 @@ decoder layer owns one key buffer and one value buffer [B, Hkv, size + S, D]:
 
 so a decode step is one attention call over a buffer whose shape never changes while rows
 decode, with an additive mask [B, 1, 1, size + S] per layer type (0 = visible, -inf = empty
-slot or encoder padding). Rotary angles are applied before keys are stored, so ring order does
+slot or encoder padding). When the rows' encoder lengths differ a lot, the call is split into
+`groups` of consecutive rows, each reading only up to its own longest encoder input (rows come
+sorted by length from the generator), so short rows do not pay for the longest one. Rotary angles are applied before keys are stored, so ring order does
 not matter to the softmax, and the order of keys never changes the softmax (a sum). Empty
 slots cost a little compute until they fill; in exchange nothing is concatenated or copied per
 step, and fixed shapes are what CUDA graph capture needs.
@@ -26,6 +28,7 @@ from typing import Iterable
 import torch
 
 from .config import TextConfig
+from .layers import length_groups
 
 
 class LayerCache:
@@ -51,6 +54,9 @@ class LayerCache:
 
 class DecoderCache:
     """All decoder layers' buffers, the masks per layer type and the rotary tables of the steps."""
+
+    GROUP_WASTE = 1.25  # a step's attention group may read this much padding (see length_groups)
+    GROUP_MIN_KEYS = 4096  # rows x keys below which a group is not split further
 
     def __init__(
         self,
@@ -78,6 +84,15 @@ class DecoderCache:
         }  # [B, 1, 1, size + S]
         self.angles = angles
         self.step = 0
+        self._group()
+
+    def _group(self) -> None:
+        """groups: layer type -> [(first row, end row, keys to read)] for the attention of a step."""
+        own = max(self.sizes.values())
+        widths = [int(i) + 1 if n else 1 for i, n in zip(
+            (self.cross_mask.cumsum(1) * self.cross_mask).argmax(1).tolist(), self.cross_mask.sum(1).tolist())]
+        runs = length_groups(widths, lambda w: own + w, self.GROUP_WASTE, self.GROUP_MIN_KEYS)
+        self.groups = {kind: [(a, b, size + w) for a, b, w in runs] for kind, size in self.sizes.items()}
 
     def begin_step(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Open this step's own slot in the masks; returns (cos, sin) [1, D] per layer type for the step."""
@@ -102,6 +117,7 @@ class DecoderCache:
             layer.keys = layer.keys[:, :, :end].index_select(0, rows)
             layer.values = layer.values[:, :, :end].index_select(0, rows)
         self.masks = {kind: m[..., : self.sizes[kind] + width].index_select(0, rows) for kind, m in self.masks.items()}
+        self._group()
 
     def follow_beams(self, rows: torch.Tensor) -> None:
         """Own slots of row i <- those of row rows[i] (beams duplicated or dropped).

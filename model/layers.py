@@ -148,6 +148,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def length_groups(widths: list[int], row_cost: Callable[[int], int], waste: float, min_cost: int) -> list[tuple[int, int, int]]:
+    """Cut consecutive rows into groups padded to their own widest row: [(first row, end row, width)].
+
+    `widths[i]` is the padded width row i needs and `row_cost(w)` what one row costs at width w
+    (w * w for self-attention over w tokens, own slots + w for a decode step). A group grows
+    while its padded cost, rows x row_cost(widest), stays within `waste` x what its rows need,
+    or below `min_cost` (a call on a small group costs more in overhead than padding does).
+    Rows sorted by width make tight groups; any order is still correct, only padded more.
+    """
+    groups = []
+    first, width, needed = 0, 0, 0
+    for row, w in enumerate(widths):
+        grown = max(width, w)
+        cost = (row + 1 - first) * row_cost(grown)
+        if row > first and cost > min_cost and cost > waste * (needed + row_cost(w)):
+            groups.append((first, row, width))
+            first, grown, needed = row, w, 0
+        width, needed = grown, needed + row_cost(w)
+    if widths:
+        groups.append((first, len(widths), width))
+    return groups
+
+
 class AttentionProjections(nn.Module):
     """q|k|v and o projections with per-head q/k RMSNorm, shared by encoder and decoder blocks."""
 

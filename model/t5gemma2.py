@@ -25,7 +25,16 @@ import torch.nn.functional as F
 
 from .cache import DecoderCache, LayerCache
 from .config import T5Gemma2Config, TextConfig
-from .layers import GeGLU, AttentionProjections, RMSNorm, Rotary, attention, decoder_self_masks, encoder_masks
+from .layers import (
+    AttentionProjections,
+    GeGLU,
+    RMSNorm,
+    Rotary,
+    attention,
+    decoder_self_masks,
+    encoder_masks,
+    length_groups,
+)
 from .siglip import MultiModalProjector, VisionTower
 
 
@@ -74,25 +83,15 @@ class Packing:
         lengths = padding.sum(1).tolist()
         spans = [int(i) + 1 if n else 0 for i, n in zip((padding.cumsum(1) * padding).argmax(1).tolist(), lengths)]
         self.groups = []  # (first token, end token, rows, padded width, masks per layer type, token slots)
-        first, token = 0, 0
-        width = needed = 0  # of the open group [first, row)
-        for row in range(self.batch + 1):
-            if row < self.batch:
-                grown_width = max(width, spans[row])
-                grown_needed = needed + lengths[row] ** 2
-                area = (row + 1 - first) * grown_width**2
-                if row == first or area <= self.GROUP_MIN_AREA or area <= self.GROUP_WASTE * grown_needed:
-                    width, needed = grown_width, grown_needed
-                    continue
-            count = sum(lengths[first:row])
-            group = padding[first:row, : max(1, width)]  # [b, S_g]
+        token = 0
+        for first, end, width in length_groups(spans, lambda w: w * w, self.GROUP_WASTE, self.GROUP_MIN_AREA):
+            count = sum(lengths[first:end])
+            group = padding[first:end, : max(1, width)]  # [b, S_g]
             masks = {kind: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))[:, None]
                      for kind, m in encoder_masks(group, window).items()}  # additive [b, 1, S_g, S_g]
             slots = group.reshape(-1).nonzero()[:, 0]  # where each of the group's tokens sits in [b * S_g]
-            self.groups.append((token, token + count, row - first, group.shape[1], masks, slots))
-            first, token = row, token + count
-            if row < self.batch:
-                width, needed = spans[row], lengths[row] ** 2
+            self.groups.append((token, token + count, end - first, group.shape[1], masks, slots))
+            token += count
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, ...] -> [1, N, ...]."""
@@ -164,8 +163,12 @@ class Block(nn.Module):
         x = self.post_self_attn_layernorm(attn.out(out)).add_(x)
         return self.feed_forward(x)
 
-    def decode_step(self, x: torch.Tensor, cos, sin, cache: LayerCache, slot: int, mask: torch.Tensor) -> torch.Tensor:
-        """One cached decoder step. x [B, 1, H]; cos, sin [1, D]; mask [B, 1, 1, size + S] -> [B, 1, H]."""
+    def decode_step(self, x: torch.Tensor, cos, sin, cache: LayerCache, slot: int, mask: torch.Tensor,
+                    groups: list[tuple[int, int, int]]) -> torch.Tensor:
+        """One cached decoder step. x [B, 1, H]; cos, sin [1, D]; mask [B, 1, 1, size + S] -> [B, 1, H].
+
+        groups: (first row, end row, keys to read) runs that attend separately (see cache.py).
+        """
         attn = self.self_attn
         batch = x.shape[0]
         heads, kv_heads = attn.num_heads, attn.num_kv_heads
@@ -173,7 +176,12 @@ class Block(nn.Module):
         keys, values = cache.store(slot, qk[:, 0, heads:], v[:, 0])  # [B, Hkv, size + S, D]
         # The query heads of one kv head attend as a group: [B, Hkv, G, D] reads each key once.
         q = qk[:, 0, :heads].view(batch, kv_heads, heads // kv_heads, attn.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)  # [B, Hkv, G, D]
+        if len(groups) == 1:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)  # [B, Hkv, G, D]
+        else:
+            out = torch.cat([F.scaled_dot_product_attention(q[a:b], keys[a:b, :, :end], values[a:b, :, :end],
+                                                            attn_mask=mask[a:b, ..., :end], scale=attn.scale)
+                             for a, b, end in groups])
         x = self.post_self_attn_layernorm(attn.o_proj(out.reshape(batch, 1, heads * attn.head_dim))).add_(x)
         return self.feed_forward(x)
 
@@ -289,7 +297,8 @@ class T5Gemma2(nn.Module):
         angles = cache.begin_step()
         for layer, layer_cache in zip(self.decoder.layers, cache.layers):
             cos, sin = angles[layer.layer_type]
-            x = layer.decode_step(x, cos, sin, layer_cache, cache.slot(layer_cache), cache.masks[layer.layer_type])
+            kind = layer.layer_type
+            x = layer.decode_step(x, cos, sin, layer_cache, cache.slot(layer_cache), cache.masks[kind], cache.groups[kind])
         cache.advance()
         return self.decoder.norm(x[:, 0])
 

@@ -71,6 +71,27 @@ def test_greedy_equals_reference_text_and_images(pair):
         assert len(want) == 24 or want[-1] == SPECIAL["eos"]
 
 
+def test_decode_attention_in_length_groups_equals_reference(pair, monkeypatch):
+    """A step's attention split into row groups by encoder length (cache.py) is still the reference's."""
+    ref, ours = pair
+    monkeypatch.setattr(model.cache.DecoderCache, "GROUP_MIN_KEYS", 0)  # split at every length change
+    monkeypatch.setattr(model.cache.DecoderCache, "GROUP_WASTE", 1.0)
+    caches = []
+    start = type(ours).start_decoding
+
+    def recording(self, *args, **kwargs):
+        caches.append(start(self, *args, **kwargs))
+        return caches[-1]
+
+    monkeypatch.setattr(type(ours), "start_decoding", recording)
+    params = model.GenerationParams(max_new_tokens=16)
+    reqs = [model.Request(ids, params=params) for ids in prompts([3, 29, 8, 15, 1, 22, 11], seed=5)]
+    results = model.Generator(ours).generate(reqs)
+    assert max(len(g) for c in caches for g in c.groups.values()) >= 4  # really split, even after compaction
+    for req, res in zip(reqs, results):
+        assert res.token_ids == reference_tokens(ref, req)
+
+
 @pytest.mark.parametrize("beams, penalty", [(2, 1.0), (3, 0.6), (4, 2.0)])
 def test_beam_search_equals_reference(tiny, beams, penalty):
     ref, ours = tiny
