@@ -11,12 +11,13 @@ decoder layer owns one key buffer and one value buffer [B, Hkv, size + S, D]:
 
 so a decode step is one attention call over a buffer whose shape never changes while rows
 decode, with an additive mask [B, 1, 1, size + S] per layer type (0 = visible, -inf = empty
-slot or encoder padding). When the rows' encoder lengths differ a lot, the call is split into
-`groups` of consecutive rows, each reading only up to its own longest encoder input (rows come
-sorted by length from the generator), so short rows do not pay for the longest one. Rotary angles are applied before keys are stored, so ring order does
-not matter to the softmax, and the order of keys never changes the softmax (a sum). Empty
+slot or encoder padding). Rotary angles are applied before keys are stored, so ring order
+does not matter to the softmax, and the order of keys never changes the softmax (a sum). Empty
 slots cost a little compute until they fill; in exchange nothing is concatenated or copied per
-step, and fixed shapes are what CUDA graph capture needs.
+step, and fixed shapes are what CUDA graph capture needs. When the rows' encoder lengths
+differ a lot, the call is split into `groups` of consecutive rows, each reading only up to its
+own longest encoder input (rows come sorted by length from the generator), so short rows do
+not pay for the longest one.
 
 Not here: the decoding loop (generate.py), the layer math (layers.py, t5gemma2.py).
 """
@@ -28,7 +29,7 @@ from typing import Iterable
 import torch
 
 from .config import TextConfig
-from .layers import length_groups
+from .layers import length_groups, padded_widths
 
 
 class LayerCache:
@@ -89,8 +90,7 @@ class DecoderCache:
     def _group(self) -> None:
         """groups: layer type -> [(first row, end row, keys to read)] for the attention of a step."""
         own = max(self.sizes.values())
-        widths = [int(i) + 1 if n else 1 for i, n in zip(
-            (self.cross_mask.cumsum(1) * self.cross_mask).argmax(1).tolist(), self.cross_mask.sum(1).tolist())]
+        widths = [max(1, w) for w in padded_widths(self.cross_mask)]
         runs = length_groups(widths, lambda w: own + w, self.GROUP_WASTE, self.GROUP_MIN_KEYS)
         self.groups = {kind: [(a, b, size + w) for a, b, w in runs] for kind, size in self.sizes.items()}
 

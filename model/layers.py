@@ -148,6 +148,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def padded_widths(mask: torch.Tensor) -> list[int]:
+    """Per row of a [B, S] bool mask, the width it needs: its last True position + 1 (0 if none)."""
+    return (torch.arange(1, mask.shape[1] + 1, device=mask.device) * mask).amax(1).tolist()
+
+
 def length_groups(widths: list[int], row_cost: Callable[[int], int], waste: float, min_cost: int) -> list[tuple[int, int, int]]:
     """Cut consecutive rows into groups padded to their own widest row: [(first row, end row, width)].
 

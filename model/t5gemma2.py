@@ -34,6 +34,7 @@ from .layers import (
     decoder_self_masks,
     encoder_masks,
     length_groups,
+    padded_widths,
 )
 from .siglip import MultiModalProjector, VisionTower
 
@@ -81,7 +82,7 @@ class Packing:
         self.batch, self.steps = padding.shape
         self.index = padding.reshape(-1).nonzero()[:, 0]  # [N] flat positions of real tokens
         lengths = padding.sum(1).tolist()
-        spans = [int(i) + 1 if n else 0 for i, n in zip((padding.cumsum(1) * padding).argmax(1).tolist(), lengths)]
+        spans = padded_widths(padding)
         self.groups = []  # (first token, end token, rows, padded width, masks per layer type, token slots)
         token = 0
         for first, end, width in length_groups(spans, lambda w: w * w, self.GROUP_WASTE, self.GROUP_MIN_AREA):
