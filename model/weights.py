@@ -225,11 +225,11 @@ def save_pretrained(model: T5Gemma2, directory: str | os.PathLike) -> None:
     state = model.state_dict()
     fused = fused_parts(model)
     for name, (target, start, end) in fused.items():
-        state[name] = state[target][start:end]
+        # cloned: safetensors refuses tensors that share storage, as the parts of one fused tensor do
+        state[name] = state[target][start:end].detach().to("cpu", copy=True)
     for target in {target for target, _, _ in fused.values()}:
         del state[target]
-    # clone: safetensors refuses tensors that share storage (the parts of one fused tensor do)
-    tensors = {checkpoint_key(name): t.detach().cpu().clone() for name, t in state.items()}
+    tensors = {checkpoint_key(name): t.detach().contiguous().cpu() for name, t in state.items()}
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as handle:
         json.dump(model.config.to_hf_dict(), handle, indent=2)
