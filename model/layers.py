@@ -219,23 +219,77 @@ class AttentionProjections(nn.Module):
         return self.o_proj(attn.transpose(1, 2).reshape(batch, steps, -1))
 
 
-def encoder_masks(padding: torch.Tensor, window: int) -> dict[str, torch.Tensor]:
-    """Bidirectional masks [B, S, S] per layer type from a padding mask [B, S] (True = token).
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask (True = may attend) -> additive mask (0 / -inf) in `dtype`: SDPA takes it as is."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
-    The sliding window is split as the reference does: (w+1)//2 keys to the left including
-    the query itself, w//2 to the right. The diagonal is always allowed so that padding
-    queries never see an empty row (their outputs are unused, but must stay finite).
+
+def encoder_window(window: int) -> tuple[int, int]:
+    """Keys (left, right) of the query that an encoder sliding layer sees, as the reference splits
+    the window: (w+1)//2 keys to the left including the query itself, w//2 to the right."""
+    return (window + 1) // 2 - 1, window // 2
+
+
+def key_padding_mask(padding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Encoder full-attention mask from a padding mask [B, S] (True = token): additive [B, 1, 1, S],
+    keys only, broadcast over queries (no [S, S] mask at all)."""
+    return _additive(padding[:, None, None, :], dtype)
+
+
+def window_band_mask(padding: torch.Tensor, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """Encoder sliding-window mask, dense: additive [B, 1, S, S], the window band over real keys.
+
+    The diagonal is always allowed so that padding queries never see an empty row (their outputs
+    are unused, but must stay finite). Inputs much longer than the window use LocalAttention.
     """
-    steps = padding.shape[1]
-    idx = torch.arange(steps, device=padding.device)
-    dist = idx[:, None] - idx[None, :]  # q - kv, [S, S]
-    in_window = ((dist >= 0) & (dist < (window + 1) // 2)) | ((dist < 0) & (-dist < window // 2 + 1))
-    diagonal = dist == 0
-    keys = padding[:, None, :]  # [B, 1, S]
-    return {
-        "full_attention": keys | diagonal,
-        "sliding_attention": (keys & in_window) | diagonal,
-    }
+    left, right = encoder_window(window)
+    idx = torch.arange(padding.shape[1], device=padding.device)
+    offset = idx[None, :] - idx[:, None]  # key - query, [S, S]
+    band = ((offset >= -left) & (offset <= right) & padding[:, None, :]) | (offset == 0)
+    return _additive(band[:, None], dtype)
+
+
+class LocalAttention:
+    """Encoder sliding-window attention by blocks of queries, for inputs much longer than the window.
+
+    The dense band mask and the scores it guards grow with S^2 (a 32K-token input would need a
+    4 GiB mask per row); here queries go in blocks of `window`, each block attending to the keys
+    its window can reach (block + window - 1 of them), so memory and work grow with S x window.
+    Same keys, same softmax as the dense band: only keys every query of a block must skip are
+    masked, block by block.
+    """
+
+    def __init__(self, padding: torch.Tensor, window: int, dtype: torch.dtype):
+        rows, steps = padding.shape
+        self.left, self.right = encoder_window(window)
+        self.block = max(1, window)
+        self.blocks = -(-steps // self.block)
+        self.steps = steps
+        self.keys = self.block + self.left + self.right  # keys a block of queries can reach
+        tail = self.blocks * self.block - steps
+        valid = F.pad(padding, (self.left, tail + self.right), value=False).unfold(1, self.keys, self.block)
+        query = torch.arange(self.block, device=padding.device)[:, None]  # offset in the block
+        key = torch.arange(self.keys, device=padding.device)[None, :]  # offset in the block's keys
+        band = (key >= query) & (key <= query + self.left + self.right)  # [block, keys]
+        allowed = (band & valid[:, :, None, :]) | (key == query + self.left)  # own key: rows stay finite
+        self.mask = _additive(allowed, dtype).view(rows * self.blocks, 1, self.block, self.keys)
+
+    def _windows(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, h, S, D] keys or values -> [B * blocks, h, keys, D], each block's reachable keys."""
+        rows, heads, _, dim = x.shape
+        tail = self.blocks * self.block - self.steps
+        windows = F.pad(x, (0, 0, self.left, tail + self.right)).unfold(2, self.keys, self.block)  # [B, h, n, D, K]
+        return windows.permute(0, 2, 1, 4, 3).reshape(rows * self.blocks, heads, self.keys, dim)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [B, Hq, S, D]; k, v [B, Hkv, S, D] -> [B, Hq, S, D]."""
+        rows, heads, _, dim = q.shape
+        tail = self.blocks * self.block - self.steps
+        q = F.pad(q, (0, 0, 0, tail)).view(rows, heads, self.blocks, self.block, dim).transpose(1, 2)
+        out = attention(q.reshape(rows * self.blocks, heads, self.block, dim), self._windows(k), self._windows(v),
+                        self.mask, scale)  # [B * n, Hq, block, D]
+        out = out.view(rows, self.blocks, heads, self.block, dim).transpose(1, 2)
+        return out.reshape(rows, heads, self.blocks * self.block, dim)[:, :, : self.steps]
 
 
 def decoder_self_masks(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> dict[str, torch.Tensor]:

@@ -32,9 +32,11 @@ from .layers import (
     Rotary,
     attention,
     decoder_self_masks,
-    encoder_masks,
+    LocalAttention,
+    key_padding_mask,
     length_groups,
     padded_widths,
+    window_band_mask,
 )
 from .siglip import MultiModalProjector, VisionTower
 
@@ -77,6 +79,7 @@ class Packing:
 
     GROUP_WASTE = 1.5
     GROUP_MIN_AREA = 16384
+    LOCAL_FROM = 4  # a group wider than this many windows runs its sliding layers as LocalAttention
 
     def __init__(self, padding: torch.Tensor, window: int, dtype: torch.dtype):
         self.batch, self.steps = padding.shape
@@ -88,8 +91,10 @@ class Packing:
         for first, end, width in length_groups(spans, lambda w: w * w, self.GROUP_WASTE, self.GROUP_MIN_AREA):
             count = sum(lengths[first:end])
             group = padding[first:end, : max(1, width)]  # [b, S_g]
-            masks = {kind: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))[:, None]
-                     for kind, m in encoder_masks(group, window).items()}  # additive [b, 1, S_g, S_g]
+            long = group.shape[1] > self.LOCAL_FROM * window  # sliding layers then attend block by block
+            masks = {"full_attention": key_padding_mask(group, dtype),
+                     "sliding_attention": LocalAttention(group, window, dtype) if long
+                     else window_band_mask(group, window, dtype)}
             slots = group.reshape(-1).nonzero()[:, 0]  # where each of the group's tokens sits in [b * S_g]
             self.groups.append((token, token + count, end - first, group.shape[1], masks, slots))
             token += count
@@ -109,8 +114,12 @@ class Packing:
         outputs = []
         for start, end, rows, width, masks, slots in self.groups:
             qk_g = _scatter_rows(qk[0, start:end], slots, rows, width)  # [b, Hq + Hkv, S_g, D]
-            out = attention(qk_g[:, :heads], qk_g[:, heads:], _scatter_rows(v[0, start:end], slots, rows, width),
-                            masks[kind], scale)  # [b, Hq, S_g, D]
+            v_g = _scatter_rows(v[0, start:end], slots, rows, width)
+            mask = masks[kind]
+            if isinstance(mask, LocalAttention):
+                out = mask(qk_g[:, :heads], qk_g[:, heads:], v_g, scale)  # [b, Hq, S_g, D]
+            else:
+                out = attention(qk_g[:, :heads], qk_g[:, heads:], v_g, mask, scale)
             outputs.append(out.transpose(1, 2).reshape(rows * width, -1)[slots])
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs))[None]
 

@@ -36,3 +36,22 @@ def test_rotary_equals_the_rotate_half_formula():
     rotate_half = torch.cat((-x[..., 8:], x[..., :8]), -1)
     expected = x * angles.cos() + rotate_half * angles.sin()
     assert torch.allclose(apply_rotary(x, cos, signed_sin), expected, atol=1e-6)
+
+
+def test_local_attention_equals_the_dense_window_band():
+    """Block-by-block sliding attention gives what the dense [S, S] band mask gives, padding included."""
+    from model.layers import LocalAttention, attention, window_band_mask
+
+    gen = torch.Generator().manual_seed(0)
+    for window, lengths, heads, kv_heads in [(4, [37, 20, 1], 4, 2), (5, [16, 9], 2, 2), (1, [7, 3], 2, 1),
+                                             (8, [8, 64], 4, 1)]:
+        steps = max(lengths)
+        padding = torch.arange(steps)[None, :] < torch.tensor(lengths)[:, None]
+        q = torch.randn(len(lengths), heads, steps, 16, generator=gen)
+        k = torch.randn(len(lengths), kv_heads, steps, 16, generator=gen)
+        v = torch.randn(len(lengths), kv_heads, steps, 16, generator=gen)
+        dense = attention(q, k, v, window_band_mask(padding, window, torch.float32), 0.25)
+        local = LocalAttention(padding, window, torch.float32)(q, k, v, 0.25)
+        real = padding[:, None, :, None].expand_as(dense)  # padding queries' outputs are never used
+        assert torch.allclose(local[real], dense[real], atol=1e-5), (window, lengths)
+        assert torch.isfinite(local).all()

@@ -79,6 +79,19 @@ def test_teacher_forced_logits_text_padded(pair):
     assert_close(ours(ids, mask, dec), expected)
 
 
+@torch.no_grad()
+def test_long_inputs_attend_block_by_block_with_the_reference_logits(pair, monkeypatch):
+    """Sliding layers over inputs many windows long run as LocalAttention: the reference's logits still."""
+    _, ref, ours = pair
+    monkeypatch.setattr(model.t5gemma2.Packing, "LOCAL_FROM", 2)  # windows are 3..5, inputs up to 40
+    ids, mask = text_batch([40, 23, 9, 31])
+    groups = model.t5gemma2.Packing(mask.bool(), ours.config.encoder.sliding_window, torch.float32).groups
+    assert any(isinstance(g[4]["sliding_attention"], model.layers.LocalAttention) for g in groups)
+    dec = decoder_batch(4, 7)
+    expected = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert_close(ours(ids, mask, dec), expected)
+
+
 @pytest.mark.parametrize("group_area", [0, None], ids=["one-group-per-length", "default-groups"])
 @torch.no_grad()
 def test_encoder_attention_groups_give_the_reference_logits(pair, monkeypatch, group_area):
