@@ -65,30 +65,20 @@ def _fault_fired(env: str, fault: str, **facts) -> None:
         log.write(" ".join(words) + "\n")
 
 
-def _take_fault_file(env: str) -> str | None:
-    """The armed file's text, deleting it (only one process can), or None when this one did not get it."""
+def _armed(env: str, take: bool = False) -> str | None:
+    """The armed file's text, or None when the hook is unset or not armed. With `take` the file is
+    also deleted, and only the one process whose delete succeeds gets the text."""
     path = os.environ.get(env)
     if not path:
         return None
     try:
         with open(path) as f:
             text = f.read()
-        os.remove(path)
+        if take:
+            os.remove(path)
     except FileNotFoundError:
         return None
     return text
-
-
-def _read_fault_file(env: str) -> str | None:
-    """The armed file's text, or None when the hook is not set or not armed."""
-    path = os.environ.get(env)
-    if not path:
-        return None
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
 
 
 class ActorFaults:
@@ -116,15 +106,15 @@ class ActorFaults:
     def before_call(self, batch: pa.Table) -> None:
         self.calls += 1
         self.batch = f"{batch.column(C.UNIT)[0]}:{batch.column(C.ROW)[0]}" if batch.num_rows else "empty"
-        if _take_fault_file(ACTOR_FAULT_ENV) is not None:
+        if _armed(ACTOR_FAULT_ENV, take=True) is not None:
             self._die(ACTOR_FAULT_ENV, "exit-at-call-start")
-        every = _read_fault_file(ACTOR_EXIT_EVERY_ENV)
+        every = _armed(ACTOR_EXIT_EVERY_ENV)
         if every and self.calls % int(every) == 0 and not self._died_on_this_batch():
             self._die(ACTOR_EXIT_EVERY_ENV, "exit-every")
-        hang = _read_fault_file(ACTOR_HANG_ENV)
-        if hang is not None and (hang.strip() == "always" or _take_fault_file(ACTOR_HANG_ENV) is not None):
+        hang = _armed(ACTOR_HANG_ENV)
+        if hang is not None and (hang.strip() == "always" or _armed(ACTOR_HANG_ENV, take=True) is not None):
             self._hang(hang.strip())
-        oom = _read_fault_file(ACTOR_OOM_ENV)
+        oom = _armed(ACTOR_OOM_ENV)
         if oom:
             self._find_poison(batch, set(json.loads(oom).get("poison_ids", [])))
 
@@ -140,7 +130,7 @@ class ActorFaults:
         os._exit(FAULT_EXIT_CODE)
 
     def _die_mid_batch(self, module, inputs) -> None:
-        if _take_fault_file(ACTOR_EXIT_MID_BATCH_ENV) is not None:
+        if _armed(ACTOR_EXIT_MID_BATCH_ENV, take=True) is not None:
             self._die(ACTOR_EXIT_MID_BATCH_ENV, "exit-mid-batch")
 
     def _hang(self, mode: str) -> None:
@@ -170,7 +160,7 @@ class ActorFaults:
         import torch
 
         def encode_or_oom(input_ids, *args, pixel_values=None, **kwargs):
-            settings = _read_fault_file(ACTOR_OOM_ENV)
+            settings = _armed(ACTOR_OOM_ENV)
             if settings:
                 max_tokens = json.loads(settings).get("max_tokens")
                 rows = input_ids.tolist() if input_ids.dim() > 1 else [input_ids.tolist()]
