@@ -35,10 +35,9 @@ from .layers import length_groups, padded_widths
 class LayerCache:
     """Keys and values of one decoder layer: [B, Hkv, size + S, D], own slots first."""
 
-    def __init__(self, kind: str, size: int, cross: tuple[torch.Tensor, torch.Tensor]):
+    def __init__(self, size: int, cross: tuple[torch.Tensor, torch.Tensor]):
         k_cross, v_cross = cross  # [B, Hkv, S, D]
         batch, heads, steps, dim = k_cross.shape
-        self.kind = kind
         self.size = size
         # Zeros, not empty: an empty slot is masked out, but 0 * (garbage NaN) would still poison the sum.
         self.keys = k_cross.new_zeros(batch, heads, size + steps, dim)
@@ -72,7 +71,7 @@ class DecoderCache:
         layer type -> (cos, signed sin) [max_steps, 1, D] for positions 0..max_steps-1."""
         self.sizes = {kind: min(cfg.sliding_window, max_steps) if kind == "sliding_attention" else max_steps
                       for kind in set(cfg.layer_types)}
-        self.layers = [LayerCache(kind, self.sizes[kind], kv) for kind, kv in zip(cfg.layer_types, cross)]
+        self.layers = [LayerCache(self.sizes[kind], kv) for kind, kv in zip(cfg.layer_types, cross)]
         if len(self.layers) != len(cfg.layer_types):
             raise ValueError(f"cross keys/values for {len(self.layers)} layers, the decoder has {len(cfg.layer_types)}")
         dtype = self.layers[0].keys.dtype
