@@ -9,7 +9,9 @@
   t5g2 bench ...                        jobs/bench.py (throughput)
 
 demo and bench are imported only when asked for, so `run` works whatever state they are in.
-Exit codes: 0 done, 1 the run failed or is incomplete, 2 the job or its arguments are invalid.
+Exit codes: 0 done, 1 the run failed or is incomplete, 2 the job or its arguments are invalid (or
+the Ray cluster named does not answer), 128 + N stopped by signal N (130 for Ctrl-C / SIGINT, 143
+for SIGTERM): what was committed stays, and the same command resumes.
 
 Not here: what a run does (pipeline/run.py).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 USAGE = """usage: t5g2 {run,inspect,demo,bench} ...
@@ -43,7 +46,7 @@ def _job_parser(prog: str, with_address: bool) -> argparse.ArgumentParser:
 
 
 def cmd_run(argv: list[str]) -> int:
-    from pipeline.run import run_job
+    from pipeline.run import INTERRUPTED_EXIT_BASE, Interrupted, run_job
     from pipeline.spec import JobError, load_job
     from pipeline.storage import StorageError
 
@@ -51,6 +54,11 @@ def cmd_run(argv: list[str]) -> int:
     try:
         spec = load_job(args.job, args.overrides)
         report = run_job(spec, address=args.address)
+    except Interrupted as stop:  # run_job has said what was committed and how to resume
+        return stop.exit_code
+    except KeyboardInterrupt:  # before run_job took over the signals: nothing was started
+        print("t5g2 run: interrupted before the job started; nothing was written", file=sys.stderr)
+        return INTERRUPTED_EXIT_BASE + signal.SIGINT
     except JobError as exc:
         print(f"t5g2 run: the job cannot run: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,8 @@ of a job has, per input row:
     OUT_finish_reason      "eos" | "length" (null on error)
     OUT_error_kind         one of ERROR_KINDS (null when fine)
     OUT_error_message      what went wrong, for a person (null when fine)
-  model_source, model_revision, run_config_hash   provenance
+  model_source, model_revision, run_config_hash   provenance of the result
+  input_file, input_row    provenance of the row: the input file's URI and the row's number in it
 
 Internal columns (prefixed "__") carry work between stages and are dropped before writing.
 
@@ -31,6 +32,9 @@ ERROR_MESSAGE = "error_message"
 MODEL_SOURCE = "model_source"
 MODEL_REVISION = "model_revision"
 RUN_CONFIG_HASH = "run_config_hash"
+INPUT_FILE = "input_file"
+INPUT_ROW = "input_row"
+DUPLICATE_ID = "duplicate_id"
 
 # Internal columns between stages.
 UNIT = "__unit"  # key of the unit of work (input file + row range) the row belongs to
@@ -45,11 +49,16 @@ TEXT_ERROR = "__text_error"  # "column_missing" | "column_type"
 TEXT_ERROR_MESSAGE = "__text_error_message"
 IMAGE_ERROR = "__image_error"
 IMAGE_ERROR_MESSAGE = "__image_error_message"
+# Present only in blocks of a unit that holds rows whose id appeared earlier in the input: DUPLICATE_ID
+# (and a message naming the first occurrence) on those rows, null on the others.
+ID_ERROR = "__id_error"
+ID_ERROR_MESSAGE = "__id_error_message"
 INTERNAL_PREFIX = "__"
 
 # Per-row error kinds. Input problems are found on CPU in prepare (the two column_* kinds when the
 # file is read); model problems in infer.
 ERROR_KINDS = (
+    "duplicate_id",  # the row's id appeared earlier in the input (the message names where); not computed
     "column_missing",  # the row's file lacks the task's text/image column (other files have it)
     "column_type",  # the row's file has that column with a type that cannot hold text/image bytes
     "text_missing",  # the text is null
@@ -105,7 +114,8 @@ class TaskColumns:
         ]
 
 
-RESERVED = frozenset({ID, ERROR_KIND, ERROR_MESSAGE, MODEL_SOURCE, MODEL_REVISION, RUN_CONFIG_HASH})
+RESERVED = frozenset({ID, ERROR_KIND, ERROR_MESSAGE, MODEL_SOURCE, MODEL_REVISION, RUN_CONFIG_HASH, INPUT_FILE,
+                      INPUT_ROW})
 
 
 def reserved_names(output_column: str) -> list[str]:
@@ -123,5 +133,7 @@ def output_schema(output_columns: list[str], id_type: pa.DataType) -> pa.Schema:
         pa.field(MODEL_SOURCE, pa.string()),
         pa.field(MODEL_REVISION, pa.string()),
         pa.field(RUN_CONFIG_HASH, pa.string()),
+        pa.field(INPUT_FILE, pa.string()),
+        pa.field(INPUT_ROW, pa.int64()),
     ]
     return pa.schema(fields)

@@ -14,7 +14,9 @@ fills PIXELS once per row (shared by every task of the row). Nothing here raises
   the row's file lacks the text (image) column or holds it with an unusable type -> the kind and
   message that the read stage put in TEXT_ERROR (IMAGE_ERROR) and their message columns
   ("column_missing" / "column_type"; see the schema-drift policy in pipeline/storage.py). These
-  optional columns are present only in blocks of such files.
+  optional columns are present only in blocks of such files;
+  the row's id appeared earlier in the input -> ID_ERROR ("duplicate_id") in every task, with its
+  message naming the first occurrence; nothing else of the row is looked at.
 
 Not here: Ray scheduling (pipeline/build.py), reading files (pipeline/storage.py), generation.
 """
@@ -55,7 +57,7 @@ class _RowError(Exception):
 
 
 def _column_problems(batch: pa.Table, kind_column: str, message_column: str) -> list[_RowError | None]:
-    """Per row, the error the read stage found for the whole column of the row's file (or None)."""
+    """Per row, the error the read stage attached to it (a column its file lacks, a duplicate id), or None."""
     if kind_column not in batch.column_names:
         return [None] * batch.num_rows
     kinds = batch.column(kind_column).to_pylist()
@@ -98,10 +100,17 @@ class Prepare:
         images = batch.column(C.IMAGE).to_pylist() if self.needs_image else [None] * n
         text_problems = _column_problems(batch, C.TEXT_ERROR, C.TEXT_ERROR_MESSAGE)
         image_problems = _column_problems(batch, C.IMAGE_ERROR, C.IMAGE_ERROR_MESSAGE)
+        id_problems = _column_problems(batch, C.ID_ERROR, C.ID_ERROR_MESSAGE)
 
         pixels: list[bytes | None] = [None] * n
         per_task: dict[str, tuple[list, list, list]] = {t.output_column: ([], [], []) for t in self.tasks}
         for r in range(n):
+            if id_problems[r] is not None:  # a duplicate: every task fails the same way, nothing is decoded
+                for ids_col, kind_col, msg_col in per_task.values():
+                    ids_col.append(None)
+                    kind_col.append(id_problems[r].kind)
+                    msg_col.append(id_problems[r].message)
+                continue
             text, text_error = (None, None)
             if self.needs_text:
                 text, text_error = (None, text_problems[r]) if text_problems[r] else self._text(texts[r])

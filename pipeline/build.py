@@ -180,19 +180,65 @@ class CallWatchdog:
                 os._exit(HANG_EXIT_CODE)
 
 
+def actor_device(gpus_per_actor: float, gpu_ids: list, cuda_available: bool,
+                 visible_devices: str | None = None) -> str:
+    """The torch device of a model actor: "cpu", or the GPU Ray assigned it.
+
+    Ray reserves `gpus_per_actor` for the actor (model_actor_options) and sets CUDA_VISIBLE_DEVICES to
+    the assigned device(s), so the actor's GPU is always cuda:0 in its own process; where Ray was told
+    not to set it (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), the assigned id is used directly.
+    Actors sharing a GPU (gpus_per_actor < 1) get the same device. A model uses one GPU: with
+    gpus_per_actor > 1 the others are reserved but idle.
+    """
+    if gpus_per_actor <= 0:
+        return "cpu"
+    if not gpu_ids:
+        raise RuntimeError(f"resources.gpus_per_actor = {gpus_per_actor:g}, but no GPU was assigned to this actor "
+                           f"by Ray (ray.get_gpu_ids() is empty); this is a bug in the actor's Ray options")
+    if not cuda_available:
+        import torch
+
+        raise RuntimeError(
+            f"Ray gave this actor GPU(s) {[str(i) for i in gpu_ids]} (CUDA_VISIBLE_DEVICES={visible_devices!r}), "
+            f"but torch cannot use CUDA here (torch {torch.__version__}, CUDA build {torch.version.cuda}): install a "
+            f"CUDA build of torch and the NVIDIA driver on the GPU nodes, or set resources.gpus_per_actor = 0 to run "
+            f"on CPU")
+    return "cuda:0" if visible_devices is not None else f"cuda:{gpu_ids[0]}"
+
+
+def model_actor_options(gpus_per_actor: float, cpus_per_actor: float, memory_bytes: int) -> dict:
+    """The Ray options of each model actor: the GPUs, CPUs and host memory it holds, and its restarts.
+
+    Restarts stay unlimited, because a long job on many GPUs may lose actors many times over its
+    life (preemption, GPU faults) and each death costs only its calls; but one call is retried
+    CALL_RETRIES times at most, so a call that kills or hangs its actor every time fails the job with
+    a clear message instead of looping for ever. (Ray Data's defaults in ray 2.60 are -1 and -1, i.e.
+    forever; it has no named parameter for these two and warns that **ray_remote_args goes away in
+    2.64: revisit then.)
+    """
+    return {"num_cpus": cpus_per_actor, "num_gpus": gpus_per_actor, "memory": memory_bytes,
+            "max_restarts": -1, "max_task_retries": CALL_RETRIES}
+
+
 class InferActor(Infer):
-    """Infer as a Ray Data callable class: one model per actor, on the actor's GPU or its CPU.
+    """Infer as a Ray Data callable class: one model per actor, on the GPU Ray gave it or its CPU.
 
     Every call runs under the hang guard (CallWatchdog) with the job's resources.call_timeout_s.
     """
 
-    def __init__(self, *, source, dtype, use_gpu, tasks, max_batch_tokens, storage_options, cpus,
+    def __init__(self, *, source, dtype, gpus_per_actor, tasks, max_batch_tokens, storage_options, cpus,
                  call_timeout_s):
         import torch
 
-        if not use_gpu:
+        gpu_ids = ray.get_gpu_ids() if gpus_per_actor > 0 else []
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if faults.placement_probe(gpu_ids, actor_device(gpus_per_actor, gpu_ids, True, visible)):
+            device = "cpu"  # the test-only placement probe (faults.py): placement recorded, model on CPU
+        else:
+            device = actor_device(gpus_per_actor, gpu_ids, torch.cuda.is_available(), visible)
+        if device == "cpu":
             torch.set_num_threads(max(1, int(cpus)))
-        super().__init__(source=source, dtype=dtype, device="cuda" if use_gpu else "cpu", tasks=tasks,
+        super().__init__(source=source, dtype=dtype, device=device, tasks=tasks,
                          max_batch_tokens=max_batch_tokens, storage_options=storage_options)
         self.watchdog = CallWatchdog(call_timeout_s)
         self.faults = faults.ActorFaults.if_armed(self.model, self.tasks, self.pixel_shape)
@@ -235,34 +281,28 @@ def no_progress_timeout_s(call_timeout_s: float, ray_default_s: float) -> float:
 
 
 def build_dataset(plan: Plan) -> ray.data.Dataset:
-    items = [{"key": u.key, "uri": u.uri, "start": u.start, "stop": u.stop} for u in plan.units]
+    # Duplicate marks travel as JSON: Arrow has no column type for a list of (int, str) pairs.
+    items = [{"key": u.key, "uri": u.uri, "start": u.start, "stop": u.stop, "identity": u.identity,
+              "duplicates": json.dumps(u.duplicates)} for u in plan.units]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(read_stage, batch_size=1, batch_format="pyarrow", fn_kwargs={"settings": plan.read})
     ds = ds.map_batches(prepare_stage, batch_size=None, batch_format="pyarrow", fn_kwargs={"settings": plan.prepare})
-    use_gpu = plan.gpus_per_actor > 0
-    # Each actor reserves host memory for one copy of the weights (plus headroom), so Ray never
-    # packs more model actors on a node than its RAM holds (loading goes through host memory).
-    # The reservation also keeps Ray Data from fusing read and prepare into the model actor (it
-    # fuses tasks into an actor pool whose resource requests equal theirs, as on CPU-only runs):
-    # prepare always runs in CPU tasks, concurrently with the actors, never in front of the model.
-    # A dead actor (crash, kill, or the hang guard) is restarted and its calls are retried; the
-    # committer drops the duplicate rows a retry may produce. Both limits are set here rather than
-    # left to Ray Data's defaults (in ray 2.60: max_restarts = -1 and max_task_retries = -1, i.e.
-    # forever): restarts stay unlimited, because a long job on many GPUs may lose actors many times
-    # over its life (preemption, GPU faults) and each death costs only its calls; but one call is
-    # retried CALL_RETRIES times at most, so a call that kills or hangs its actor every time fails the
-    # job with a clear message instead of looping for ever. (Ray 2.60 has no named parameter for
-    # these two and warns that **ray_remote_args goes away in 2.64: revisit then.)
-    remote = {"num_cpus": plan.cpus_per_actor, "memory": plan.actor_memory_bytes,
-              "max_restarts": -1, "max_task_retries": CALL_RETRIES}
+    # Each actor reserves its GPUs (so Ray places it on a GPU node and gives it its own device) and
+    # host memory for one copy of the weights plus headroom, so Ray never packs more model actors
+    # on a node than its RAM holds (loading goes through host memory). The memory reservation also
+    # keeps Ray Data from fusing read and prepare into the model actor (it fuses tasks into an actor
+    # pool whose resource requests equal theirs, as on CPU-only runs): prepare always runs in CPU
+    # tasks, concurrently with the actors, never in front of the model. A dead actor (crash, kill,
+    # or the hang guard) is restarted and its calls are retried (model_actor_options); the committer
+    # drops the duplicate rows a retry may produce.
     ds = ds.map_batches(
         InferActor,
         batch_size=plan.rows_per_call,
         batch_format="pyarrow",
-        fn_constructor_kwargs=dict(plan.infer_kwargs, use_gpu=use_gpu, cpus=plan.cpus_per_actor,
+        fn_constructor_kwargs=dict(plan.infer_kwargs, gpus_per_actor=plan.gpus_per_actor, cpus=plan.cpus_per_actor,
                                    call_timeout_s=plan.call_timeout_s),
         compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
-        **remote,
+        **model_actor_options(plan.gpus_per_actor, plan.cpus_per_actor, plan.actor_memory_bytes),
     )
     ds = ds.map_batches(finish_stage, batch_size=None, batch_format="pyarrow", fn_kwargs={"settings": plan.finish})
     if hasattr(ds.context, "execution_no_progress_timeout_s"):  # Ray Data's driver-side guard, where it has one

@@ -46,6 +46,10 @@ from operators.infer import InferTask
 #                                    raises torch.OutOfMemoryError for a micro-batch of more than N
 #                                    (padded) tokens, or one holding a text prompt or the image of a
 #                                    row whose id is in poison_ids, as a GPU out of memory would.
+#   T5G2_FAULT_PLACEMENT_DIR         the placement probe, not a fault: while the directory exists, each
+#                                    model actor writes <pid>.json there with what Ray gave it (its GPU
+#                                    ids, CUDA_VISIBLE_DEVICES, the device it would use) and runs the
+#                                    model on CPU, so GPU placement is testable on fake GPU resources.
 #
 # Ray restarts a dead actor and retries its calls; the committer must still write every row once.
 ACTOR_FAULT_ENV = "T5G2_FAULT_ACTOR_EXIT_FILE"
@@ -53,6 +57,7 @@ ACTOR_EXIT_EVERY_ENV = "T5G2_FAULT_ACTOR_EXIT_EVERY_FILE"
 ACTOR_EXIT_MID_BATCH_ENV = "T5G2_FAULT_ACTOR_EXIT_MID_BATCH_FILE"
 ACTOR_HANG_ENV = "T5G2_FAULT_ACTOR_HANG_FILE"
 ACTOR_OOM_ENV = "T5G2_FAULT_OOM_FILE"
+PLACEMENT_PROBE_ENV = "T5G2_FAULT_PLACEMENT_DIR"
 FAULT_ENVS = (ACTOR_FAULT_ENV, ACTOR_EXIT_EVERY_ENV, ACTOR_EXIT_MID_BATCH_ENV, ACTOR_HANG_ENV, ACTOR_OOM_ENV)
 FAULT_LOG_SUFFIX = ".fired"
 FAULT_EXIT_CODE = 1
@@ -79,6 +84,19 @@ def _armed(env: str, take: bool = False) -> str | None:
     except FileNotFoundError:
         return None
     return text
+
+
+def placement_probe(gpu_ids: list, would_use: str) -> bool:
+    """The placement probe (see above): True when armed, after recording this actor's placement; the
+    caller then runs the model on CPU instead of `would_use`."""
+    directory = os.environ.get(PLACEMENT_PROBE_ENV)
+    if not directory or not os.path.isdir(directory):
+        return False
+    record = {"pid": os.getpid(), "ray_gpu_ids": [str(i) for i in gpu_ids],
+              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "would_use": would_use}
+    with open(os.path.join(directory, f"{os.getpid()}.json"), "w") as f:
+        json.dump(record, f)
+    return True
 
 
 class ActorFaults:

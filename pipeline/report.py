@@ -77,7 +77,11 @@ class RunStats:
 
 
 def make_report(*, job: str, output: str, run_config_hash: str, provenance: dict, rows_in: int, units_total: int,
-                skipped: RunStats, computed: RunStats, wall_seconds: float, compute_seconds: float) -> dict:
+                skipped: RunStats, computed: RunStats, wall_seconds: float, compute_seconds: float,
+                retracted_units: int = 0, retracted_rows: int = 0, interrupted: str | None = None) -> dict:
+    """The report of one run. Units are counted three ways: computed by this run, reused (committed by
+    an earlier run of the same input) and retracted (outputs of input that changed or is gone, deleted
+    at the end of this run); after a complete run the output holds computed + reused units."""
     this_run = computed.as_dict()
     return {
         "job": job,
@@ -85,14 +89,17 @@ def make_report(*, job: str, output: str, run_config_hash: str, provenance: dict
         "run_config_hash": run_config_hash,
         "model_source": provenance.get(C.MODEL_SOURCE),
         "model_revision": provenance.get(C.MODEL_REVISION),
-        "complete": skipped.rows + computed.rows == rows_in,
+        "complete": interrupted is None and skipped.rows + computed.rows == rows_in,
+        "interrupted": interrupted,  # the signal that stopped the run (SIGINT, SIGTERM), or None
         "rows_in": rows_in,
         "rows_out": computed.rows,  # rows written by this run
         "rows_skipped": skipped.rows,  # rows already committed by earlier runs (not recomputed)
         "rows_committed_total": skipped.rows + computed.rows,
         "units_total": units_total,
-        "units_skipped": skipped.units,
-        "units_written": computed.units,
+        "units_reused": skipped.units,
+        "units_computed": computed.units,
+        "units_retracted": retracted_units,  # with their rows_retracted rows
+        "rows_retracted": retracted_rows,
         "errors_by_kind": this_run["errors_by_kind"],
         "input_tokens": this_run["input_tokens"],
         "output_tokens": this_run["output_tokens"],
@@ -115,7 +122,9 @@ def summary(report: dict) -> str:
     lines = [
         f"Job {report['job']} -> {report['output']}",
         f"  rows in {report['rows_in']}, written now {report['rows_out']}, already done {report['rows_skipped']} "
-        f"({report['units_written']} + {report['units_skipped']} of {report['units_total']} files)"
+        f"({report['units_computed']} computed + {report['units_reused']} reused of {report['units_total']} units"
+        + (f"; {report['units_retracted']} retracted, {report['rows_retracted']} rows of changed or removed input"
+           if report["units_retracted"] else "") + ")"
         + ("" if report["complete"] else "  INCOMPLETE"),
         f"  errors this run: {errors}",
         f"  tokens in {report['input_tokens']}, out {report['output_tokens']}; {rate}; "

@@ -30,11 +30,17 @@ Not here: the plan itself (build.py), parsing job files (spec.py).
 from __future__ import annotations
 
 import os
+import re
+import signal
+import socket
 import sys
+import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -42,14 +48,17 @@ from operators import columns as C
 
 from . import build, report as reports
 from .spec import JobError, JobSpec
-from .storage import (COLUMN_TYPE, InputFile, OutputStore, StorageError, Unit, column_problem, id_output_type,
-                      id_transport_type, list_inputs, make_units, read_footers)
+from .storage import (COLUMN_TYPE, PART_PREFIX, InputFile, OutputStore, StorageError, Unit, column_problem,
+                      find_duplicate_ids, id_output_type, id_transport_type, list_inputs, make_units, open_fs,
+                      read_footers)
 
 FAULT_ENV = "T5G2_FAULT_EXIT_AT"  # fault hook for tests, never set in production (see above)
 FAULT_STEPS = ("before-publish", "after-publish", "after-done")  # the points of Committer.commit
 FAULT_EXIT_CODE = 75
 PROGRESS_SECONDS = 10.0
 ACTOR_MEMORY_HEADROOM = 1 << 30  # host memory per model actor beyond its weights
+CONNECT_TIMEOUT_S = 10.0  # how long a cluster address may take to answer before the run fails
+INTERRUPTED_EXIT_BASE = 128  # a run stopped by signal N exits with 128 + N, as shells report it
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class Validated:
     store: OutputStore
     weight_bytes: int  # size of the checkpoint's weight files
     drift: tuple[str, ...] = ()  # warnings: input files whose rows get column_missing / column_type errors
+    duplicate_rows: int = 0  # rows whose id appeared earlier in the input (duplicate_id error rows)
 
     @property
     def provenance(self) -> dict:
@@ -211,6 +221,65 @@ def _check_output(spec: JobSpec, store: OutputStore, run_hash: str) -> None:
         )
 
 
+def _family(fs) -> str:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return "file" if protocol in ("file", "local") else protocol
+
+
+def _check_output_outside_inputs(spec: JobSpec, store: OutputStore, files: list[InputFile]) -> None:
+    """Refuse an output directory that the input paths reach: each run would read its own part files
+    as input and add their rows again. Checked on the paths as written (a directory that holds the
+    output, a glob that would match its part files) and on the files listed (one under the output)."""
+    root = store.root.rstrip("/")
+    family = _family(store.fs)
+    part = f"{root}/{PART_PREFIX}{'0' * 32}.parquet"  # what the output's part files look like
+
+    def refuse(path: str) -> JobError:
+        return JobError(
+            f"output.path {spec.output.path!r} is inside input.path {path!r}: every run would read its own output as "
+            f"input and add its rows again. Choose an output.path outside the input, or narrow input.path to a "
+            f"glob (such as .../*.parquet) that does not reach the output's part files")
+
+    for path in spec.input.paths:
+        fs, p = open_fs(path, spec.storage_options(path))
+        if _family(fs) != family:
+            continue
+        p = p.rstrip("/")
+        if any(ch in p for ch in "*?["):
+            if re.match(fsspec.utils.glob_translate(p), part):
+                raise refuse(path)
+        elif root == p or root.startswith(p + "/"):
+            raise refuse(path)
+    for f in files:
+        fs, p = open_fs(f.uri, spec.storage_options(f.uri))
+        if _family(fs) == family and p.startswith(root + "/"):
+            raise refuse(f.uri)
+
+
+def _check_duplicates(spec: JobSpec, files: list[InputFile]) -> dict:
+    """Rows that repeat an earlier id (storage.find_duplicate_ids); with input.unique_ids a JobError."""
+    column = spec.input.id_column
+    if not column:
+        return {}  # derived ids are unique by construction
+    try:
+        found = find_duplicate_ids(files, column, spec.storage_options(spec.input.paths[0]))
+    except StorageError as exc:
+        raise JobError(str(exc)) from exc
+    rows = sum(len(marks) for marks in found.values())
+    if not rows:
+        return found
+    examples = [f"{d.id!r} at {d.first_uri} row {d.first_row} and {uri} row {row}"
+                for uri, marks in found.items() for row, d in sorted(marks.items())][:3]
+    more = f"; and {rows - len(examples)} more" if rows > len(examples) else ""
+    if spec.input.unique_ids:
+        raise JobError(f"input.unique_ids = true, but {rows} row(s) repeat an earlier id of input.id_column "
+                       f"{column!r}: {'; '.join(examples)}{more}. Make the ids unique, or set input.unique_ids = false "
+                       f"to run with the later rows as duplicate_id error rows")
+    print(f"warning: {rows} row(s) repeat an earlier id of input.id_column {column!r}; each becomes a duplicate_id "
+          f"error row naming the first: {'; '.join(examples)}{more}", file=sys.stderr, flush=True)
+    return found
+
+
 def validate(spec: JobSpec) -> Validated:
     """Every check that needs no GPU; raises JobError with the fix."""
     run_hash = spec.run_config_hash()
@@ -222,26 +291,55 @@ def validate(spec: JobSpec) -> Validated:
         store = OutputStore(spec.output.path, spec.storage_options(spec.output.path))
     except StorageError as exc:
         raise JobError(str(exc)) from exc
+    _check_output_outside_inputs(spec, store, files)
     _check_output(spec, store, run_hash)
-    units = make_units(files, spec.output.rows_per_file, run_hash)
+    duplicates = _check_duplicates(spec, files)
+    units = make_units(files, spec.output.rows_per_file, run_hash, duplicates)
     return Validated(spec=spec, files=tuple(files), units=tuple(units), id_type=id_type, image_size=image_size,
                      model_revision=revision, run_hash=run_hash, store=store, weight_bytes=weight_bytes,
-                     drift=tuple(drift))
+                     drift=tuple(drift), duplicate_rows=sum(len(m) for m in duplicates.values()))
 
 
 # ---- running -----------------------------------------------------------------------------------
 
 
+class ClusterError(JobError):
+    """The Ray cluster to join does not answer; the message names the address and the fix."""
+
+
+def _check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail within `timeout_s` when nothing listens at a host:port address (ray.init would wait far longer:
+    it retries a dead GCS for minutes). Addresses of other forms ("auto") are left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address.strip())
+    if not match:
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"no Ray cluster answers at {address} ({type(exc).__name__}: {exc}, within {timeout_s:g} s); start the "
+            f"cluster (ray start --head) or fix --address / RAY_ADDRESS, or leave both unset to run on a local Ray"
+        ) from exc
+
+
 def _connect(address: str | None) -> bool:
-    """Join or start Ray; True when this process started a local Ray (its size is then final)."""
+    """Join or start Ray; True when this process started a local Ray (its size is then final).
+
+    With an address (or RAY_ADDRESS) that cluster is joined, once it answers. Without one, a fresh
+    local Ray is started (address="local"): never a cluster Ray recorded on this machine earlier,
+    which is what a bare ray.init() would join, and which may be long dead.
+    """
     import ray
 
     if ray.is_initialized():
         return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address)
+        ray.init(address=address, log_to_driver=True)
         return False
-    ray.init(include_dashboard=False)
+    ray.init(address="local", include_dashboard=False)
     return True
 
 
@@ -266,8 +364,8 @@ def _check_capacity(spec: JobSpec, fixed_size: bool) -> None:
                         f"{have.get('GPU', 0):g}")
     if not problems:
         return
-    fix = ("lower resources.gpu_actors (or its min), resources.cpus_per_actor / gpus_per_actor, or set "
-           "gpus_per_actor = 0 to run on CPU")
+    fix = ("lower resources.gpu_actors (or its min), resources.cpus_per_actor or resources.gpus_per_actor, or "
+           "set resources.gpus_per_actor = 0 to run on CPU")
     message = f"the job needs {' and '.join(problems)}; {fix}"
     if fixed_size:
         raise JobError(message)
@@ -306,8 +404,9 @@ def make_plan(v: Validated, todo: list[Unit]) -> build.Plan:
 class Committer:
     """Buffers rows per unit as they stream back; publishes a unit once all its rows are there."""
 
-    def __init__(self, v: Validated, todo: list[Unit]):
+    def __init__(self, v: Validated, todo: list[Unit], signals: "_StopOnSignals | None" = None):
         self.v = v
+        self.signals = signals  # holds a stop signal back while a unit is being committed
         self.units = {u.key: u for u in todo}
         self.parts: dict[str, list[pa.Table]] = defaultdict(list)
         self.seen: dict[str, set[int]] = defaultdict(set)
@@ -350,12 +449,18 @@ class Committer:
         for key, indices in by_unit.items():
             self.parts[key].append(batch.take(pa.array(indices, type=pa.int64())))
             if len(self.seen[key]) == self.units[key].rows:
-                self.commit(key)
+                if self.signals is None:
+                    self.commit(key)
+                else:
+                    with self.signals.commit():
+                        self.commit(key)
 
     def commit(self, key: str) -> None:
         self.commits_started += 1
         table = pa.concat_tables(self.parts.pop(key))
         table = table.take(pc.sort_indices(table, sort_keys=[(C.ROW, "ascending")]))
+        table = table.append_column(C.INPUT_FILE, pa.array([self.units[key].uri] * table.num_rows, pa.string()))
+        table = table.append_column(C.INPUT_ROW, table.column(C.ROW))
         table = pa.table([table.column(f.name).cast(f.type) for f in self.schema], schema=self.schema)
         store, compression = self.v.store, self.v.spec.output.compression
         self._maybe_crash("before-publish")
@@ -398,10 +503,75 @@ def _stuck_model_message(exc: Exception, spec: JobSpec, committed: str) -> str |
     return None
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the driver (a BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way swallows it). `exit_code` is 128 + the signal's number."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or signal.Signals(signum).name)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        self.exit_code = INTERRUPTED_EXIT_BASE + signum
+
+
+class _StopOnSignals:
+    """While active, SIGINT and SIGTERM raise Interrupted in the driver's main thread; one that arrives
+    while a unit is being committed is held until that commit is over, so a stop never lands between
+    a part file and its marker (that would be safe, only wasteful: the rerun would redo the unit)."""
+
+    def __init__(self):
+        self.committing = False
+        self.pending: int | None = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.committing:
+            self.pending = signum
+            return
+        raise Interrupted(signum)
+
+    @contextmanager
+    def active(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signal handlers can only be set from the main thread (e.g. a notebook worker)
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @contextmanager
+    def commit(self):
+        self.committing = True
+        try:
+            yield
+        finally:
+            self.committing = False
+        if self.pending is not None:
+            raise Interrupted(self.pending)
+
+
 def run_job(spec: JobSpec, address: str | None = None) -> dict:
-    """Run (or resume) a job; returns the run report (also written and printed)."""
+    """Run (or resume) a job; returns the run report (also written and printed).
+
+    SIGINT or SIGTERM stops it: what was committed stays, the report is written with "interrupted",
+    a line on stderr says how much is done and that running the same command again resumes, and
+    Interrupted is raised (the command line exits with its exit_code).
+    """
+    signals = _StopOnSignals()
+    with signals.active():
+        return _run(spec, address, signals)
+
+
+def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals) -> dict:
     started = time.perf_counter()
-    v = validate(spec)
+    try:
+        v = validate(spec)
+    except Interrupted as stop:
+        print(f"t5g2 run: stopped by {stop.name} during validation, before any work; nothing was written",
+              file=sys.stderr, flush=True)
+        raise
     store = v.store
     done = store.done()
     skipped = reports.RunStats()
@@ -411,58 +581,99 @@ def run_job(spec: JobSpec, address: str | None = None) -> dict:
             skipped.add(done[unit.key])
         else:
             todo.append(unit)
+    plan_keys = {u.key for u in v.units}
     # A part file without a marker whose unit is about to be recomputed stays until the new one
     # replaces it in one step (same name, same rows), so readers never see its rows vanish;
-    # unmarked part files of units no longer in the plan, and scratch files, are deleted.
+    # unmarked part files of units no longer in the plan, and scratch files, are deleted. Marked
+    # units no longer in the plan are retracted only at the end of a run that committed everything.
     store.clean_leftovers(set(done) | {u.key for u in todo})
     rows_in = sum(f.num_rows for f in v.files)
     print(f"Job {spec.origin}: {rows_in} rows in {len(v.files)} file(s) -> {len(v.units)} unit(s); "
           f"{len(v.units) - len(todo)} already done, {len(todo)} to compute", flush=True)
 
-    committer = Committer(v, todo)
+    committer = Committer(v, todo, signals)
     compute_started = time.perf_counter()
-    if todo:
-        if store.read_json("_job.json") is None:
-            store.write_json("_job.json", {"run_config_hash": v.run_hash, "run_config": spec.run_config()})
-        _check_capacity(spec, fixed_size=_connect(address))
-        if not sys.stdout.isatty():
-            # Off a terminal (batch logs, CI), Ray Data logs a block of lines per operator every few
-            # seconds; the one-line progress below says what a job log needs.
-            import ray.data
+    connected_here = False
+    retracted = (0, 0)
 
-            ray.data.DataContext.get_current().enable_progress_bars = False
-        ds = build.build_dataset(make_plan(v, todo))
-        last = time.perf_counter()
-        total_rows = sum(u.rows for u in todo)
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                committer.add(batch)
-                now = time.perf_counter()
-                if now - last >= PROGRESS_SECONDS:
-                    rate = committer.stats.rows / max(1e-9, now - compute_started)
-                    print(f"  progress: {committer.stats.units}/{len(todo)} units, {committer.stats.rows}/"
-                          f"{total_rows} rows committed, {rate:.1f} rows/s", flush=True)
-                    last = now
-        except Exception as exc:
-            why = _stuck_model_message(exc, spec, f"{committer.stats.units}/{len(todo)}")
-            if why is None:
-                raise
-            raise RuntimeError(why) from exc
-        if committer.committed != set(committer.units):
-            raise RuntimeError(
-                f"{len(todo) - committer.stats.units} unit(s) did not get all their rows back from the plan; "
-                f"nothing of them was committed, so running the job again computes exactly those"
-            )
-    compute_seconds = time.perf_counter() - compute_started
+    def report(interrupted: str | None = None) -> dict:
+        result = reports.make_report(
+            job=spec.origin, output=spec.output.path, run_config_hash=v.run_hash, provenance=v.provenance,
+            rows_in=rows_in, units_total=len(v.units), skipped=skipped, computed=committer.stats,
+            retracted_units=retracted[0], retracted_rows=retracted[1], wall_seconds=time.perf_counter() - started,
+            compute_seconds=time.perf_counter() - compute_started if todo else 0.0, interrupted=interrupted)
+        if committer.duplicates:
+            result["duplicate_rows_dropped"] = committer.duplicates
+        store.write_json("_report.json", result)
+        return result
 
-    result = reports.make_report(
-        job=spec.origin, output=spec.output.path, run_config_hash=v.run_hash, provenance=v.provenance,
-        rows_in=rows_in, units_total=len(v.units), skipped=skipped, computed=committer.stats,
-        wall_seconds=time.perf_counter() - started, compute_seconds=compute_seconds if todo else 0.0,
-    )
-    if committer.duplicates:
-        result["duplicate_rows_dropped"] = committer.duplicates
-    store.write_json("_report.json", result)
+    try:
+        if todo:
+            if store.read_json("_job.json") is None:
+                store.write_json("_job.json", {"run_config_hash": v.run_hash, "run_config": spec.run_config()})
+            connected_here = not _ray_initialized()
+            _check_capacity(spec, fixed_size=_connect(address))
+            _stream(spec, v, todo, committer, compute_started)
+        retracted = store.retract(plan_keys, done)
+    except Interrupted as stop:
+        result = report(interrupted=stop.name)
+        units_done = result["units_reused"] + result["units_computed"]
+        print(f"t5g2 run: stopped by {stop.name}: {committer.stats.units} of {len(todo)} units committed in this "
+              f"run ({committer.stats.rows} rows); {units_done} of {len(v.units)} units are done in all. Everything "
+              f"committed stays: run the same command again to resume, it computes only the rest",
+              file=sys.stderr, flush=True)
+        if connected_here:
+            _disconnect()  # stops this driver's Ray job: its actors and tasks end with it
+        raise
+
+    result = report()
     print(reports.summary(result), flush=True)
     sys.stdout.flush()
     return result
+
+
+def _ray_initialized() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def _disconnect() -> None:
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception:  # already going down with the interrupted run: nothing more to save
+        pass
+
+
+def _stream(spec: JobSpec, v: Validated, todo: list[Unit], committer: "Committer", compute_started: float) -> None:
+    """Stream the plan through the committer until every unit of `todo` is committed."""
+    if not sys.stdout.isatty():
+        # Off a terminal (batch logs, CI), Ray Data logs a block of lines per operator every few
+        # seconds; the one-line progress below says what a job log needs.
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = build.build_dataset(make_plan(v, todo))
+    last = time.perf_counter()
+    total_rows = sum(u.rows for u in todo)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            committer.add(batch)
+            now = time.perf_counter()
+            if now - last >= PROGRESS_SECONDS:
+                rate = committer.stats.rows / max(1e-9, now - compute_started)
+                print(f"  progress: {committer.stats.units}/{len(todo)} units, {committer.stats.rows}/"
+                      f"{total_rows} rows committed, {rate:.1f} rows/s", flush=True)
+                last = now
+    except Exception as exc:
+        why = _stuck_model_message(exc, spec, f"{committer.stats.units}/{len(todo)}")
+        if why is None:
+            raise
+        raise RuntimeError(why) from exc
+    if committer.committed != set(committer.units):
+        raise RuntimeError(
+            f"{len(todo) - committer.stats.units} unit(s) did not get all their rows back from the plan; "
+            f"nothing of them was committed, so running the job again computes exactly those"
+        )

@@ -10,7 +10,9 @@ are really usable is checked against storage by `pipeline.run.validate` before a
 Schema (see ../shared/design.md):
   [model]      source (required), dtype = "bfloat16" | "float16" | "float32"
   [input]      path (required; string or list; fsspec paths or globs), id_column, text_column,
-               image_column, max_input_tokens (8192), long_input = "error" | "truncate"
+               image_column, max_input_tokens (8192), long_input = "error" | "truncate",
+               unique_ids (false: a repeated id is a duplicate_id error row; true: the job fails
+               before any work)
   [output]     path (required), rows_per_file (10000), compression ("zstd")
   [[task]]     kind (caption | summarize | translate), output_column, prompt, source_language,
                target_language, and generation settings (max_new_tokens, min_new_tokens,
@@ -46,7 +48,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 LONG_INPUT_POLICIES = ("error", "truncate")
 COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "none")
 # Bumped when the output layout or the meaning of a setting changes, so old outputs are not mixed in.
-FORMAT_VERSION = 1
+# 2: unit keys include the input file's identity; input_file and input_row columns.
+FORMAT_VERSION = 2
 
 # Option names that hold secrets. Credentials come from the standard chains (environment,
 # ~/.aws, instance roles), never from a job file: job files are shared, logged and committed.
@@ -103,6 +106,7 @@ class InputSpec:
     image_column: str | None  # image column (binary, or {bytes, path} struct)
     max_input_tokens: int  # longest prompt (tokens, images included) the model is given
     long_input: str  # over max_input_tokens: "error" (row error) or "truncate" (cut the text)
+    unique_ids: bool = False  # a repeated id fails the job before any work (else: duplicate_id error rows)
 
 
 @dataclass(frozen=True)
@@ -267,7 +271,7 @@ def _set_path(table: dict, parts: list[str], value: Any, key: str) -> None:
 
 _SECTIONS = {"model", "input", "output", "task", "resources", "storage"}
 _MODEL_KEYS = {"source", "dtype"}
-_INPUT_KEYS = {"path", "id_column", "text_column", "image_column", "max_input_tokens", "long_input"}
+_INPUT_KEYS = {"path", "id_column", "text_column", "image_column", "max_input_tokens", "long_input", "unique_ids"}
 _OUTPUT_KEYS = {"path", "rows_per_file", "compression"}
 _TASK_KEYS = {"kind", "output_column", "prompt", "source_language", "target_language", *GENERATION_FIELDS}
 _RESOURCE_KEYS = {"gpu_actors", "gpus_per_actor", "cpus_per_actor", "rows_per_call", "max_batch_tokens",
@@ -319,6 +323,13 @@ def _number(table: dict, key: str, where: str, default: float, minimum: float = 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
         raise JobError(f"{where}.{key} must be a number >= {minimum}, got {value!r}")
     return float(value)
+
+
+def _bool(table: dict, key: str, where: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise JobError(f"{where}.{key} must be true or false, got {value!r}")
+    return value
 
 
 def _choice(table: dict, key: str, where: str, default: str, choices: Sequence[str]) -> str:
@@ -385,6 +396,7 @@ def parse_job(raw: dict, origin: str = "<job>") -> JobSpec:
         image_column=_str(i, "image_column", "input"),
         max_input_tokens=_int(i, "max_input_tokens", "input", 8192, minimum=8),
         long_input=_choice(i, "long_input", "input", "error", LONG_INPUT_POLICIES),
+        unique_ids=_bool(i, "unique_ids", "input", False),
     )
     if not inp.text_column and not inp.image_column:
         raise JobError("[input] names no text_column and no image_column; set the column(s) the tasks read")

@@ -16,9 +16,12 @@ Why our own commit protocol, and not Ray Data's CheckpointConfig (tried first, r
   needs no id column and re-reads no finished input.
 
 The unit of work is a fixed row range of one input file ([start, stop), rows_per_file rows, from
-the Parquet footer's row count). Its key is a hash of (run config hash, input URI, start, stop),
-so the same job over the same input always names the same units, and an output name never holds
-an id or an input path. Output layout under [output].path:
+the Parquet footer's row count). Its key is a hash of (run config hash, input URI, the file's
+identity as stored, start, stop, the unit's duplicate-id marks), so the same job over the same
+input always names the same units, a file that changed (rewritten, grown, shrunk) gets new units,
+and an output name never holds an id or an input path. A file's identity is its size plus its
+ETag where the store gives one (S3, GCS, Azure), else its modification time (local disks); see
+file_identity. Output layout under [output].path:
 
   part-<key>.parquet     one unit's rows, published whole: written to _tmp/ then renamed (local
                          disks), or sent as one PUT (object stores: a single request creates the
@@ -31,8 +34,18 @@ an id or an input path. Output layout under [output].path:
 A rerun lists the markers and skips those units without reading their input. A part file without
 a marker (a crash between publish and marker) is recomputed and replaced in one step under the
 same name, so nothing is ever duplicated and its rows never vanish meanwhile; unmarked part files
-of units the job no longer has (its input changed) and scratch files are deleted. Readers (pyarrow.dataset, Spark, DuckDB) skip names starting with
-"_", so they see only part files.
+of units the job no longer has and scratch files are deleted at the start of a run. Part files
+and markers of units the plan no longer has (their file changed, was renamed or removed) are
+retracted at the end of a run that committed everything (OutputStore.retract), so after a
+successful run the output mirrors the current input: one row per input row, none for rows that
+are gone. Readers (pyarrow.dataset, Spark, DuckDB) skip names starting with "_", so they see only
+part files.
+
+Duplicate ids (an id_column whose value repeats) are found before any work by find_duplicate_ids,
+which reads only the id column of every file and keeps 16 bytes per input row in the driver (a
+64-bit fingerprint and a position; candidates are then compared exactly): 10 million rows take
+about 160 MB, for the few seconds of the scan. The first occurrence in (file, row) order keeps
+its result; every later one becomes an error row of kind "duplicate_id" naming the first.
 
 Not here: the Ray plan (build.py), what the columns mean (operators/columns.py).
 """
@@ -49,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -92,20 +106,42 @@ class InputFile:
     uri: str  # full URI (file:///abs/path, s3://bucket/key)
     num_rows: int  # from the Parquet footer
     schema: pa.Schema  # Arrow schema from the footer
+    identity: str = ""  # the file as stored: size plus ETag or mtime (file_identity); part of unit keys
 
 
 @dataclass(frozen=True)
 class Unit:
     """A fixed row range of one input file: the unit of work and of commit."""
 
-    key: str  # hash of (run config hash, uri, start, stop): names its output
+    key: str  # hash of (run config hash, uri, identity, start, stop, duplicates): names its output
     uri: str  # input file
     start: int  # first row (inclusive)
     stop: int  # last row (exclusive)
+    identity: str = ""  # the input file's identity when the job was planned (read_unit checks it)
+    duplicates: tuple[tuple[int, str], ...] = ()  # (row, message) of rows whose id came earlier
 
     @property
     def rows(self) -> int:
         return self.stop - self.start
+
+
+def file_identity(info: dict) -> str:
+    """What identifies a file's content as stored, from fsspec's info(): its size plus the store's
+    ETag (S3, GCS, Azure) where there is one, else its modification time (local disks, HDFS).
+
+    A rewrite changes it (a new ETag, a new mtime); a copy or rename keeps neither the name nor,
+    on local disks, the mtime, so it is a new file too. Content hashes would survive renames but
+    cost a full read of every file on every run.
+    """
+    size = info.get("size")
+    for key in ("ETag", "etag", "md5Hash"):
+        if info.get(key):
+            return f"size={size};etag={str(info[key]).strip(chr(34))}"
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified"):
+        if info.get(key) is not None:
+            value = info[key]
+            return f"size={size};mtime={value.isoformat() if hasattr(value, 'isoformat') else value}"
+    return f"size={size}"
 
 
 def list_inputs(paths: tuple[str, ...], options: dict) -> list[str]:
@@ -137,9 +173,12 @@ def read_footers(uris: list[str], options: dict, threads: int = 16) -> list[Inpu
     def one(uri: str) -> InputFile:
         fs, p = open_fs(uri, options)
         try:
+            fs.invalidate_cache(p)  # a listing may have cached an older info() of a rewritten file
+            identity = file_identity(fs.info(p))
             with fs.open(p, "rb") as handle:
                 meta = pq.ParquetFile(handle).metadata
-                return InputFile(uri=uri, num_rows=meta.num_rows, schema=meta.schema.to_arrow_schema())
+                return InputFile(uri=uri, num_rows=meta.num_rows, schema=meta.schema.to_arrow_schema(),
+                                 identity=identity)
         except Exception as exc:
             raise StorageError(
                 f"input file {uri!r} is not a readable Parquet file ({type(exc).__name__}: {exc}); remove it from "
@@ -150,20 +189,93 @@ def read_footers(uris: list[str], options: dict, threads: int = 16) -> list[Inpu
         return list(pool.map(one, uris))
 
 
-def make_units(files: list[InputFile], rows_per_file: int, run_hash: str) -> list[Unit]:
+def make_units(files: list[InputFile], rows_per_file: int, run_hash: str,
+               duplicates: dict[str, dict[int, DuplicateId]] | None = None) -> list[Unit]:
+    """The units of `files`; `duplicates` (from find_duplicate_ids) marks rows whose id came earlier,
+    and is part of each unit's key, so a unit whose marks change is a new unit."""
     units = []
     for f in files:
+        marks = (duplicates or {}).get(f.uri, {})
         for start in range(0, f.num_rows, rows_per_file):
             stop = min(start + rows_per_file, f.num_rows)
-            key = hashlib.sha256(f"{run_hash}\0{f.uri}\0{start}\0{stop}".encode()).hexdigest()[:32]
-            units.append(Unit(key=key, uri=f.uri, start=start, stop=stop))
+            dups = tuple((row, marks[row].message()) for row in sorted(marks) if start <= row < stop)
+            text = "\0".join([run_hash, f.uri, f.identity, str(start), str(stop), json.dumps(dups)])
+            key = hashlib.sha256(text.encode()).hexdigest()[:32]
+            units.append(Unit(key=key, uri=f.uri, start=start, stop=stop, identity=f.identity, duplicates=dups))
     return units
 
 
-def derived_ids(uri: str, start: int, stop: int) -> pa.Array:
-    """Deterministic ids for rows [start, stop) of a file: a hash of its URI and the row number."""
-    prefix = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return pa.array([f"{prefix}-{row}" for row in range(start, stop)], type=pa.string())
+def _fingerprints(ids: pa.ChunkedArray) -> np.ndarray:
+    """64 bits per id: integers as themselves (exact), strings and bytes hashed (checked exactly later)."""
+    if pa.types.is_integer(ids.type):
+        ids = ids.cast(pa.uint64() if pa.types.is_uint64(ids.type) else pa.int64()).fill_null(0)
+        return ids.to_numpy().view(np.uint64)
+    import pandas as pd  # Ray Data's own dependency; its hash_array is a fixed-key SipHash of str / bytes
+
+    if pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type) or pa.types.is_binary(ids.type):
+        values = ids.cast(pa.large_binary()).to_pylist()  # string and large_string ids hash alike
+    else:
+        values = [None if v is None else repr(v) for v in ids.to_pylist()]  # dates, decimals, ...
+    return pd.util.hash_array(np.asarray(values, dtype=object), categorize=False)
+
+
+@dataclass(frozen=True)
+class DuplicateId:
+    """A row whose id already appeared earlier in the input, in (file, row) order."""
+
+    id: object  # the id value
+    first_uri: str  # where it appeared first: file
+    first_row: int  # and row
+
+    def message(self) -> str:
+        return (f"id {self.id!r} appears earlier in the input, at {self.first_uri} row {self.first_row}; this later "
+                f"row is not computed (make the ids unique, or set input.unique_ids = true to stop such a job "
+                f"before any work)")
+
+
+def find_duplicate_ids(files: list[InputFile], column: str, options: dict,
+                       threads: int = 8) -> dict[str, dict[int, DuplicateId]]:
+    """Rows whose id already appeared earlier in (file, row) order: uri -> row -> DuplicateId. Reads
+    only the id column; memory about 16 bytes per input row (see above). Null ids repeat nothing."""
+
+    def read_ids(f: InputFile) -> pa.ChunkedArray:
+        fs, p = open_fs(f.uri, options)
+        try:
+            with fs.open(p, "rb") as handle:
+                return pq.ParquetFile(handle).read(columns=[column]).column(column)
+        except Exception as exc:
+            raise StorageError(f"cannot read the id column {column!r} of {f.uri!r} ({type(exc).__name__}: {exc}); "
+                               f"check that the file is readable") from exc
+
+    offsets = np.cumsum([0] + [f.num_rows for f in files])
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
+        prints = np.concatenate([_fingerprints(ids) for ids in pool.map(read_ids, files)] or [np.zeros(0, np.uint64)])
+    order = np.argsort(prints, kind="stable")  # equal fingerprints stay in (file, row) order
+    ordered = prints[order]
+    repeat = np.flatnonzero(ordered[1:] == ordered[:-1]) + 1
+    if not len(repeat):
+        return {}
+    # Positions sharing a fingerprint with another; their real ids are read again and compared exactly.
+    candidates = sorted({int(order[i]) for i in repeat} | {int(order[i - 1]) for i in repeat})
+    file_of = {pos: int(np.searchsorted(offsets, pos, side="right")) - 1 for pos in candidates}
+    values: dict[int, object] = {}
+    for index in sorted(set(file_of.values())):
+        positions = [pos for pos, fi in file_of.items() if fi == index]
+        rows = pa.array([pos - int(offsets[index]) for pos in positions], type=pa.int64())
+        values.update(zip(positions, read_ids(files[index]).take(rows).to_pylist()))
+    first_of: dict[object, int] = {}
+    out: dict[str, dict[int, DuplicateId]] = {}
+    for pos in candidates:  # ascending: the first position of each real id is its first occurrence
+        value = values[pos]
+        if value is None:
+            continue
+        if value not in first_of:
+            first_of[value] = pos
+            continue
+        first = first_of[value]
+        out.setdefault(files[file_of[pos]].uri, {})[pos - int(offsets[file_of[pos]])] = DuplicateId(
+            id=value, first_uri=files[file_of[first]].uri, first_row=first - int(offsets[file_of[first]]))
+    return out
 
 
 # ---- schema drift: what each input column may be, file by file -----------------------------
@@ -302,11 +414,17 @@ def read_unit(unit: dict, columns: dict, options: dict, block_rows: int) -> Iter
     Ids are cast to their id_transport_type. A text or image column this file lacks, or holds with
     an unusable type (see the schema-drift policy above), is not read: its internal column is null
     and the blocks carry that role's error kind and message columns on every row instead, which
-    prepare turns into the rows' task errors. Every row of the unit comes out, in order.
+    prepare turns into the rows' task errors. Rows the unit marks as duplicates get ID_ERROR and its
+    message (prepare makes them errors in every task). Every row of the unit comes out, in order.
+    A file whose identity is no longer the unit's (rewritten since the job was planned) is refused.
     """
     uri, start, stop = unit["uri"], unit["start"], unit["stop"]
     fs, p = open_fs(uri, options)
     try:
+        fs.invalidate_cache(p)  # this worker may have read an older version of the file in an earlier run
+        if unit.get("identity") and (now := file_identity(fs.info(p))) != unit["identity"]:
+            raise StorageError(f"{uri} changed during the run (it was {unit['identity']} when the job was planned, "
+                               f"now {now}); run the job again to compute its new content")
         with fs.open(p, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             schema = parquet.schema_arrow
@@ -344,6 +462,14 @@ def read_unit(unit: dict, columns: dict, options: dict, block_rows: int) -> Iter
     out = {C.UNIT: pa.array([unit["key"]] * n, type=pa.string()),
            C.ROW: pa.array(range(start, stop), type=pa.int64()),
            C.ID: ids}
+    duplicates = unit.get("duplicates")
+    if isinstance(duplicates, str):  # Unit.duplicates as JSON, as it travels through Ray Data (build.py)
+        duplicates = json.loads(duplicates)
+    if duplicates:
+        marks = {row: message for row, message in duplicates}
+        messages = [marks.get(row) for row in range(start, stop)]
+        out[C.ID_ERROR] = pa.array([C.DUPLICATE_ID if m else None for m in messages], type=pa.string())
+        out[C.ID_ERROR_MESSAGE] = pa.array(messages, type=pa.string())
     for role, internal, to_bytes, kind_column, message_column in _ROLES:
         if not columns.get(role):
             continue
@@ -480,6 +606,24 @@ class OutputStore:
             except Exception as exc:
                 raise self.write_error(p, exc, action="delete") from exc
         return len(stale)
+
+    def retract(self, keep: set[str], done: dict[str, dict]) -> tuple[int, int]:
+        """Delete the part files and done-markers of units not in `keep` (their input changed, was
+        renamed or removed); `done` is the markers read at the start of the run. Returns (units, rows)
+        retracted. The part file goes first: a crash in between leaves a marker without a part file,
+        which the next run retracts too, never a part file that nothing accounts for."""
+        stale_parts = {k for k in self.parts() if k not in keep}
+        stale_markers = {k for k in done if k not in keep}
+        for key in sorted(stale_parts | stale_markers):
+            for path in (self.part_path(key), self.marker_path(key)):
+                try:
+                    self.fs.rm(path)
+                except FileNotFoundError:
+                    pass
+                except Exception as exc:
+                    raise self.write_error(path, exc, action="delete") from exc
+        rows = sum(int((done.get(k) or {}).get("rows", 0)) for k in stale_markers)
+        return len(stale_parts | stale_markers), rows
 
     def probe(self) -> None:
         """Write and delete a small object, so an unwritable output fails before any work."""

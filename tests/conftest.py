@@ -49,7 +49,10 @@ def s3(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """One local Ray for the whole session (4 logical CPUs on any machine); yields its address.
+    """One local Ray for the whole session (4 logical CPUs and 2 fake GPUs on any machine); yields its address.
+
+    Ray takes num_gpus without any GPU present: it schedules by the resource and sets
+    CUDA_VISIBLE_DEVICES for the actors that reserve one, which is what the placement tests check.
 
     Fake AWS credentials are set first: Ray's worker processes inherit the environment of the
     process that starts Ray, and s3fs in those workers reads credentials from the standard chain.
@@ -67,9 +70,11 @@ def ray_cluster(tmp_path_factory):
     os.environ["T5G2_FAULT_ACTOR_EXIT_MID_BATCH_FILE"] = str(faults / "actor-exit-mid-batch")
     os.environ["T5G2_FAULT_ACTOR_HANG_FILE"] = str(faults / "actor-hang")
     os.environ["T5G2_FAULT_OOM_FILE"] = str(faults / "oom.json")
+    # Model actors record what Ray gave them and run on CPU while this directory exists (test_gpu_placement.py).
+    os.environ["T5G2_FAULT_PLACEMENT_DIR"] = str(faults / "placements")
     if not ray.is_initialized():
         # address="local": always a new Ray of our own, never one another process left running
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="warning")
     import ray.data
 

@@ -97,8 +97,8 @@ def test_driver_killed_at_each_commit_step_resumes_exactly_once(step, crash_at, 
     assert set(after["parts"]) == set(after["markers"]) and len(after["parts"]) == report["units_total"] == 6
     assert after["scratch"] == []
     # What was recorded done was not recomputed (same files, untouched); the rest was.
-    assert report["units_skipped"] == done_before and report["rows_skipped"] == 2 * done_before
-    assert report["units_written"] == 6 - done_before and report["rows_out"] == 12 - 2 * done_before
+    assert report["units_reused"] == done_before and report["rows_skipped"] == 2 * done_before
+    assert report["units_computed"] == 6 - done_before and report["rows_out"] == 12 - 2 * done_before
     assert report["complete"]
     for key in crashed["markers"]:
         for kind in ("parts", "markers"):

@@ -268,7 +268,7 @@ def _run_hostile(tmp_path: Path, checkpoint, **corpus) -> dict:
 
     # Rows in == rows out, every unit committed (no block dropped), nothing doubled.
     assert report["rows_in"] == report["rows_out"] == len(rows) and report["complete"]
-    assert report["units_written"] == report["units_total"] == len(list((out / "_done").glob("*.json")))
+    assert report["units_computed"] == report["units_total"] == len(list((out / "_done").glob("*.json")))
     assert sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("part-*.parquet")) == len(rows)
     table = read_output(out)
     assert table.schema.field(C.ID).type == pa.large_string()

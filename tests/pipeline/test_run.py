@@ -98,7 +98,7 @@ def test_end_to_end_s3(ray_cluster, tiny_checkpoint, dataset, s3):
     listing = [p.split("/")[-1] for p in found]
     parts = [n for n in listing if n.startswith("part-")]
     markers = [p for p in found if "/_done/" in p]
-    assert len(parts) == len(markers) == report["units_total"] == report["units_written"]
+    assert len(parts) == len(markers) == report["units_total"] == report["units_computed"]
     assert "_report.json" in listing and not any(n.startswith("_probe") for n in listing)
     for p in fs.find("results/run1"):
         if p.endswith(".parquet"):
@@ -133,9 +133,9 @@ def test_resume_after_killed_driver(ray_cluster, tiny_checkpoint, dataset, tmp_p
 
     # Run 2: computes only what is missing.
     report = run_job(load_job(str(job)))
-    assert report["rows_skipped"] == committed_rows and report["units_skipped"] == 3
+    assert report["rows_skipped"] == committed_rows and report["units_reused"] == 3
     assert report["rows_out"] == len(rows) - committed_rows
-    assert report["units_written"] == report["units_total"] - 3 and report["complete"]
+    assert report["units_computed"] == report["units_total"] - 3 and report["complete"]
     check_output(read_output(str(out)), rows, expected)
 
     # Run 3: a crash between publishing a part file and its marker, scratch left behind, and an
@@ -148,14 +148,14 @@ def test_resume_after_killed_driver(ray_cluster, tiny_checkpoint, dataset, tmp_p
     (out / "_tmp" / "dead.tmp").write_bytes(b"half a file")
     (out / ("part-" + "0" * 32 + ".parquet")).write_bytes((out / f"part-{victim.stem}.parquet").read_bytes())
     report = run_job(load_job(str(job)))
-    assert report["rows_out"] == victim_rows and report["units_written"] == 1
+    assert report["rows_out"] == victim_rows and report["units_computed"] == 1
     assert set(_files(out)) == before
     check_output(read_output(str(out)), rows, expected)
 
     # Run 4: everything is done, nothing is written.
     snapshot = _files(out)
     report = run_job(load_job(str(job)))
-    assert report["rows_out"] == 0 and report["units_written"] == 0 and report["complete"]
+    assert report["rows_out"] == 0 and report["units_computed"] == 0 and report["complete"]
     assert _files(out) == snapshot
 
 
@@ -249,8 +249,8 @@ def test_pool_larger_than_a_local_ray_fails_before_inference(ray_cluster, tiny_c
                                                                monkeypatch):
     monkeypatch.setattr(run_module, "_connect", lambda address=None: True)  # as if this run started Ray itself
     text = job_toml(str(tiny_checkpoint), small_input, str(tmp_path / "out"))
-    with pytest.raises(JobError, match=r"needs 1 GPUs .* but the cluster has 0; .*gpus_per_actor = 0 to run on CPU"):
-        run_job(load_job(text, ["resources.gpus_per_actor=1"]))
+    with pytest.raises(JobError, match=r"needs 3 GPUs .* but the cluster has 2; .*gpus_per_actor = 0 to run on CPU"):
+        run_job(load_job(text, ["resources.gpus_per_actor=1", "resources.gpu_actors=3"]))
     with pytest.raises(JobError, match=r"needs 9 CPUs \(4 actor\(s\) x 2 \+ 1 for the CPU stages\)"):
         run_job(load_job(text, ["resources.gpu_actors=4", "resources.cpus_per_actor=2"]))
     assert not list((tmp_path / "out").glob("part-*"))

@@ -131,7 +131,7 @@ def test_job_completes_through_throttling_and_lost_requests(ray_cluster, store, 
     names = objects(fs)
     parts = [n for n in names if n.startswith("part-")]
     markers = [n for n in names if n.startswith("_done/")]
-    assert len(parts) == len(markers) == report["units_total"] == report["units_written"]
+    assert len(parts) == len(markers) == report["units_total"] == report["units_computed"]
     assert {n[len("part-"):-len(".parquet")] for n in parts} == {n[len("_done/"):-len(".json")] for n in markers}
     assert sum(pq.ParquetFile(fs.open(f"{OUTPUT}/{n}")).metadata.num_rows for n in parts) == len(rows)
 
