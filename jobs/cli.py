@@ -98,6 +98,8 @@ def _inspect_job(path: str, overrides: list[str]) -> int:
           f"{r.max_batch_tokens} tokens/batch, a call taken as hung after {r.call_timeout_s:g} s")
     for warning in v.drift:
         print(f"  drift     {warning}")
+    if v.duplicate_rows:
+        print(f"  ids       {v.duplicate_rows} row(s) repeat an earlier id: they become duplicate_id error rows")
     print(f"  run hash  {v.run_hash}")
     return 0
 

@@ -278,6 +278,12 @@ def find_duplicate_ids(files: list[InputFile], column: str, options: dict,
     return out
 
 
+def derived_ids(uri: str, start: int, stop: int) -> pa.Array:
+    """Deterministic ids for rows [start, stop) of a file: a hash of its URI and the row number."""
+    prefix = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return pa.array([f"{prefix}-{row}" for row in range(start, stop)], type=pa.string())
+
+
 # ---- schema drift: what each input column may be, file by file -----------------------------
 #
 # Input files written at different times drift: a column goes missing, changes type, gains

@@ -119,3 +119,62 @@ def test_output_store_s3(s3):
     assert not fs.exists("results/job/_tmp")  # object stores publish in one request, no scratch
     with pytest.raises(StorageError, match="not writable"):
         OutputStore("s3://missing-bucket/x", {"endpoint_url": endpoint}).probe()
+
+
+def test_a_rewritten_file_gets_new_unit_keys_and_a_change_mid_run_is_refused(inputs):
+    uri = f"file://{inputs}/a.parquet"
+    before = read_footers([uri], {})
+    assert before[0].identity.startswith("size=") and "mtime=" in before[0].identity
+    os.utime(inputs / "a.parquet", ns=(1, 1))  # the same bytes, rewritten at another time
+    after = read_footers([uri], {})
+    assert after[0].identity != before[0].identity
+    assert not {u.key for u in make_units(before, 10, "h")} & {u.key for u in make_units(after, 10, "h")}
+    unit = {"key": "k", "uri": uri, "start": 0, "stop": 5, "identity": before[0].identity}
+    with pytest.raises(StorageError, match="changed during the run"):
+        list(read_unit(unit, {"id": "id"}, {}, block_rows=5))
+
+
+def test_s3_files_are_identified_by_their_etag(s3):
+    endpoint, options, fs = s3
+    fs.mkdir("corpus")
+    pq.write_table(_table(3), "/tmp/t5g2-etag.parquet")
+    fs.put("/tmp/t5g2-etag.parquet", "corpus/a.parquet")
+    first = read_footers(["s3://corpus/a.parquet"], {"endpoint_url": endpoint})[0].identity
+    pq.write_table(_table(3, 50), "/tmp/t5g2-etag.parquet")  # other rows, same count
+    fs.put("/tmp/t5g2-etag.parquet", "corpus/a.parquet")
+    second = read_footers(["s3://corpus/a.parquet"], {"endpoint_url": endpoint})[0].identity
+    os.remove("/tmp/t5g2-etag.parquet")
+    assert "etag=" in first and first != second
+
+
+def test_duplicate_ids_are_found_exactly_first_occurrence_kept(tmp_path):
+    def write(name, ids, type_):
+        pq.write_table(pa.table({"id": pa.array(ids, type=type_)}), tmp_path / name)
+        return f"file://{tmp_path}/{name}"
+
+    a = write("a.parquet", ["x", None, "y", "x", None], pa.string())
+    b = write("b.parquet", ["y", "z", "x"], pa.large_string())  # string and large_string ids compare alike
+    found = storage.find_duplicate_ids(read_footers([a, b], {}), "id", {})
+    assert {uri: sorted(rows) for uri, rows in found.items()} == {a: [3], b: [0, 2]}  # nulls repeat nothing
+    assert (found[b][0].first_uri, found[b][0].first_row) == (a, 2)
+    assert (found[b][2].first_uri, found[b][2].first_row) == (a, 0)
+    assert "appears earlier in the input, at" in found[a][3].message()
+    ints = [write("c.parquet", [5, 6, 7], pa.int32()), write("d.parquet", [7, 8], pa.int64())]
+    found = storage.find_duplicate_ids(read_footers(ints, {}), "id", {})
+    assert {uri: sorted(rows) for uri, rows in found.items()} == {ints[1]: [0]}
+    units = make_units(read_footers(ints, {}), 10, "h", found)
+    assert units[0].duplicates == () and units[1].duplicates[0][0] == 0
+    assert units[1].key != make_units(read_footers(ints, {}), 10, "h")[1].key  # the marks are part of the key
+
+
+def test_retract_deletes_parts_and_markers_of_units_no_longer_planned(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), {})
+    store.probe()
+    for key, rows in (("keep", 2), ("gone", 3)):
+        store.publish(key, pa.table({"x": list(range(rows))}), "zstd")
+        store.mark_done(key, {"rows": rows})
+    store.mark_done("orphan-marker", {"rows": 4})  # a crash between deleting a part and its marker
+    done = store.done()
+    assert store.retract({"keep"}, done) == (2, 7)
+    assert store.parts() == ["keep"] and list(store.done()) == ["keep"]
+    assert store.retract({"keep"}, store.done()) == (0, 0)
