@@ -8,15 +8,21 @@
      must be usable in at least one file, and the id column in every file with types that cast
      losslessly to one; a file whose text or image column is missing or unusable (schema drift) does
      not fail the job: its rows get column_missing / column_type errors (policy in storage.py), and
-     validation warns about it.
+     validation warns about it. An output path that the input paths reach is refused. With an id
+     column, ids that repeat are found (storage.find_duplicate_ids): duplicate_id error rows, or a
+     JobError with input.unique_ids.
   2. Lists the done-markers and plans only the missing units (the input of done units is never
      read); deletes scratch files and unmarked part files that belong to no unit of the plan.
-  3. Starts a local Ray (or joins `address` / RAY_ADDRESS, or the Ray this process already has),
-     refuses an actor pool a local Ray cannot hold (a joined cluster may grow, so there it warns),
-     streams the plan of build.py, and commits each unit as soon as all its rows are back:
-     rows are deduplicated by (unit, row) first, since Ray may retry work (at-least-once), so each
-     input row lands exactly once. See storage.py for the commit protocol.
-  4. Writes the report to <output>/_report.json, prints a summary, and returns the report.
+  3. Starts a fresh local Ray (or joins `address` / RAY_ADDRESS once it answers, or the Ray this
+     process already has), refuses an actor pool a local Ray cannot hold (a joined cluster may
+     grow, so there it warns), streams the plan of build.py, and commits each unit as soon as all
+     its rows are back: rows are deduplicated by (unit, row) first, since Ray may retry work
+     (at-least-once), so each input row lands exactly once. See storage.py for the commit protocol.
+  4. Once every unit is committed, retracts the outputs of units the input no longer has (files
+     changed, renamed or removed), so the output mirrors the current input.
+  5. Writes the report to <output>/_report.json, prints a summary, and returns the report.
+  SIGINT / SIGTERM stop it between two commits (Interrupted): the report says so, stderr says what
+  was committed and that the same command resumes.
 
 Fault hook for tests, never set in production: with the environment variable
 T5G2_FAULT_EXIT_AT=STEP:N the driver process exits abruptly (os._exit(75), no cleanup), as a crash
