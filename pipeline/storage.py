@@ -604,14 +604,18 @@ class OutputStore:
         """Delete part files whose key is not in `keep`, and scratch files; returns how many."""
         stale = [self.part_path(k) for k in self.parts() if k not in keep]
         stale += self._ls(self.path(TMP_DIR))
-        for p in stale:
+        self._delete(stale)
+        return len(stale)
+
+    def _delete(self, paths: list[str]) -> None:
+        """Delete each path in order (one already gone is fine); a refused delete names the fix."""
+        for p in paths:
             try:
                 self.fs.rm(p)
             except FileNotFoundError:
                 pass
             except Exception as exc:
                 raise self.write_error(p, exc, action="delete") from exc
-        return len(stale)
 
     def retract(self, keep: set[str], done: dict[str, dict]) -> tuple[int, int]:
         """Delete the part files and done-markers of units not in `keep` (their input changed, was
@@ -621,13 +625,7 @@ class OutputStore:
         stale_parts = {k for k in self.parts() if k not in keep}
         stale_markers = {k for k in done if k not in keep}
         for key in sorted(stale_parts | stale_markers):
-            for path in (self.part_path(key), self.marker_path(key)):
-                try:
-                    self.fs.rm(path)
-                except FileNotFoundError:
-                    pass
-                except Exception as exc:
-                    raise self.write_error(path, exc, action="delete") from exc
+            self._delete([self.part_path(key), self.marker_path(key)])
         rows = sum(int((done.get(k) or {}).get("rows", 0)) for k in stale_markers)
         return len(stale_parts | stale_markers), rows
 
