@@ -547,6 +547,13 @@ class _StopOnSignals:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def take_back(self) -> None:
+        """Install the handlers again: ray.init puts its own SIGTERM handler in the driver (Ray's core
+        worker logs the signal and exits with status 15), which would skip the clean stop."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._handle)
+
     @contextmanager
     def commit(self):
         self.committing = True
@@ -618,7 +625,9 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals) -> dict:
             if store.read_json("_job.json") is None:
                 store.write_json("_job.json", {"run_config_hash": v.run_hash, "run_config": spec.run_config()})
             connected_here = not _ray_initialized()
-            _check_capacity(spec, fixed_size=_connect(address))
+            fixed_size = _connect(address)
+            signals.take_back()
+            _check_capacity(spec, fixed_size=fixed_size)
             _stream(spec, v, todo, committer, compute_started)
         retracted = store.retract(plan_keys, done)
     except Interrupted as stop:

@@ -88,7 +88,9 @@ def test_an_address_that_does_not_answer_fails_fast_naming_it(job_file, ray_tmp,
     assert not list((tmp_path / "out").glob("part-*"))
 
 
-def test_sigint_after_the_first_commit_stops_cleanly_and_a_rerun_completes(ray_cluster, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_first_commit_stops_cleanly_and_a_rerun_completes(ray_cluster, tiny_checkpoint, tmp_path,
+                                                                             stop):
     rows, _ = mixed_rows(good=16)
     write_inputs(rows, str(tmp_path / "in"), files=2)
     out = tmp_path / "out"
@@ -104,19 +106,19 @@ def test_sigint_after_the_first_commit_stops_cleanly_and_a_rerun_completes(ray_c
         while not list((out / "_done").glob("*.json")):
             assert proc.poll() is None and time.monotonic() < deadline, "no unit was committed"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
     # 128 + the signal's number, as a shell reports a command the signal stopped
-    assert proc.returncode == 128 + signal.SIGINT, stdout[-2000:] + stderr[-3000:]
+    assert proc.returncode == 128 + stop, stdout[-2000:] + stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    assert "stopped by SIGINT" in stderr and "run the same command again to resume" in stderr
+    assert f"stopped by {stop.name}" in stderr and "run the same command again to resume" in stderr
     committed = len(list((out / "_done").glob("*.json")))
     assert 1 <= committed < len(rows)
     assert f"{committed} of {len(rows)} units committed" in stderr
     report = json.loads((out / "_report.json").read_text())
-    assert report["interrupted"] == "SIGINT" and not report["complete"]
+    assert report["interrupted"] == stop.name and not report["complete"]
 
     again = run_job(load_job(str(job)))
     assert again["units_reused"] == committed and again["complete"]
