@@ -46,9 +46,9 @@ def _job_parser(prog: str, with_address: bool) -> argparse.ArgumentParser:
 
 
 def cmd_run(argv: list[str]) -> int:
+    from pipeline.paths import StorageError
     from pipeline.run import INTERRUPTED_EXIT_BASE, Interrupted, run_job
     from pipeline.spec import JobError, load_job
-    from pipeline.storage import StorageError
 
     args = _job_parser("t5g2 run", with_address=True).parse_args(argv)
     try:
@@ -69,8 +69,8 @@ def cmd_run(argv: list[str]) -> int:
 
 
 def _inspect_job(path: str, overrides: list[str]) -> int:
-    from pipeline.run import validate
     from pipeline.spec import JobError, load_job
+    from pipeline.validate import validate
 
     try:
         spec = load_job(path, overrides)

@@ -671,7 +671,7 @@ def write_job_files(out: Path, max_new_tokens: int) -> dict[str, Path]:
 
 def read_output(directory: Path) -> pa.Table:
     """All committed part files of a job's output directory, as one table."""
-    from pipeline.storage import PART_PREFIX
+    from pipeline.commit import PART_PREFIX
 
     files = sorted(Path(directory).glob(f"{PART_PREFIX}*.parquet"))
     if not files:

@@ -7,7 +7,7 @@ of what it never produced, and its kind and message. The row-level error_kind / 
 repeat the first failing task's error (prefixed with its column when the job has several tasks),
 so "did this row fail?" is one column. UNIT and ROW are kept for the committer, which drops them.
 
-Not here: writing or committing output files (pipeline/storage.py, pipeline/run.py).
+Not here: writing or committing output files (pipeline/commit.py).
 """
 
 from __future__ import annotations

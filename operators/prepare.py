@@ -13,12 +13,12 @@ fills PIXELS once per row (shared by every task of the row). Nothing here raises
   image null -> image_missing; unreadable / not allowed / too many pixels -> the ImageError kind;
   the row's file lacks the text (image) column or holds it with an unusable type -> the kind and
   message that the read stage put in TEXT_ERROR (IMAGE_ERROR) and their message columns
-  ("column_missing" / "column_type"; see the schema-drift policy in pipeline/storage.py). These
+  ("column_missing" / "column_type"; see the schema-drift policy in pipeline/inputs.py). These
   optional columns are present only in blocks of such files;
   the row's id appeared earlier in the input -> ID_ERROR ("duplicate_id") in every task, with its
   message naming the first occurrence; nothing else of the row is looked at.
 
-Not here: Ray scheduling (pipeline/build.py), reading files (pipeline/storage.py), generation.
+Not here: Ray scheduling (pipeline/build.py), reading files (pipeline/inputs.py), generation.
 """
 
 from __future__ import annotations

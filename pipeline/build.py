@@ -9,7 +9,7 @@
 
 Ray Data streams blocks through these stages concurrently, with its own backpressure between the
 CPU tasks and the actor pool. The plan ends in the driver (`iter_batches`), where run.py commits
-each unit once all its rows are back (see storage.py for why the commit is not a Ray sink).
+each unit once all its rows are back (see commit.py for why the commit is not a Ray sink).
 
 CPU stages are plain functions; their heavy objects (tokenizer, image processor) are built once
 per worker process and cached by their settings, so tasks stay cheap and nothing large travels
@@ -19,7 +19,8 @@ Faults: a model actor that dies is restarted and its calls retried, CALL_RETRIES
 call that runs longer than resources.call_timeout_s is stopped by the actor's hang guard
 (CallWatchdog), which exits the process so that the same retry applies; and Ray Data's driver-side
 no-progress bound (no_progress_timeout_s) fails a run whose actors are stuck where the guard cannot
-act. The test-only fault hooks (T5G2_FAULT_*) that exercise all this live in faults.py.
+act. The tests exercise all this with a subclass of InferActor that injects faults
+(tests/helpers/actor_faults.py), handed to build_dataset as `actor_cls`; nothing here knows of it.
 
 Not here: validation and the commit loop (run.py), model internals (model/).
 """
@@ -44,8 +45,7 @@ from operators.finish import Finish
 from operators.infer import Infer, InferTask
 from operators.prepare import Prepare, PromptTask
 
-from . import faults
-from .storage import Unit, read_unit
+from .inputs import Unit, read_unit
 
 
 @dataclass(frozen=True)
@@ -230,23 +230,23 @@ class InferActor(Infer):
                  call_timeout_s):
         import torch
 
-        gpu_ids = ray.get_gpu_ids() if gpus_per_actor > 0 else []
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if faults.placement_probe(gpu_ids, actor_device(gpus_per_actor, gpu_ids, True, visible)):
-            device = "cpu"  # the test-only placement probe (faults.py): placement recorded, model on CPU
-        else:
-            device = actor_device(gpus_per_actor, gpu_ids, torch.cuda.is_available(), visible)
+        device = self.choose_device(gpus_per_actor)
         if device == "cpu":
             torch.set_num_threads(max(1, int(cpus)))
         super().__init__(source=source, dtype=dtype, device=device, tasks=tasks,
                          max_batch_tokens=max_batch_tokens, storage_options=storage_options)
         self.watchdog = CallWatchdog(call_timeout_s)
-        self.faults = faults.ActorFaults.if_armed(self.model, self.tasks, self.pixel_shape)
+
+    @staticmethod
+    def choose_device(gpus_per_actor: float) -> str:
+        """The device for this actor's model: what Ray assigned it (actor_device)."""
+        import torch
+
+        gpu_ids = ray.get_gpu_ids() if gpus_per_actor > 0 else []
+        return actor_device(gpus_per_actor, gpu_ids, torch.cuda.is_available(), os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         with self.watchdog.watching(batch.num_rows):
-            if self.faults is not None:
-                self.faults.before_call(batch)
             return super().__call__(batch)
 
 
@@ -280,7 +280,8 @@ def no_progress_timeout_s(call_timeout_s: float, ray_default_s: float) -> float:
     return max(NO_PROGRESS_CALLS * call_timeout_s, ray_default_s)
 
 
-def build_dataset(plan: Plan) -> ray.data.Dataset:
+def build_dataset(plan: Plan, actor_cls: type = InferActor) -> ray.data.Dataset:
+    """The plan as a Ray Data Dataset; `actor_cls` is the model actor (tests pass a subclass)."""
     # Duplicate marks travel as JSON: Arrow has no column type for a list of (int, str) pairs.
     items = [{"key": u.key, "uri": u.uri, "start": u.start, "stop": u.stop, "identity": u.identity,
               "duplicates": json.dumps(u.duplicates)} for u in plan.units]
@@ -296,7 +297,7 @@ def build_dataset(plan: Plan) -> ray.data.Dataset:
     # or the hang guard) is restarted and its calls are retried (model_actor_options); the committer
     # drops the duplicate rows a retry may produce.
     ds = ds.map_batches(
-        InferActor,
+        actor_cls,
         batch_size=plan.rows_per_call,
         batch_format="pyarrow",
         fn_constructor_kwargs=dict(plan.infer_kwargs, gpus_per_actor=plan.gpus_per_actor, cpus=plan.cpus_per_actor,

@@ -5,7 +5,7 @@ reasons per task); `make_report` turns it into the report dict that `run_job` re
 `<output>/_report.json` and summarizes on stdout. `unit_stats` gives the per-unit counts stored in
 a done-marker, so a resumed run can still report totals over the whole output.
 
-Not here: what is committed or when (run.py, storage.py).
+Not here: what is committed or when (run.py, commit.py).
 """
 
 from __future__ import annotations

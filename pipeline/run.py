@@ -1,36 +1,25 @@
-"""Run a job: validate it in the driver, start or join Ray, stream the plan, commit units, report.
+"""Run a job: validate it, start or join Ray, stream the plan, commit units, retract, report.
 
 `run_job(spec, address=None)`:
-  1. `validate(spec)` checks everything that can be checked before any GPU work, and fails with
-     a JobError naming the fix: the checkpoint (config.json, weights present, tokenizer.model,
-     image settings), the input files' footers, and the output path (a probe object written and
-     deleted; a directory that holds another job's outputs is refused). Inputs: each named column
-     must be usable in at least one file, and the id column in every file with types that cast
-     losslessly to one; a file whose text or image column is missing or unusable (schema drift) does
-     not fail the job: its rows get column_missing / column_type errors (policy in storage.py), and
-     validation warns about it. An output path that the input paths reach is refused. With an id
-     column, ids that repeat are found (storage.find_duplicate_ids): duplicate_id error rows, or a
-     JobError with input.unique_ids.
+  1. `validate(spec)` (validate.py) checks everything that can be checked before any GPU work and
+     fails with a JobError naming the fix.
   2. Lists the done-markers and plans only the missing units (the input of done units is never
      read); deletes scratch files and unmarked part files that belong to no unit of the plan.
   3. Starts a fresh local Ray (or joins `address` / RAY_ADDRESS once it answers, or the Ray this
      process already has), refuses an actor pool a local Ray cannot hold (a joined cluster may
      grow, so there it warns), streams the plan of build.py, and commits each unit as soon as all
-     its rows are back: rows are deduplicated by (unit, row) first, since Ray may retry work
-     (at-least-once), so each input row lands exactly once. See storage.py for the commit protocol.
+     its rows are back (commit.py): rows are deduplicated by (unit, row) first, since Ray may retry
+     work (at-least-once), so each input row lands exactly once.
   4. Once every unit is committed, retracts the outputs of units the input no longer has (files
      changed, renamed or removed), so the output mirrors the current input.
   5. Writes the report to <output>/_report.json, prints a summary, and returns the report.
   SIGINT / SIGTERM stop it between two commits (Interrupted): the report says so, stderr says what
   was committed and that the same command resumes.
 
-Fault hook for tests, never set in production: with the environment variable
-T5G2_FAULT_EXIT_AT=STEP:N the driver process exits abruptly (os._exit(75), no cleanup), as a crash
-would, at STEP of committing the N-th unit of this run: "before-publish" (its part file not yet
-written), "after-publish" (part file published, no done-marker yet) or "after-done" (marker
-written). The resume and commit-fault tests use it; a malformed value is refused.
+Tests reach inside a run only through RunHooks (a model actor class that injects faults, a callback
+at each commit step); production code never sets them, and imports no test hook.
 
-Not here: the plan itself (build.py), parsing job files (spec.py).
+Not here: the checks (validate.py), the plan (build.py), the commit protocol (commit.py).
 """
 
 from __future__ import annotations
@@ -42,25 +31,19 @@ import socket
 import sys
 import threading
 import time
-from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-import fsspec
-import pyarrow as pa
-import pyarrow.compute as pc
+from typing import Callable
 
 from operators import columns as C
 
-from . import build, report as reports
+from . import build
+from . import report as reports
+from .commit import Committer
+from .inputs import Unit
 from .spec import JobError, JobSpec
-from .storage import (COLUMN_TYPE, PART_PREFIX, InputFile, OutputStore, StorageError, Unit, column_problem,
-                      find_duplicate_ids, id_output_type, id_transport_type, list_inputs, make_units, open_fs,
-                      read_footers)
+from .validate import Validated, validate
 
-FAULT_ENV = "T5G2_FAULT_EXIT_AT"  # fault hook for tests, never set in production (see above)
-FAULT_STEPS = ("before-publish", "after-publish", "after-done")  # the points of Committer.commit
-FAULT_EXIT_CODE = 75
 PROGRESS_SECONDS = 10.0
 ACTOR_MEMORY_HEADROOM = 1 << 30  # host memory per model actor beyond its weights
 CONNECT_TIMEOUT_S = 10.0  # how long a cluster address may take to answer before the run fails
@@ -68,245 +51,11 @@ INTERRUPTED_EXIT_BASE = 128  # a run stopped by signal N exits with 128 + N, as 
 
 
 @dataclass(frozen=True)
-class Validated:
-    """What validation learned: the units, the model facts, the store."""
+class RunHooks:
+    """Ways for tests to reach inside a run; production leaves them unset."""
 
-    spec: JobSpec
-    files: tuple[InputFile, ...]
-    units: tuple[Unit, ...]
-    id_type: pa.DataType
-    image_size: int
-    model_revision: str | None
-    run_hash: str
-    store: OutputStore
-    weight_bytes: int  # size of the checkpoint's weight files
-    drift: tuple[str, ...] = ()  # warnings: input files whose rows get column_missing / column_type errors
-    duplicate_rows: int = 0  # rows whose id appeared earlier in the input (duplicate_id error rows)
-
-    @property
-    def provenance(self) -> dict:
-        return {C.MODEL_SOURCE: self.spec.model.source, C.MODEL_REVISION: self.model_revision,
-                C.RUN_CONFIG_HASH: self.run_hash}
-
-    @property
-    def output_columns(self) -> list[str]:
-        return [t.output_column for t in self.spec.tasks]
-
-
-# ---- validation --------------------------------------------------------------------------------
-
-
-def _check_model(spec: JobSpec) -> tuple[int, str | None, int]:
-    from model.images import PREPROCESSOR_FILE, ImageProcessor
-    from model.source import CheckpointError, CheckpointSource
-    from model.tokenizer import Tokenizer
-    from model.weights import load_config, weight_files
-
-    source = spec.model.source
-    where = f"model.source {source!r}"
-    try:
-        src = CheckpointSource.open(source, spec.storage_options(source))
-        config = load_config(src)
-        weight_files(src)
-        tokenizer = Tokenizer.from_pretrained(src)
-        if any(t.uses_image for t in spec.tasks):
-            tokenizer.image_sequence()  # raises when the image token ids are not defined
-            if src.exists(PREPROCESSOR_FILE):
-                size = ImageProcessor.from_pretrained(src).size
-                expected = (config.vision.image_size, config.vision.image_size)
-                if size != expected:
-                    raise JobError(
-                        f"{where}: {PREPROCESSOR_FILE} resizes images to {size[0]}x{size[1]} but the vision tower "
-                        f"takes {expected[0]}x{expected[1]}; use the checkpoint's own {PREPROCESSOR_FILE}"
-                    )
-    except JobError:
-        raise
-    except (CheckpointError, ValueError, OSError) as exc:
-        raise JobError(f"{where} is not a usable checkpoint: {exc}") from exc
-    if tokenizer.vocab_size > config.vocab_size:
-        raise JobError(f"{where}: tokenizer.model has {tokenizer.vocab_size} ids but the model only "
-                       f"{config.vocab_size}; use the tokenizer of this checkpoint")
-    try:
-        weight_bytes = sum(int(src.fs.size(src.path(name))) for name in weight_files(src))
-    except Exception as exc:
-        raise JobError(f"{where}: cannot read the size of its weight files ({exc})") from exc
-    return config.vision.image_size, src.revision, weight_bytes
-
-
-def _check_ids(column: str | None, files: list[InputFile]) -> pa.DataType:
-    """The output id type; every file must have the id column, its types cast losslessly to one."""
-    if not column:
-        return pa.string()  # derived ids (storage.derived_ids)
-    for f in files:
-        if column not in f.schema.names:
-            raise JobError(
-                f"input.id_column {column!r} is not a column of {f.uri} (columns: {', '.join(f.schema.names)}); "
-                f"every input file needs it, since an id must mean the same thing in every output row: add it to "
-                f"that file, set input.id_column to a column all files have, or leave id_column out to derive ids"
-            )
-        t = f.schema.field(column).type
-        if id_transport_type(t) is None:
-            raise JobError(f"input.id_column {column!r} in {f.uri} has nested type {t}; use a string or integer id "
-                           f"column, or leave id_column out to derive ids")
-    types = [f.schema.field(column).type for f in files]
-    try:
-        return id_output_type(types)
-    except ValueError:
-        first = files[0]
-        other = next(f for f in files if f.schema.field(column).type != types[0])
-        raise JobError(
-            f"input.id_column {column!r} is {types[0]} in {first.uri} but {other.schema.field(column).type} in "
-            f"{other.uri}, which do not cast losslessly to one type (integers of any width but uint64 do, and "
-            f"string with large_string); make the id type the same in every file"
-        ) from None
-
-
-def _check_column(spec: JobSpec, role: str, column: str, files: list[InputFile]) -> list[str]:
-    """Fail the job when no file has a usable `role` column; else warnings about the files that lack one.
-
-    Files without a usable column are schema drift, handled per row (storage.py): their rows get
-    error kind column_missing / column_type in the tasks that read the column.
-    """
-    setting = f"input.{role}_column"
-    problems = [(f, column_problem(f.uri, f.schema, role, column)) for f in files]
-    bad = [(f, p) for f, p in problems if p is not None]
-    if len(bad) == len(files):
-        typed = [p for _, p in bad if p.kind == COLUMN_TYPE]
-        if typed:
-            raise JobError(f"no input file has a usable {setting}: {typed[0].message}")
-        first, names = files[0].uri, ", ".join(files[0].schema.names)
-        if len(files) == 1:
-            raise JobError(f"{setting} {column!r} is not a column of {first} (columns: {names}); set {setting} to "
-                           f"one of them")
-        raise JobError(f"{setting} {column!r} is not a column of any of the {len(files)} input files; set {setting} "
-                       f"to a column they have (e.g. {first} has: {names})")
-    readers = [t.output_column for t in spec.tasks if (t.uses_text if role == "text" else t.uses_image)]
-    if not bad or not readers:
-        return []  # a column no task reads is never read, whatever the files hold
-    rows = sum(f.num_rows for f, _ in bad)
-    kinds = sorted({p.kind for _, p in bad})
-    shown = "; ".join(p.message for _, p in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
-    return [(f"{setting} {column!r}: {len(bad)} of {len(files)} input files cannot provide it, so their {rows} rows "
-             f"get error kind {' / '.join(kinds)} in {', '.join(readers)} ({shown})")]
-
-
-def _check_inputs(spec: JobSpec) -> tuple[list[InputFile], pa.DataType, list[str]]:
-    """The input files, the output id type, and warnings about schema drift (handled per row)."""
-    inp = spec.input
-    options = spec.storage_options(inp.paths[0])
-    try:
-        files = read_footers(list_inputs(inp.paths, options), options)
-    except StorageError as exc:
-        raise JobError(str(exc)) from exc
-    id_type = _check_ids(inp.id_column, files)
-    drift = []
-    for role, column in (("text", inp.text_column), ("image", inp.image_column)):
-        if column:
-            drift += _check_column(spec, role, column, files)
-    return files, id_type, drift
-
-
-def _check_output(spec: JobSpec, store: OutputStore, run_hash: str) -> None:
-    try:
-        store.probe()
-    except StorageError as exc:
-        raise JobError(str(exc)) from exc
-    manifest = store.read_json("_job.json")
-    if manifest is None:
-        if store.parts():
-            raise JobError(f"output.path {spec.output.path!r} already holds part files of an unknown job; choose an "
-                           f"empty output path")
-        return
-    if manifest.get("run_config_hash") != run_hash:
-        old, new = manifest.get("run_config", {}), spec.run_config()
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise JobError(
-            f"output.path {spec.output.path!r} holds the output of a job with different settings (changed: "
-            f"{', '.join(changed) or 'format'}); resuming would mix the two. Use a new output.path for these "
-            f"settings, or restore the old ones to resume"
-        )
-
-
-def _family(fs) -> str:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return "file" if protocol in ("file", "local") else protocol
-
-
-def _check_output_outside_inputs(spec: JobSpec, store: OutputStore, files: list[InputFile]) -> None:
-    """Refuse an output directory that the input paths reach: each run would read its own part files
-    as input and add their rows again. Checked on the paths as written (a directory that holds the
-    output, a glob that would match its part files) and on the files listed (one under the output)."""
-    root = store.root.rstrip("/")
-    family = _family(store.fs)
-    part = f"{root}/{PART_PREFIX}{'0' * 32}.parquet"  # what the output's part files look like
-
-    def refuse(path: str) -> JobError:
-        return JobError(
-            f"output.path {spec.output.path!r} is inside input.path {path!r}: every run would read its own output as "
-            f"input and add its rows again. Choose an output.path outside the input, or narrow input.path to a "
-            f"glob (such as .../*.parquet) that does not reach the output's part files")
-
-    for path in spec.input.paths:
-        fs, p = open_fs(path, spec.storage_options(path))
-        if _family(fs) != family:
-            continue
-        p = p.rstrip("/")
-        if any(ch in p for ch in "*?["):
-            if re.match(fsspec.utils.glob_translate(p), part):
-                raise refuse(path)
-        elif root == p or root.startswith(p + "/"):
-            raise refuse(path)
-    for f in files:
-        fs, p = open_fs(f.uri, spec.storage_options(f.uri))
-        if _family(fs) == family and p.startswith(root + "/"):
-            raise refuse(f.uri)
-
-
-def _check_duplicates(spec: JobSpec, files: list[InputFile]) -> dict:
-    """Rows that repeat an earlier id (storage.find_duplicate_ids); with input.unique_ids a JobError."""
-    column = spec.input.id_column
-    if not column:
-        return {}  # derived ids are unique by construction
-    try:
-        found = find_duplicate_ids(files, column, spec.storage_options(spec.input.paths[0]))
-    except StorageError as exc:
-        raise JobError(str(exc)) from exc
-    rows = sum(len(marks) for marks in found.values())
-    if not rows:
-        return found
-    examples = [f"{d.id!r} at {d.first_uri} row {d.first_row} and {uri} row {row}"
-                for uri, marks in found.items() for row, d in sorted(marks.items())][:3]
-    more = f"; and {rows - len(examples)} more" if rows > len(examples) else ""
-    if spec.input.unique_ids:
-        raise JobError(f"input.unique_ids = true, but {rows} row(s) repeat an earlier id of input.id_column "
-                       f"{column!r}: {'; '.join(examples)}{more}. Make the ids unique, or set input.unique_ids = false "
-                       f"to run with the later rows as duplicate_id error rows")
-    print(f"warning: {rows} row(s) repeat an earlier id of input.id_column {column!r}; each becomes a duplicate_id "
-          f"error row naming the first: {'; '.join(examples)}{more}", file=sys.stderr, flush=True)
-    return found
-
-
-def validate(spec: JobSpec) -> Validated:
-    """Every check that needs no GPU; raises JobError with the fix."""
-    run_hash = spec.run_config_hash()
-    image_size, revision, weight_bytes = _check_model(spec)
-    files, id_type, drift = _check_inputs(spec)
-    for warning in drift:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
-    try:
-        store = OutputStore(spec.output.path, spec.storage_options(spec.output.path))
-    except StorageError as exc:
-        raise JobError(str(exc)) from exc
-    _check_output_outside_inputs(spec, store, files)
-    _check_output(spec, store, run_hash)
-    duplicates = _check_duplicates(spec, files)
-    units = make_units(files, spec.output.rows_per_file, run_hash, duplicates)
-    return Validated(spec=spec, files=tuple(files), units=tuple(units), id_type=id_type, image_size=image_size,
-                     model_revision=revision, run_hash=run_hash, store=store, weight_bytes=weight_bytes,
-                     drift=tuple(drift), duplicate_rows=sum(len(m) for m in duplicates.values()))
-
-
-# ---- running -----------------------------------------------------------------------------------
+    actor_cls: type | None = None  # a subclass of build.InferActor run as the model actor (fault injection)
+    on_commit_step: Callable[[str, int], None] | None = None  # called at each commit.COMMIT_STEPS step
 
 
 class ClusterError(JobError):
@@ -407,79 +156,6 @@ def make_plan(v: Validated, todo: list[Unit]) -> build.Plan:
     )
 
 
-class Committer:
-    """Buffers rows per unit as they stream back; publishes a unit once all its rows are there."""
-
-    def __init__(self, v: Validated, todo: list[Unit], signals: "_StopOnSignals | None" = None):
-        self.v = v
-        self.signals = signals  # holds a stop signal back while a unit is being committed
-        self.units = {u.key: u for u in todo}
-        self.parts: dict[str, list[pa.Table]] = defaultdict(list)
-        self.seen: dict[str, set[int]] = defaultdict(set)
-        self.stats = reports.RunStats()
-        self.duplicates = 0
-        self.committed: set[str] = set()
-        self.schema = C.output_schema(v.output_columns, v.id_type)
-        self.commits_started = 0
-        self.fault = self._fault_point(os.environ.get(FAULT_ENV))
-
-    @staticmethod
-    def _fault_point(value: str | None) -> tuple[str, int] | None:
-        """(step, n) from the test fault hook's value "STEP:N", or None when it is unset."""
-        if not value:
-            return None
-        step, _, n = value.partition(":")
-        if step not in FAULT_STEPS or not n.isdigit() or int(n) < 1:
-            raise RuntimeError(f"{FAULT_ENV}={value!r} must be STEP:N with STEP one of {', '.join(FAULT_STEPS)} "
-                               f"and N >= 1 (a fault hook for tests; unset it)")
-        return step, int(n)
-
-    def _maybe_crash(self, step: str) -> None:
-        """The test fault hook: die here, as a killed driver would, without any cleanup."""
-        if self.fault == (step, self.commits_started):
-            print(f"{FAULT_ENV}={step}:{self.commits_started}: exiting abruptly", flush=True)
-            os._exit(FAULT_EXIT_CODE)
-
-    def add(self, batch: pa.Table) -> None:
-        keys = batch.column(C.UNIT).to_pylist()
-        rows = batch.column(C.ROW).to_pylist()
-        by_unit: dict[str, list[int]] = defaultdict(list)
-        for i, (key, row) in enumerate(zip(keys, rows)):
-            if key not in self.units:
-                raise RuntimeError(f"a row of unknown unit {key} came back from the plan")
-            if key in self.committed or row in self.seen[key]:
-                self.duplicates += 1  # a retried task's second copy: keep the first
-                continue
-            self.seen[key].add(row)
-            by_unit[key].append(i)
-        for key, indices in by_unit.items():
-            self.parts[key].append(batch.take(pa.array(indices, type=pa.int64())))
-            if len(self.seen[key]) == self.units[key].rows:
-                if self.signals is None:
-                    self.commit(key)
-                else:
-                    with self.signals.commit():
-                        self.commit(key)
-
-    def commit(self, key: str) -> None:
-        self.commits_started += 1
-        table = pa.concat_tables(self.parts.pop(key))
-        table = table.take(pc.sort_indices(table, sort_keys=[(C.ROW, "ascending")]))
-        table = table.append_column(C.INPUT_FILE, pa.array([self.units[key].uri] * table.num_rows, pa.string()))
-        table = table.append_column(C.INPUT_ROW, table.column(C.ROW))
-        table = pa.table([table.column(f.name).cast(f.type) for f in self.schema], schema=self.schema)
-        store, compression = self.v.store, self.v.spec.output.compression
-        self._maybe_crash("before-publish")
-        store.publish(key, table, compression)
-        self._maybe_crash("after-publish")
-        stats = reports.unit_stats(table, self.v.output_columns)
-        store.mark_done(key, stats)
-        self.stats.add(stats)
-        del self.seen[key]
-        self.committed.add(key)
-        self._maybe_crash("after-done")
-
-
 def _stuck_model_message(exc: Exception, spec: JobSpec, committed: str) -> str | None:
     """What to tell the user when the plan failed because model calls kept dying or nothing moved.
 
@@ -565,7 +241,7 @@ class _StopOnSignals:
             raise Interrupted(self.pending)
 
 
-def run_job(spec: JobSpec, address: str | None = None) -> dict:
+def run_job(spec: JobSpec, address: str | None = None, hooks: RunHooks | None = None) -> dict:
     """Run (or resume) a job; returns the run report (also written and printed).
 
     SIGINT or SIGTERM stops it: what was committed stays, the report is written with "interrupted",
@@ -574,10 +250,10 @@ def run_job(spec: JobSpec, address: str | None = None) -> dict:
     """
     signals = _StopOnSignals()
     with signals.active():
-        return _run(spec, address, signals)
+        return _run(spec, address, signals, hooks or RunHooks())
 
 
-def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals) -> dict:
+def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: RunHooks) -> dict:
     started = time.perf_counter()
     try:
         v = validate(spec)
@@ -604,7 +280,8 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals) -> dict:
     print(f"Job {spec.origin}: {rows_in} rows in {len(v.files)} file(s) -> {len(v.units)} unit(s); "
           f"{len(v.units) - len(todo)} already done, {len(todo)} to compute", flush=True)
 
-    committer = Committer(v, todo, signals)
+    committer = Committer(v.store, C.output_schema(v.output_columns, v.id_type), spec.output.compression, todo,
+                          v.output_columns, on_step=hooks.on_commit_step, guard=signals.commit)
     compute_started = time.perf_counter()
     connected_here = False
     retracted = (0, 0)
@@ -628,7 +305,7 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals) -> dict:
             fixed_size = _connect(address)
             signals.take_back()
             _check_capacity(spec, fixed_size=fixed_size)
-            _stream(spec, v, todo, committer, compute_started)
+            _stream(spec, v, todo, committer, compute_started, hooks)
         retracted = store.retract(plan_keys, done)
     except Interrupted as stop:
         result = report(interrupted=stop.name)
@@ -662,7 +339,8 @@ def _disconnect() -> None:
         pass
 
 
-def _stream(spec: JobSpec, v: Validated, todo: list[Unit], committer: "Committer", compute_started: float) -> None:
+def _stream(spec: JobSpec, v: Validated, todo: list[Unit], committer: Committer, compute_started: float,
+            hooks: RunHooks) -> None:
     """Stream the plan through the committer until every unit of `todo` is committed."""
     if not sys.stdout.isatty():
         # Off a terminal (batch logs, CI), Ray Data logs a block of lines per operator every few
@@ -670,7 +348,7 @@ def _stream(spec: JobSpec, v: Validated, todo: list[Unit], committer: "Committer
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = build.build_dataset(make_plan(v, todo))
+    ds = build.build_dataset(make_plan(v, todo), actor_cls=hooks.actor_cls or build.InferActor)
     last = time.perf_counter()
     total_rows = sum(u.rows for u in todo)
     try:

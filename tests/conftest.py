@@ -62,10 +62,14 @@ def ray_cluster(tmp_path_factory):
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    # Armed by a test that creates this file: the next model actor call dies (pipeline/faults.py).
+    # The fault hooks of tests/helpers/actor_faults.py run inside the model actors of runs that ask for
+    # them (hooks=FAULTY): Ray's workers import them as helpers.actor_faults, so tests/ goes on their path.
+    tests_dir = str(Path(__file__).resolve().parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
+    # Armed by a test that creates this file: the next model actor call dies.
     faults = tmp_path_factory.mktemp("faults")
     os.environ["T5G2_FAULT_ACTOR_EXIT_FILE"] = str(faults / "kill-one-actor")
-    # The other actor fault hooks of pipeline/faults.py, armed the same way (tests/pipeline/test_actor_faults.py).
+    # The other actor fault hooks, armed the same way (tests/pipeline/test_actor_faults.py).
     os.environ["T5G2_FAULT_ACTOR_EXIT_EVERY_FILE"] = str(faults / "actor-exit-every")
     os.environ["T5G2_FAULT_ACTOR_EXIT_MID_BATCH_FILE"] = str(faults / "actor-exit-mid-batch")
     os.environ["T5G2_FAULT_ACTOR_HANG_FILE"] = str(faults / "actor-hang")

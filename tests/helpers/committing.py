@@ -1,10 +1,10 @@
-"""A bench for pipeline.run.Committer without Ray or a checkpoint: a real Validated and finished rows.
+"""A bench for pipeline.commit.Committer without Ray or a checkpoint: a real Validated and finished rows.
 
 `bench(output_path, files)` builds the Validated that run.validate would return for a job over
 input files of the given sizes: a real JobSpec (parsed from a job file), real units
-(storage.make_units) and a real OutputStore on `output_path` (a local directory or an s3:// URI;
+(inputs.make_units) and a real OutputStore on `output_path` (a local directory or an s3:// URI;
 give `storage` for the endpoint). The checkpoint and the input files are never opened, so tests of
-the commit protocol run in milliseconds. `finished_rows(v, unit, rows)` gives rows of a unit as
+the commit protocol run in milliseconds. `committer(v)` makes the run's Committer; `finished_rows(v, unit, rows)` gives rows of a unit as
 the plan hands them to the committer (internal __unit/__row columns plus every output column).
 `part_ids(store)` reads back the ids of every part file.
 
@@ -18,9 +18,10 @@ import pyarrow.parquet as pq
 
 from helpers.pipeline_data import job_toml
 from operators import columns as C
-from pipeline.run import Validated
+from pipeline.commit import Committer, OutputStore
+from pipeline.inputs import InputFile, Unit, derived_ids, make_units
 from pipeline.spec import load_job
-from pipeline.storage import InputFile, OutputStore, Unit, derived_ids, make_units
+from pipeline.validate import Validated
 
 ONE_TASK = """
 [[task]]
@@ -40,6 +41,12 @@ def bench(output_path: str, files: list[tuple[str, int]], rows_per_file: int = 4
     return Validated(spec=spec, files=tuple(inputs), units=tuple(make_units(inputs, rows_per_file, run_hash)),
                      id_type=pa.string(), image_size=32, model_revision=None, run_hash=run_hash, store=store,
                      weight_bytes=0)
+
+
+def committer(v: Validated, todo: list[Unit] | None = None, **hooks) -> Committer:
+    """The Committer run.py would make for `v` (all its units unless `todo`); `hooks` as Committer takes."""
+    return Committer(v.store, C.output_schema(v.output_columns, v.id_type), v.spec.output.compression,
+                     list(v.units) if todo is None else todo, v.output_columns, **hooks)
 
 
 def unit_ids(unit: Unit) -> list[str]:

@@ -2,7 +2,7 @@
 calls and in the middle of a batch, injected device out-of-memory, calls that hang, a process that
 freezes, and a two-node cluster that loses one node's workers mid-job.
 
-Faults come from the test-only hooks of pipeline/faults.py (files named by T5G2_FAULT_* variables,
+Faults come from the test-only hooks of tests/helpers/actor_faults.py (files named by T5G2_FAULT_* variables,
 set for the session's Ray in tests/conftest.py); every fault that fires leaves a line in
 "<file>.fired", so each test also proves its faults really happened. Outputs are compared with a
 clean run of the same input: generation is batch-invariant, so a run that survived faults must give
@@ -23,14 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import ray.data
-from helpers.pipeline_data import job_toml, mixed_rows, write_inputs
 
+from helpers import actor_faults as fault_hooks
+from helpers.pipeline_data import job_toml, mixed_rows, write_inputs
 from operators import columns as C
 from pipeline import build
-from pipeline import faults as fault_hooks
-from pipeline.run import run_job
+from pipeline import run as run_module
+from pipeline.commit import DONE_DIR, PART_PREFIX
 from pipeline.spec import load_job
-from pipeline.storage import DONE_DIR, PART_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("caption", "summary", "german")
@@ -38,6 +38,11 @@ POISON_ID = "good-005"
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+
+
+def run_job(spec, **kwargs):
+    """A run whose model actors are FaultyInferActor (tests/helpers/actor_faults.py)."""
+    return run_module.run_job(spec, hooks=fault_hooks.FAULTY, **kwargs)
 
 
 @pytest.fixture

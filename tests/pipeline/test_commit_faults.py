@@ -1,7 +1,7 @@
 """Faults at every step of the exactly-once commit, and writes that die half way (issue #5, points 2, 3).
 
-Driver death: a driver process joins the session's Ray and is killed (the T5G2_FAULT_EXIT_AT hook of
-pipeline/run.py, os._exit) before a unit's part file is published, after it is published but
+Driver death: a driver process joins the session's Ray and is killed (tests/helpers/crash_driver.py:
+os._exit from the run's commit-step callback) before a unit's part file is published, after it is published but
 before its done-marker, or after the marker. The rerun must leave exactly one row per id, no
 unmarked part file and no scratch, and must not recompute what was recorded done.
 
@@ -27,12 +27,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from helpers.committing import bench, finished_rows, part_ids, unit_ids
+from helpers.committing import bench, committer, finished_rows, part_ids, unit_ids
+from helpers.crash_driver import CRASH_EXIT_CODE
 from helpers.pipeline_data import job_toml, mixed_rows, write_inputs
 from operators import columns as C
-from pipeline.run import FAULT_ENV, FAULT_EXIT_CODE, FAULT_STEPS, Committer, run_job
+from pipeline.commit import COMMIT_STEPS, DONE_DIR, TMP_DIR
+from pipeline.run import run_job
 from pipeline.spec import load_job
-from pipeline.storage import DONE_DIR, TMP_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 TEXT_ONLY = """
@@ -63,7 +64,7 @@ def _ids_of_all_parts(out: Path) -> list:
 # before-publish also crashes at the first, before any output at all is published.
 @pytest.mark.parametrize("step, crash_at", [
     pytest.param(s, n, marks=[] if s == "after-publish" else [pytest.mark.slow], id=f"{s}:{n}")
-    for s, n in [(FAULT_STEPS[0], 1)] + [(s, 2) for s in FAULT_STEPS]])
+    for s, n in [(COMMIT_STEPS[0], 1)] + [(s, 2) for s in COMMIT_STEPS]])
 def test_driver_killed_at_each_commit_step_resumes_exactly_once(step, crash_at, ray_cluster, tiny_checkpoint,
                                                                  tmp_path):
     rows = mixed_rows(good=12)[0][:12]
@@ -72,10 +73,10 @@ def test_driver_killed_at_each_commit_step_resumes_exactly_once(step, crash_at, 
     job = tmp_path / "job.toml"
     job.write_text(job_toml(str(tiny_checkpoint), f"{tmp_path}/in/*.parquet", str(out), tasks=TEXT_ONLY,
                             rows_per_file=2))
-    env = dict(os.environ, **{FAULT_ENV: f"{step}:{crash_at}"})
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(job), "--address", ray_cluster],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == FAULT_EXIT_CODE, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = subprocess.run([sys.executable, "-m", "helpers.crash_driver", f"{step}:{crash_at}", str(job), ray_cluster],
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == CRASH_EXIT_CODE, proc.stdout[-2000:] + proc.stderr[-4000:]
 
     crashed = _state(out)
     done_before = crash_at if step == "after-done" else crash_at - 1
@@ -109,12 +110,12 @@ def test_driver_killed_at_each_commit_step_resumes_exactly_once(step, crash_at, 
         assert after["parts"][key].st_mtime_ns > crashed["parts"][key].st_mtime_ns
 
 
-def test_a_malformed_fault_hook_is_refused(monkeypatch, tmp_path):
-    v = bench(str(tmp_path / "out"), [("file:///in/a.parquet", 4)])
-    for value in ("3", "after-done", "after-done:0", "mid-publish:1"):
-        monkeypatch.setenv(FAULT_ENV, value)
-        with pytest.raises(RuntimeError, match=f"{FAULT_ENV}=.* must be STEP:N"):
-            Committer(v, list(v.units))
+def test_a_malformed_crash_point_is_refused():
+    from helpers.crash_driver import crash_at
+
+    for step, n in (("after-done", 0), ("mid-publish", 1)):
+        with pytest.raises(ValueError, match="STEP must be one of"):
+            crash_at(step, n)
 
 
 # ---- writes that die half way ----------------------------------------------------------------
@@ -173,13 +174,13 @@ def test_a_part_file_that_dies_half_way_leaves_nothing_and_a_rerun_repairs(outpu
     v.store.probe()  # as validation does: a local output directory now exists
     unit = v.units[0]
     with pytest.raises(Exception, match="the writer died"):  # as it is, or wrapped by the store
-        Committer(v, [unit]).add(finished_rows(v, unit))
+        committer(v, [unit]).add(finished_rows(v, unit))
     assert visible(v.store) == []  # no part file at its final name, no marker
     assert v.store.done() == {} and v.store.parts() == []
 
     writer_dies_half_way.clear()  # the rerun: cleans up as run_job does, then commits
     v.store.clean_leftovers({unit.key})
-    Committer(v, [unit]).add(finished_rows(v, unit))
+    committer(v, [unit]).add(finished_rows(v, unit))
     assert visible(v.store) == [f"_done/{unit.key}.json", f"part-{unit.key}.parquet"]
     assert part_ids(v.store) == {unit.key: unit_ids(unit)}
     assert v.store.done()[unit.key]["rows"] == 6
@@ -207,7 +208,7 @@ sys.path.insert(0, "tests")
 import pyarrow.parquet as pq
 from helpers.committing import bench, finished_rows
 from operators import columns as C
-from pipeline.run import Committer
+from helpers.committing import committer
 
 v = bench(sys.argv[1], [("file:///in/a.parquet", 200)], rows_per_file=200)
 unit = v.units[0]
@@ -219,7 +220,7 @@ limit = len(whole.getvalue()) // 2
 # as a full disk would. Python ignores SIGXFSZ, so the failing write raises OSError.
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:
-    Committer(v, [unit]).add(table)
+    committer(v, [unit]).add(table)
 except Exception as exc:  # the store wraps the OSError (in a StorageError, itself an OSError without errno)
     while exc is not None and getattr(exc, "errno", None) is None:
         exc = exc.__cause__ or exc.__context__
@@ -243,7 +244,7 @@ def test_a_local_disk_that_fails_mid_file_leaves_nothing_and_a_rerun_repairs(tmp
     assert all(p.stat().st_size <= limit for p in scratch)  # a half file may stay in scratch, never elsewhere
 
     v.store.clean_leftovers({unit.key})
-    Committer(v, [unit]).add(finished_rows(v, unit))
+    committer(v, [unit]).add(finished_rows(v, unit))
     assert not list((out / TMP_DIR).iterdir())
     assert part_ids(v.store) == {unit.key: unit_ids(unit)} and unit.key in v.store.done()
 
@@ -272,12 +273,12 @@ def test_a_failed_s3_upload_leaves_nothing_and_a_rerun_repairs(s3):
         events.register(name, fail_part_uploads)
     try:
         with pytest.raises(Exception, match="UploadFailed|results/run"):
-            Committer(v, [unit]).add(finished_rows(v, unit))
+            committer(v, [unit]).add(finished_rows(v, unit))
     finally:
         for name in names:
             events.unregister(name, fail_part_uploads)
     assert failed and visible(v.store) == []  # the upload was tried; nothing is there, no marker
 
     v.store.clean_leftovers({unit.key})
-    Committer(v, [unit]).add(finished_rows(v, unit))
+    committer(v, [unit]).add(finished_rows(v, unit))
     assert part_ids(v.store) == {unit.key: unit_ids(unit)} and unit.key in v.store.done()

@@ -2,7 +2,7 @@
 
 The session's Ray (tests/conftest.py) is started with num_gpus=2, which Ray accepts without any
 GPU: it schedules by those resources and sets CUDA_VISIBLE_DEVICES for each actor as it would on
-real devices. The model cannot go to CUDA here, so the placement probe of pipeline/faults.py
+real devices. The model cannot go to CUDA here, so the placement probe of tests/helpers/actor_faults.py
 (armed by creating the directory its variable names) makes every model actor write down what Ray
 gave it (its GPU ids, CUDA_VISIBLE_DEVICES, the device it would use) and run the model on CPU.
 """
@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import ray
 
+from helpers import actor_faults as fault_hooks
 from helpers.pipeline_data import job_toml, mixed_rows, write_inputs
 from pipeline import build
-from pipeline import faults as fault_hooks
 from pipeline import run as run_module
-from pipeline.run import run_job
 from pipeline.spec import JobError, load_job
 
 TASK = """
@@ -29,6 +28,11 @@ TASK = """
 kind = "summarize"
 max_new_tokens = 2
 """
+
+
+def run_job(spec):
+    """A run whose model actors carry the placement probe (FaultyInferActor)."""
+    return run_module.run_job(spec, hooks=fault_hooks.FAULTY)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Hostile inputs at scale (issue #5, point 7): schema drift across shards and every kind of bad row.
 
-The policy under test (pipeline/storage.py, "schema drift"): a shard without the text or image
+The policy under test (pipeline/inputs.py, "schema drift"): a shard without the text or image
 column, or with it in an unusable type, turns its rows into column_missing / column_type errors of
 the tasks that read that column while its other tasks run; compatible type changes (string /
 large_string / binary / dictionary text; binary / large_binary / {bytes, path} images; extra
@@ -35,9 +35,10 @@ from model.tokenizer import Tokenizer
 from operators import columns as C
 from operators.prepare import Prepare
 from pipeline import build
-from pipeline.run import run_job, validate
+from pipeline.inputs import id_output_type, read_unit
+from pipeline.run import run_job
 from pipeline.spec import JobError, load_job
-from pipeline.storage import id_output_type, read_unit
+from pipeline.validate import validate
 
 # The peak resident memory every Ray worker process (read/prepare/finish workers, the model actor,
 # Ray's agents) must stay under while it runs the hostile corpus. Measured on the 2-core CPU box

@@ -4,7 +4,7 @@
     any duplicates (a retried task delivers rows again, before or after its unit is committed) and
     possibly some rows never arriving, give part files that hold each delivered unit's ids exactly
     once, in row order; every complete unit is committed exactly once and no incomplete unit is.
-  * Output names: storage.make_units keys, and the part and marker paths built from them, are
+  * Output names: inputs.make_units keys, and the part and marker paths built from them, are
     distinct for distinct (run hash, input URI, start, stop), whatever characters the URIs hold,
     and are made of [0-9a-f] only.
 
@@ -25,8 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers.committing import bench, finished_rows, part_ids, unit_ids
-from pipeline.run import Committer
-from pipeline.storage import DONE_DIR, InputFile, OutputStore, make_units
+from helpers.committing import committer as make_committer
+from pipeline.commit import DONE_DIR, OutputStore
+from pipeline.inputs import InputFile, make_units
 
 HEX_KEY = re.compile(r"[0-9a-f]{32}")
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -65,7 +66,7 @@ def test_any_split_order_and_duplicates_commit_each_row_exactly_once(case):
         everything = pa.concat_tables([finished_rows(v, u) for u in todo])
         position = {(u.key, r): i for i, (u, r) in enumerate((u, r) for u in todo for r in range(u.start, u.stop))}
 
-        committer = Committer(v, todo)
+        committer = make_committer(v, todo)
         for batch in batches:
             committer.add(everything.take(pa.array([position[(u.key, r)] for u, r in batch], pa.int64())))
 
@@ -122,7 +123,7 @@ def test_a_unit_delivered_again_after_its_commit_is_not_committed_again():
     """The retry case the property above draws only sometimes, always: a one-row unit, twice."""
     with tempfile.TemporaryDirectory() as tmp:
         v = bench(f"{tmp}/out", [("s3://corpus/one.parquet", 1)], rows_per_file=1)
-        committer = Committer(v, list(v.units))
+        committer = make_committer(v)
         committer.add(finished_rows(v, v.units[0]))
         first = pq.read_metadata(v.store.part_path(v.units[0].key)).num_rows
         committer.add(finished_rows(v, v.units[0]))

@@ -13,10 +13,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from helpers.actor_faults import FAULTY
+from helpers.crash_driver import CRASH_EXIT_CODE
 from helpers.pipeline_data import job_toml, mixed_rows, write_inputs
 from operators import columns as C
 from pipeline import run as run_module
-from pipeline.run import FAULT_ENV, FAULT_EXIT_CODE, run_job
+from pipeline.run import run_job
 from pipeline.spec import JobError, load_job
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,10 +122,10 @@ def test_resume_after_killed_driver(ray_cluster, tiny_checkpoint, dataset, tmp_p
     job.write_text(job_toml(str(tiny_checkpoint), f"{tmp_path}/in/*.parquet", str(out), rows_per_file=3))
 
     # Run 1: a separate driver process joins the session's Ray and dies abruptly after 3 commits.
-    env = dict(os.environ, **{FAULT_ENV: "after-done:3"})
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(job), "--address", ray_cluster],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == FAULT_EXIT_CODE, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = subprocess.run([sys.executable, "-m", "helpers.crash_driver", "after-done:3", str(job), ray_cluster],
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == CRASH_EXIT_CODE, proc.stdout[-2000:] + proc.stderr[-4000:]
     markers = list((out / "_done").glob("*.json"))
     assert len(markers) == 3
     committed_rows = sum(json.loads(m.read_text())["rows"] for m in markers)
@@ -262,7 +264,7 @@ def test_a_dying_model_actor_still_gives_exactly_one_row_per_input(ray_cluster, 
     fault = Path(os.environ["T5G2_FAULT_ACTOR_EXIT_FILE"])
     fault.write_text("armed")  # the first actor call that finds it dies; Ray restarts and retries
     out = tmp_path / "out"
-    report = run_job(load_job(job_toml(str(tiny_checkpoint), f"{tmp_path}/in/*.parquet", str(out))))
+    report = run_job(load_job(job_toml(str(tiny_checkpoint), f"{tmp_path}/in/*.parquet", str(out))), hooks=FAULTY)
     assert not fault.exists()  # it fired
     assert report["rows_out"] == len(rows) and report["complete"]
     check_output(read_output(str(out)), rows, expected)

@@ -11,8 +11,11 @@ import pytest
 
 from helpers.pipeline_data import IMAGE_STRUCT
 from operators import columns as C
-from pipeline import storage
-from pipeline.storage import OutputStore, StorageError, list_inputs, make_units, read_footers, read_unit
+from pipeline import commit
+from pipeline import inputs as input_module
+from pipeline.commit import OutputStore
+from pipeline.inputs import list_inputs, make_units, read_footers, read_unit
+from pipeline.paths import StorageError
 
 
 def _table(n: int, offset: int = 0) -> pa.Table:
@@ -70,7 +73,7 @@ def test_read_unit_reads_a_row_range_and_only_needed_columns(inputs):
     # Without an id column, ids derive from the file and the row: stable, distinct per file.
     derived = pa.concat_tables(read_unit(unit, {"text": "text"}, {}, block_rows=100)).column(C.ID).to_pylist()
     again = pa.concat_tables(read_unit(unit, {"text": "text"}, {}, block_rows=100)).column(C.ID).to_pylist()
-    other = storage.derived_ids(f"file://{inputs}/sub/b.parquet", 6, 17).to_pylist()
+    other = input_module.derived_ids(f"file://{inputs}/sub/b.parquet", 6, 17).to_pylist()
     assert derived == again and len(set(derived)) == 11 and not set(derived) & set(other)
     assert all(str(inputs) not in d for d in derived)
 
@@ -102,7 +105,7 @@ def test_local_publish_never_exposes_a_partial_file(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("power cut")
 
-    monkeypatch.setattr(storage.os, "replace", crash)
+    monkeypatch.setattr(commit.os, "replace", crash)
     with pytest.raises(OSError):
         store.publish("k", pa.table({"x": [1]}), "zstd")
     assert not os.path.exists(store.part_path("k"))  # only scratch is left, and a rerun removes it
@@ -154,13 +157,13 @@ def test_duplicate_ids_are_found_exactly_first_occurrence_kept(tmp_path):
 
     a = write("a.parquet", ["x", None, "y", "x", None], pa.string())
     b = write("b.parquet", ["y", "z", "x"], pa.large_string())  # string and large_string ids compare alike
-    found = storage.find_duplicate_ids(read_footers([a, b], {}), "id", {})
+    found = input_module.find_duplicate_ids(read_footers([a, b], {}), "id", {})
     assert {uri: sorted(rows) for uri, rows in found.items()} == {a: [3], b: [0, 2]}  # nulls repeat nothing
     assert (found[b][0].first_uri, found[b][0].first_row) == (a, 2)
     assert (found[b][2].first_uri, found[b][2].first_row) == (a, 0)
     assert "appears earlier in the input, at" in found[a][3].message()
     ints = [write("c.parquet", [5, 6, 7], pa.int32()), write("d.parquet", [7, 8], pa.int64())]
-    found = storage.find_duplicate_ids(read_footers(ints, {}), "id", {})
+    found = input_module.find_duplicate_ids(read_footers(ints, {}), "id", {})
     assert {uri: sorted(rows) for uri, rows in found.items()} == {ints[1]: [0]}
     units = make_units(read_footers(ints, {}), 10, "h", found)
     assert units[0].duplicates == () and units[1].duplicates[0][0] == 0

@@ -20,9 +20,9 @@ from helpers.s3_faults import DENIED, READ, SLOWDOWN, STALL, WRITE, S3FaultProxy
 from operators import columns as C
 from pipeline import build
 from pipeline import run as run_module
+from pipeline.paths import StorageError
 from pipeline.run import run_job
 from pipeline.spec import S3_CONFIG_DEFAULTS, JobError, load_job
-from pipeline.storage import StorageError
 
 OUTPUT = "results/run"
 SUMMARIZE_ONLY = """
@@ -69,10 +69,10 @@ def at_plan_start(monkeypatch):
     actions = []
     real = build.build_dataset
 
-    def build_dataset(plan):
+    def build_dataset(plan, **kwargs):
         for action in actions:
             action()
-        return real(plan)
+        return real(plan, **kwargs)
 
     monkeypatch.setattr(build, "build_dataset", build_dataset)
     return actions

@@ -1,12 +1,15 @@
-"""Fault hooks of the model actors: for tests, never set in production.
+"""Fault hooks of the model actors, for tests: FaultyInferActor, a pipeline.build.InferActor that
+crashes, hangs or runs out of device memory on purpose, and a placement probe.
 
-The reliability tests (tests/pipeline/test_actor_faults.py, test_run.py) make model actors crash,
-hang or run out of device memory on purpose, inside real Ray actor processes, to prove the
-pipeline still writes every row exactly once. Everything here is inert unless one of the
-variables below is set in the environment of the Ray workers; build.InferActor creates
-`ActorFaults` only then.
+The reliability tests (tests/pipeline/test_actor_faults.py, test_run.py, test_gpu_placement.py) run
+jobs with `run_job(spec, hooks=FAULTY)`, so the plan's model actors are FaultyInferActor, inside
+real Ray actor processes, to prove the pipeline still writes every row exactly once. Production
+code never imports this module. Ray's workers import it as `helpers.actor_faults` (tests/conftest.py
+puts tests/ on the PYTHONPATH of the session's Ray), and each hook is inert unless its variable
+below is set in the environment of the Ray workers and its file armed.
 
-Not here: the hang guard and retry limits themselves (build.py), the driver's crash hook (run.py).
+Not here: the hang guard and retry limits themselves (pipeline/build.py), the driver's crash hook
+(tests/helpers/crash_driver.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import pyarrow as pa
 
 from operators import columns as C
 from operators.infer import InferTask
+from pipeline.build import InferActor
+from pipeline.run import RunHooks
 
 # Each variable names a file that arms its fault while it exists, so a test can arm and disarm
 # faults in model actors that were started long before (Ray's workers inherit the environment of
@@ -97,6 +102,35 @@ def placement_probe(gpu_ids: list, would_use: str) -> bool:
     with open(os.path.join(directory, f"{os.getpid()}.json"), "w") as f:
         json.dump(record, f)
     return True
+
+
+class FaultyInferActor(InferActor):
+    """The model actor with the hooks above: the production actor plus whatever the armed files say."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.faults = ActorFaults.if_armed(self.model, self.tasks, self.pixel_shape)
+
+    @staticmethod
+    def choose_device(gpus_per_actor: float) -> str:
+        import ray
+
+        from pipeline.build import actor_device
+
+        gpu_ids = ray.get_gpu_ids() if gpus_per_actor > 0 else []
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if placement_probe(gpu_ids, actor_device(gpus_per_actor, gpu_ids, True, visible)):
+            return "cpu"  # placement recorded; the model runs on CPU on this machine without CUDA
+        return InferActor.choose_device(gpus_per_actor)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        with self.watchdog.watching(batch.num_rows):  # the hang guard sees the injected hangs too
+            if self.faults is not None:
+                self.faults.before_call(batch)
+            return super(InferActor, self).__call__(batch)
+
+
+FAULTY = RunHooks(actor_cls=FaultyInferActor)  # run_job(spec, hooks=FAULTY): a run whose actors take faults
 
 
 class ActorFaults:

@@ -1,19 +1,4 @@
-"""Storage: input listing and reading by unit of work, and the exactly-once output commit.
-
-Why our own commit protocol, and not Ray Data's CheckpointConfig (tried first, ray 2.60):
-  * its checkpoint filter runs inside the read operator on an id column of the input, so a job
-    without an id column (ids derived from file and row) cannot use it at all;
-  * its file sink writes each data file straight to its final name, prefixed by a per-run write
-    id, and files of uncommitted ("pending") checkpoints are deleted only by a later run: until
-    then, and while a file is being written, readers of the output directory see partial files or
-    rows that the rerun writes again under another name (research.md: ray PR 61047, ray 55043,
-    s3fs 154);
-  * a resume loads every finished id into driver memory and still re-reads all input (ray 60200,
-    65891).
-  A trial here (8 input files with an id column -> map -> write_parquet, driver killed mid-run)
-  confirmed it: the plan wrote its output from one write task at the end, so the kill lost all
-  work, and each run named its files with a new write id. So the commit is ours, as below; it
-  needs no id column and re-reads no finished input.
+"""Input: listing the files, their footers and identities, units of work, ids, reading a unit.
 
 The unit of work is a fixed row range of one input file ([start, stop), rows_per_file rows, from
 the Parquet footer's row count). Its key is a hash of (run config hash, input URI, the file's
@@ -21,25 +6,7 @@ identity as stored, start, stop, the unit's duplicate-id marks), so the same job
 input always names the same units, a file that changed (rewritten, grown, shrunk) gets new units,
 and an output name never holds an id or an input path. A file's identity is its size plus its
 ETag where the store gives one (S3, GCS, Azure), else its modification time (local disks); see
-file_identity. Output layout under [output].path:
-
-  part-<key>.parquet     one unit's rows, published whole: written to _tmp/ then renamed (local
-                         disks), or sent as one PUT (object stores: a single request creates the
-                         object at once, or not at all). No reader ever sees a partial file.
-  _done/<key>.json       the done-marker, written after the part file; holds the unit's counts
-  _job.json              the run config the directory belongs to; another config is refused
-  _report.json           the latest run report
-  _tmp/                  scratch for local renames; emptied at the start of each run
-
-A rerun lists the markers and skips those units without reading their input. A part file without
-a marker (a crash between publish and marker) is recomputed and replaced in one step under the
-same name, so nothing is ever duplicated and its rows never vanish meanwhile; unmarked part files
-of units the job no longer has and scratch files are deleted at the start of a run. Part files
-and markers of units the plan no longer has (their file changed, was renamed or removed) are
-retracted at the end of a run that committed everything (OutputStore.retract), so after a
-successful run the output mirrors the current input: one row per input row, none for rows that
-are gone. Readers (pyarrow.dataset, Spark, DuckDB) skip names starting with "_", so they see only
-part files.
+file_identity.
 
 Duplicate ids (an id_column whose value repeats) are found before any work by find_duplicate_ids,
 which reads only the id column of every file and keeps 16 bytes per input row in the driver (a
@@ -47,58 +14,28 @@ which reads only the id column of every file and keeps 16 bytes per input row in
 about 160 MB, for the few seconds of the scan. The first occurrence in (file, row) order keeps
 its result; every later one becomes an error row of kind "duplicate_id" naming the first.
 
-Not here: the Ray plan (build.py), what the columns mean (operators/columns.py).
+Input files drift across a corpus (a column goes missing or changes type): the schema-drift
+policy below decides, per file, what becomes a per-row error and what fails the job.
+
+Not here: the output and its commit (commit.py), the Ray plan (build.py), what the columns mean
+(operators/columns.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from operators import columns as C
 
-PART_PREFIX = "part-"
-DONE_DIR = "_done"
-TMP_DIR = "_tmp"
-MANIFEST = "_job.json"
-REPORT = "_report.json"
-_GLOB_CHARS = "*?["
-_LOCAL_PROTOCOLS = ("file", "local")
-
-
-class StorageError(OSError):
-    """A path cannot be listed, read or written; the message names the path and the fix. An OSError,
-    like the failures it wraps, so code that handles I/O errors handles it too."""
-
-
-def _protocol(fs) -> str:
-    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-
-
-def open_fs(path: str, options: dict | None) -> tuple[Any, str]:
-    """(fsspec filesystem, path on it) for a local path or URI."""
-    try:
-        return fsspec.core.url_to_fs(path, **(options or {}))
-    except Exception as exc:  # unknown protocol, missing driver package, bad option
-        raise StorageError(f"cannot open {path!r}: {type(exc).__name__}: {exc}") from exc
-
-
-def _uri(fs, path: str) -> str:
-    return fs.unstrip_protocol(path)
-
-
-# ---- input ---------------------------------------------------------------------------------
+from .paths import GLOB_CHARS, StorageError, open_fs, uri_of
 
 
 @dataclass(frozen=True)
@@ -150,7 +87,7 @@ def list_inputs(paths: tuple[str, ...], options: dict) -> list[str]:
     for path in paths:
         fs, p = open_fs(path, options)
         try:
-            if any(ch in p for ch in _GLOB_CHARS):
+            if any(ch in p for ch in GLOB_CHARS):
                 matches = [m for m in fs.glob(p) if fs.isfile(m)]
             elif fs.isdir(p):
                 matches = [m for m in fs.find(p) if m.endswith(".parquet")
@@ -163,7 +100,7 @@ def list_inputs(paths: tuple[str, ...], options: dict) -> list[str]:
             raise StorageError(f"cannot list input {path!r}: {type(exc).__name__}: {exc}") from exc
         if not matches:
             raise StorageError(f"input.path {path!r} matches no file; check the path or glob (and [storage] options)")
-        found.update(_uri(fs, m) for m in matches)
+        found.update(uri_of(fs, m) for m in matches)
     return sorted(found)
 
 
@@ -489,165 +426,3 @@ def read_unit(unit: dict, columns: dict, options: dict, block_rows: int) -> Iter
     whole = pa.table(out)
     for offset in range(0, whole.num_rows, block_rows):
         yield whole.slice(offset, block_rows)
-
-
-# ---- output --------------------------------------------------------------------------------
-
-
-class OutputStore:
-    """The output directory: atomic publication, done-markers, cleanup, manifest and report."""
-
-    def __init__(self, path: str, options: dict | None):
-        self.uri = path.rstrip("/")
-        self.fs, self.root = open_fs(self.uri, options)
-        self.root = self.root.rstrip("/")
-        self.local = _protocol(self.fs) in _LOCAL_PROTOCOLS
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def part_path(self, key: str) -> str:
-        return self.path(f"{PART_PREFIX}{key}.parquet")
-
-    def marker_path(self, key: str) -> str:
-        return self.path(DONE_DIR, f"{key}.json")
-
-    # -- writing -------------------------------------------------------------------------------
-
-    def put_atomic(self, path: str, data: bytes) -> None:
-        """Make `path` hold `data` in one step: readers see the old object or the whole new one.
-
-        Raises StorageError naming the object, output.path and the fix when the store refuses the
-        write or keeps failing after the bounded retries of [storage] (see spec.S3_CONFIG_DEFAULTS).
-        """
-        try:
-            self._put_whole(path, data)
-        except Exception as exc:
-            raise self.write_error(path, exc) from exc
-
-    def write_error(self, path: str, exc: Exception, action: str = "write") -> StorageError:
-        """The error for a failed write (or delete) under output.path: what, why, and the fix."""
-        name = path[len(self.root):].lstrip("/") if path.startswith(self.root) else path
-        if isinstance(exc, PermissionError):
-            fix = ("the store refused it: give this job's credentials write and delete access to output.path (on "
-                   "S3: s3:PutObject and s3:DeleteObject on its prefix), or choose an output.path you can write to")
-        else:
-            fix = ("the store kept failing after the bounded retries (on S3: [storage.s3] config_kwargs retries "
-                   "and timeouts); check the store, then run the job again")
-        return StorageError(
-            f"cannot {action} {name!r} under output.path {self.uri!r} ({type(exc).__name__}: {exc}); {fix}. "
-            f"Units committed before this are kept and the next run skips them"
-        )
-
-    def _put_whole(self, path: str, data: bytes) -> None:
-        if self.local:
-            tmp_dir = self.path(TMP_DIR)
-            os.makedirs(tmp_dir, exist_ok=True)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{tmp_dir}/{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)  # atomic on one filesystem
-        else:
-            # Object stores create an object from one request (or a completed multipart upload)
-            # atomically; pipe sends the whole bytes, never a stream a failure could cut short.
-            self.fs.pipe(path, data)
-
-    def publish(self, key: str, table: pa.Table, compression: str) -> int:
-        """Write one unit's rows as its part file; returns the bytes written."""
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression=None if compression == "none" else compression)
-        data = buffer.getvalue()
-        self.put_atomic(self.part_path(key), data)
-        return len(data)
-
-    def mark_done(self, key: str, stats: dict) -> None:
-        """Write the unit's done-marker; call it only after publish() returned (a failed publish
-        raises, so no marker ever names a part file that was not written whole)."""
-        self.put_atomic(self.marker_path(key), json.dumps(stats, sort_keys=True).encode())
-
-    # -- reading and cleanup -------------------------------------------------------------------
-
-    def _ls(self, path: str) -> list[str]:
-        try:
-            return [str(p).rstrip("/") for p in self.fs.ls(path, detail=False)]
-        except FileNotFoundError:
-            return []
-
-    def done(self) -> dict[str, dict]:
-        """Done-markers: unit key -> the counts stored in the marker."""
-        names = [p for p in self._ls(self.path(DONE_DIR)) if p.endswith(".json")]
-
-        def read(p: str) -> tuple[str, dict]:
-            try:
-                stats = json.loads(self.fs.cat_file(p))
-            except Exception:
-                stats = None  # unreadable marker: treat the unit as not done
-            return os.path.basename(p)[: -len(".json")], stats
-
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            pairs = list(pool.map(read, names)) if names else []
-        return {key: stats for key, stats in pairs if isinstance(stats, dict)}
-
-    def parts(self) -> list[str]:
-        """Keys of the part files present."""
-        out = []
-        for p in self._ls(self.root):
-            name = os.path.basename(p)
-            if name.startswith(PART_PREFIX) and name.endswith(".parquet"):
-                out.append(name[len(PART_PREFIX): -len(".parquet")])
-        return out
-
-    def clean_leftovers(self, keep: set[str]) -> int:
-        """Delete part files whose key is not in `keep`, and scratch files; returns how many."""
-        stale = [self.part_path(k) for k in self.parts() if k not in keep]
-        stale += self._ls(self.path(TMP_DIR))
-        self._delete(stale)
-        return len(stale)
-
-    def _delete(self, paths: list[str]) -> None:
-        """Delete each path in order (one already gone is fine); a refused delete names the fix."""
-        for p in paths:
-            try:
-                self.fs.rm(p)
-            except FileNotFoundError:
-                pass
-            except Exception as exc:
-                raise self.write_error(p, exc, action="delete") from exc
-
-    def retract(self, keep: set[str], done: dict[str, dict]) -> tuple[int, int]:
-        """Delete the part files and done-markers of units not in `keep` (their input changed, was
-        renamed or removed); `done` is the markers read at the start of the run. Returns (units, rows)
-        retracted. The part file goes first: a crash in between leaves a marker without a part file,
-        which the next run retracts too, never a part file that nothing accounts for."""
-        stale_parts = {k for k in self.parts() if k not in keep}
-        stale_markers = {k for k in done if k not in keep}
-        for key in sorted(stale_parts | stale_markers):
-            self._delete([self.part_path(key), self.marker_path(key)])
-        rows = sum(int((done.get(k) or {}).get("rows", 0)) for k in stale_markers)
-        return len(stale_parts | stale_markers), rows
-
-    def probe(self) -> None:
-        """Write and delete a small object, so an unwritable output fails before any work."""
-        path = self.path(f"_probe-{uuid.uuid4().hex}")
-        try:
-            if self.local:
-                os.makedirs(self.root, exist_ok=True)
-            self.fs.pipe(path, b"probe")
-            self.fs.rm(path)
-        except Exception as exc:
-            raise StorageError(
-                f"output.path {self.uri!r} is not writable ({type(exc).__name__}: {exc}); choose a path you can "
-                f"write to, create the bucket, or fix its permissions"
-            ) from exc
-
-    def read_json(self, name: str) -> dict | None:
-        try:
-            return json.loads(self.fs.cat_file(self.path(name)))
-        except FileNotFoundError:
-            return None
-
-    def write_json(self, name: str, value: dict) -> None:
-        self.put_atomic(self.path(name), (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())

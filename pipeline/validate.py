@@ -1,0 +1,273 @@
+"""Validation: every check a job passes before any GPU work, in the driver, with the fix in each error.
+
+`validate(spec)` checks the checkpoint (config.json, weights present, tokenizer.model, image
+settings), the input files' footers, and the output path (a probe object written and deleted; a
+directory that holds another job's outputs is refused; one that the input paths reach is
+refused), and returns a Validated: the files, the units of work, the output id type and store,
+and what the run report and the plan need. Inputs: each named column must be usable in at least
+one file, and the id column in every file with types that cast losslessly to one; a file whose
+text or image column is missing or unusable (schema drift) does not fail the job: its rows get
+column_missing / column_type errors (policy in inputs.py), and validation warns about it. With an
+id column, ids that repeat are found (inputs.find_duplicate_ids): duplicate_id error rows, or a
+JobError with input.unique_ids.
+
+Not here: running the job (run.py), parsing the job file (spec.py).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+
+from operators import columns as C
+
+from .commit import PART_PREFIX, OutputStore
+from .inputs import (
+    COLUMN_TYPE,
+    InputFile,
+    Unit,
+    column_problem,
+    find_duplicate_ids,
+    id_output_type,
+    id_transport_type,
+    list_inputs,
+    make_units,
+    read_footers,
+)
+from .paths import StorageError, family, open_fs
+from .spec import JobError, JobSpec
+
+
+@dataclass(frozen=True)
+class Validated:
+    """What validation learned: the units, the model facts, the store."""
+
+    spec: JobSpec
+    files: tuple[InputFile, ...]
+    units: tuple[Unit, ...]
+    id_type: pa.DataType
+    image_size: int
+    model_revision: str | None
+    run_hash: str
+    store: OutputStore
+    weight_bytes: int  # size of the checkpoint's weight files
+    drift: tuple[str, ...] = ()  # warnings: input files whose rows get column_missing / column_type errors
+    duplicate_rows: int = 0  # rows whose id appeared earlier in the input (duplicate_id error rows)
+
+    @property
+    def provenance(self) -> dict:
+        return {C.MODEL_SOURCE: self.spec.model.source, C.MODEL_REVISION: self.model_revision,
+                C.RUN_CONFIG_HASH: self.run_hash}
+
+    @property
+    def output_columns(self) -> list[str]:
+        return [t.output_column for t in self.spec.tasks]
+
+
+def _check_model(spec: JobSpec) -> tuple[int, str | None, int]:
+    from model.images import PREPROCESSOR_FILE, ImageProcessor
+    from model.source import CheckpointError, CheckpointSource
+    from model.tokenizer import Tokenizer
+    from model.weights import load_config, weight_files
+
+    source = spec.model.source
+    where = f"model.source {source!r}"
+    try:
+        src = CheckpointSource.open(source, spec.storage_options(source))
+        config = load_config(src)
+        weight_files(src)
+        tokenizer = Tokenizer.from_pretrained(src)
+        if any(t.uses_image for t in spec.tasks):
+            tokenizer.image_sequence()  # raises when the image token ids are not defined
+            if src.exists(PREPROCESSOR_FILE):
+                size = ImageProcessor.from_pretrained(src).size
+                expected = (config.vision.image_size, config.vision.image_size)
+                if size != expected:
+                    raise JobError(
+                        f"{where}: {PREPROCESSOR_FILE} resizes images to {size[0]}x{size[1]} but the vision tower "
+                        f"takes {expected[0]}x{expected[1]}; use the checkpoint's own {PREPROCESSOR_FILE}"
+                    )
+    except JobError:
+        raise
+    except (CheckpointError, ValueError, OSError) as exc:
+        raise JobError(f"{where} is not a usable checkpoint: {exc}") from exc
+    if tokenizer.vocab_size > config.vocab_size:
+        raise JobError(f"{where}: tokenizer.model has {tokenizer.vocab_size} ids but the model only "
+                       f"{config.vocab_size}; use the tokenizer of this checkpoint")
+    try:
+        weight_bytes = sum(int(src.fs.size(src.path(name))) for name in weight_files(src))
+    except Exception as exc:
+        raise JobError(f"{where}: cannot read the size of its weight files ({exc})") from exc
+    return config.vision.image_size, src.revision, weight_bytes
+
+
+def _check_ids(column: str | None, files: list[InputFile]) -> pa.DataType:
+    """The output id type; every file must have the id column, its types cast losslessly to one."""
+    if not column:
+        return pa.string()  # derived ids (inputs.derived_ids)
+    for f in files:
+        if column not in f.schema.names:
+            raise JobError(
+                f"input.id_column {column!r} is not a column of {f.uri} (columns: {', '.join(f.schema.names)}); "
+                f"every input file needs it, since an id must mean the same thing in every output row: add it to "
+                f"that file, set input.id_column to a column all files have, or leave id_column out to derive ids"
+            )
+        t = f.schema.field(column).type
+        if id_transport_type(t) is None:
+            raise JobError(f"input.id_column {column!r} in {f.uri} has nested type {t}; use a string or integer id "
+                           f"column, or leave id_column out to derive ids")
+    types = [f.schema.field(column).type for f in files]
+    try:
+        return id_output_type(types)
+    except ValueError:
+        first = files[0]
+        other = next(f for f in files if f.schema.field(column).type != types[0])
+        raise JobError(
+            f"input.id_column {column!r} is {types[0]} in {first.uri} but {other.schema.field(column).type} in "
+            f"{other.uri}, which do not cast losslessly to one type (integers of any width but uint64 do, and "
+            f"string with large_string); make the id type the same in every file"
+        ) from None
+
+
+def _check_column(spec: JobSpec, role: str, column: str, files: list[InputFile]) -> list[str]:
+    """Fail the job when no file has a usable `role` column; else warnings about the files that lack one.
+
+    Files without a usable column are schema drift, handled per row (inputs.py): their rows get
+    error kind column_missing / column_type in the tasks that read the column.
+    """
+    setting = f"input.{role}_column"
+    problems = [(f, column_problem(f.uri, f.schema, role, column)) for f in files]
+    bad = [(f, p) for f, p in problems if p is not None]
+    if len(bad) == len(files):
+        typed = [p for _, p in bad if p.kind == COLUMN_TYPE]
+        if typed:
+            raise JobError(f"no input file has a usable {setting}: {typed[0].message}")
+        first, names = files[0].uri, ", ".join(files[0].schema.names)
+        if len(files) == 1:
+            raise JobError(f"{setting} {column!r} is not a column of {first} (columns: {names}); set {setting} to "
+                           f"one of them")
+        raise JobError(f"{setting} {column!r} is not a column of any of the {len(files)} input files; set {setting} "
+                       f"to a column they have (e.g. {first} has: {names})")
+    readers = [t.output_column for t in spec.tasks if (t.uses_text if role == "text" else t.uses_image)]
+    if not bad or not readers:
+        return []  # a column no task reads is never read, whatever the files hold
+    rows = sum(f.num_rows for f, _ in bad)
+    kinds = sorted({p.kind for _, p in bad})
+    shown = "; ".join(p.message for _, p in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return [(f"{setting} {column!r}: {len(bad)} of {len(files)} input files cannot provide it, so their {rows} rows "
+             f"get error kind {' / '.join(kinds)} in {', '.join(readers)} ({shown})")]
+
+
+def _check_inputs(spec: JobSpec) -> tuple[list[InputFile], pa.DataType, list[str]]:
+    """The input files, the output id type, and warnings about schema drift (handled per row)."""
+    inp = spec.input
+    options = spec.storage_options(inp.paths[0])
+    try:
+        files = read_footers(list_inputs(inp.paths, options), options)
+    except StorageError as exc:
+        raise JobError(str(exc)) from exc
+    id_type = _check_ids(inp.id_column, files)
+    drift = []
+    for role, column in (("text", inp.text_column), ("image", inp.image_column)):
+        if column:
+            drift += _check_column(spec, role, column, files)
+    return files, id_type, drift
+
+
+def _check_output(spec: JobSpec, store: OutputStore, run_hash: str) -> None:
+    try:
+        store.probe()
+    except StorageError as exc:
+        raise JobError(str(exc)) from exc
+    manifest = store.read_json("_job.json")
+    if manifest is None:
+        if store.parts():
+            raise JobError(f"output.path {spec.output.path!r} already holds part files of an unknown job; choose an "
+                           f"empty output path")
+        return
+    if manifest.get("run_config_hash") != run_hash:
+        old, new = manifest.get("run_config", {}), spec.run_config()
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise JobError(
+            f"output.path {spec.output.path!r} holds the output of a job with different settings (changed: "
+            f"{', '.join(changed) or 'format'}); resuming would mix the two. Use a new output.path for these "
+            f"settings, or restore the old ones to resume"
+        )
+
+
+def _check_output_outside_inputs(spec: JobSpec, store: OutputStore, files: list[InputFile]) -> None:
+    """Refuse an output directory that the input paths reach: each run would read its own part files
+    as input and add their rows again. Checked on the paths as written (a directory that holds the
+    output, a glob that would match its part files) and on the files listed (one under the output)."""
+    root = store.root.rstrip("/")
+    out_family = family(store.fs)
+    part = f"{root}/{PART_PREFIX}{'0' * 32}.parquet"  # what the output's part files look like
+
+    def refuse(path: str) -> JobError:
+        return JobError(
+            f"output.path {spec.output.path!r} is inside input.path {path!r}: every run would read its own output as "
+            f"input and add its rows again. Choose an output.path outside the input, or narrow input.path to a "
+            f"glob (such as .../*.parquet) that does not reach the output's part files")
+
+    for path in spec.input.paths:
+        fs, p = open_fs(path, spec.storage_options(path))
+        if family(fs) != out_family:
+            continue
+        p = p.rstrip("/")
+        if any(ch in p for ch in "*?["):
+            if re.match(fsspec.utils.glob_translate(p), part):
+                raise refuse(path)
+        elif root == p or root.startswith(p + "/"):
+            raise refuse(path)
+    for f in files:
+        fs, p = open_fs(f.uri, spec.storage_options(f.uri))
+        if family(fs) == out_family and p.startswith(root + "/"):
+            raise refuse(f.uri)
+
+
+def _check_duplicates(spec: JobSpec, files: list[InputFile]) -> dict:
+    """Rows that repeat an earlier id (inputs.find_duplicate_ids); with input.unique_ids a JobError."""
+    column = spec.input.id_column
+    if not column:
+        return {}  # derived ids are unique by construction
+    try:
+        found = find_duplicate_ids(files, column, spec.storage_options(spec.input.paths[0]))
+    except StorageError as exc:
+        raise JobError(str(exc)) from exc
+    rows = sum(len(marks) for marks in found.values())
+    if not rows:
+        return found
+    examples = [f"{d.id!r} at {d.first_uri} row {d.first_row} and {uri} row {row}"
+                for uri, marks in found.items() for row, d in sorted(marks.items())][:3]
+    more = f"; and {rows - len(examples)} more" if rows > len(examples) else ""
+    if spec.input.unique_ids:
+        raise JobError(f"input.unique_ids = true, but {rows} row(s) repeat an earlier id of input.id_column "
+                       f"{column!r}: {'; '.join(examples)}{more}. Make the ids unique, or set input.unique_ids = false "
+                       f"to run with the later rows as duplicate_id error rows")
+    print(f"warning: {rows} row(s) repeat an earlier id of input.id_column {column!r}; each becomes a duplicate_id "
+          f"error row naming the first: {'; '.join(examples)}{more}", file=sys.stderr, flush=True)
+    return found
+
+
+def validate(spec: JobSpec) -> Validated:
+    """Every check that needs no GPU; raises JobError with the fix."""
+    run_hash = spec.run_config_hash()
+    image_size, revision, weight_bytes = _check_model(spec)
+    files, id_type, drift = _check_inputs(spec)
+    for warning in drift:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    try:
+        store = OutputStore(spec.output.path, spec.storage_options(spec.output.path))
+    except StorageError as exc:
+        raise JobError(str(exc)) from exc
+    _check_output_outside_inputs(spec, store, files)
+    _check_output(spec, store, run_hash)
+    duplicates = _check_duplicates(spec, files)
+    units = make_units(files, spec.output.rows_per_file, run_hash, duplicates)
+    return Validated(spec=spec, files=tuple(files), units=tuple(units), id_type=id_type, image_size=image_size,
+                     model_revision=revision, run_hash=run_hash, store=store, weight_bytes=weight_bytes,
+                     drift=tuple(drift), duplicate_rows=sum(len(m) for m in duplicates.values()))
