@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 ID = "id"
@@ -34,14 +35,13 @@ MODEL_REVISION = "model_revision"
 RUN_CONFIG_HASH = "run_config_hash"
 INPUT_FILE = "input_file"
 INPUT_ROW = "input_row"
-DUPLICATE_ID = "duplicate_id"
 
 # Internal columns between stages.
 UNIT = "__unit"  # key of the unit of work (input file + row range) the row belongs to
 ROW = "__row"  # row number inside its input file
 TEXT = "__text"  # input text as bytes (validated and decoded in prepare)
 IMAGE = "__image"  # encoded image bytes
-PIXELS = "__pixels"  # preprocessed image, float32 [3, S, S] as raw bytes (null when none)
+PIXELS = "__pixels"  # preprocessed image as pixels_to_bytes gives it (null when none)
 # Present only in blocks read from a file whose text (image) column is missing or of an unusable
 # type (schema drift across input files): the error kind and message every row of that file gets
 # for the tasks that read the column; prepare turns them into task errors.
@@ -55,25 +55,41 @@ ID_ERROR = "__id_error"
 ID_ERROR_MESSAGE = "__id_error_message"
 INTERNAL_PREFIX = "__"
 
-# Per-row error kinds. Input problems are found on CPU in prepare (the two column_* kinds when the
-# file is read); model problems in infer.
-ERROR_KINDS = (
-    "duplicate_id",  # the row's id appeared earlier in the input (the message names where); not computed
-    "column_missing",  # the row's file lacks the task's text/image column (other files have it)
-    "column_type",  # the row's file has that column with a type that cannot hold text/image bytes
-    "text_missing",  # the text is null
-    "text_empty",  # the text is empty or only whitespace
-    "text_invalid_utf8",  # the text bytes are not valid UTF-8
-    "text_too_long",  # the prompt is longer than input.max_input_tokens and long_input = "error"
-    "prompt_images",  # the text holds literal image markers that would claim image slots
-    "image_missing",  # the image is null (or a {bytes, path} struct without bytes)
-    "image_decode",  # empty, truncated, corrupt or undecodable image bytes
-    "image_format",  # a format outside the allowlist
-    "image_too_large",  # more pixels than allowed (a possible decompression bomb)
-    "invalid_request",  # the model refused the request (a bug upstream if it ever shows)
-    "out_of_memory",  # the request alone does not fit on the device
-    "model_error",  # any other failure inside generation for this row
-)
+
+def pixels_to_bytes(pixels: np.ndarray) -> bytes:
+    """A preprocessed image [C, S, S] as it travels in PIXELS between prepare and infer: float32,
+    C order, no header (its shape is the checkpoint's, known to both sides)."""
+    return np.ascontiguousarray(pixels, dtype=np.float32).tobytes()
+
+
+def pixels_from_bytes(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of pixels_to_bytes: a writable float32 array of `shape` ([C, S, S])."""
+    return np.frombuffer(data, dtype=np.float32).reshape(shape).copy()
+
+# Every error kind a row can carry, with its meaning: the one vocabulary of the project. Input
+# problems are found when a file is read (column_*, duplicate_id) or on CPU in prepare; model
+# problems in infer. A test (tests/operators/test_error_kinds.py) finds every kind the code can
+# produce and checks it is here and in the README.
+ERROR_KINDS: dict[str, str] = {
+    "duplicate_id": "the row's id appeared earlier in the input (the message names where); the row is not computed",
+    "column_missing": "the row's file lacks the task's text or image column (other files have it)",
+    "column_type": "the row's file has that column with a type that cannot hold text or image bytes",
+    "text_missing": "the text is null",
+    "text_empty": "the text is empty or only whitespace",
+    "text_invalid_utf8": "the text bytes are not valid UTF-8",
+    "text_too_long": "the prompt is longer than input.max_input_tokens and long_input = \"error\"",
+    "prompt_images": "the text holds literal image markers that would claim image slots",
+    "image_missing": "the image is null (or a {bytes, path} struct without bytes)",
+    "image_decode": "the image bytes are empty, truncated, corrupt or of no known format",
+    "image_format": "the image is in a format outside the allowlist",
+    "image_too_large": "the image has more pixels than allowed (a possible decompression bomb)",
+    "invalid_request": "the model refused the request (a bug upstream if it ever shows)",
+    "out_of_memory": "the request alone does not fit in device memory",
+    "model_error": "any other failure inside generation for this row (the message keeps the exception)",
+}
+DUPLICATE_ID = "duplicate_id"
+COLUMN_MISSING = "column_missing"
+COLUMN_TYPE = "column_type"
 
 
 @dataclass(frozen=True)

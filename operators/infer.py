@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -66,7 +65,7 @@ class Infer:
         needs_pixels = any(t.uses_image for t in self.tasks)
         pixels = batch.column(C.PIXELS).to_pylist() if needs_pixels else [None] * n
         images: list[torch.Tensor | None] = [
-            None if p is None else torch.from_numpy(np.frombuffer(p, dtype=np.float32).copy().reshape(1, *self.pixel_shape))
+            None if p is None else torch.from_numpy(C.pixels_from_bytes(p, self.pixel_shape))[None]
             for p in pixels
         ]
 

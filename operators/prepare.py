@@ -170,7 +170,7 @@ class Prepare:
             tensor = self.images.preprocess(value)
         except ImageError as exc:
             raise _RowError(exc.kind, str(exc)) from None
-        return tensor.numpy().tobytes()
+        return C.pixels_to_bytes(tensor.numpy())
 
     def _render(self, task: PromptTask, text: str | None) -> list[int]:
         values = dict(task.constants)

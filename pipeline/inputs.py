@@ -237,8 +237,7 @@ def derived_ids(uri: str, start: int, stop: int) -> pa.Array:
 #     integers of any width but uint64 -> int64, string / large_string -> large_string, binary /
 #     large_binary -> large_binary; anything else must be the same type in every file.
 
-COLUMN_MISSING = "column_missing"
-COLUMN_TYPE = "column_type"
+COLUMN_MISSING, COLUMN_TYPE = C.COLUMN_MISSING, C.COLUMN_TYPE  # the error kinds of this policy
 COLUMN_SETTINGS = {"id": "input.id_column", "text": "input.text_column", "image": "input.image_column"}
 
 

@@ -19,7 +19,6 @@ import os
 import signal
 import time
 
-import numpy as np
 import pyarrow as pa
 
 from operators import columns as C
@@ -205,7 +204,7 @@ class ActorFaults:
                 self.poison_prompts += [tuple(prompts[r]) for r in rows if prompts[r] is not None]
         if any(t.uses_image for t in self.tasks):
             pixels = batch.column(C.PIXELS).to_pylist()
-            self.poison_images = [torch.from_numpy(np.frombuffer(pixels[r], dtype=np.float32).reshape(self.pixel_shape))
+            self.poison_images = [torch.from_numpy(C.pixels_from_bytes(pixels[r], self.pixel_shape))
                                   for r in rows if pixels[r] is not None]
 
     def _out_of_memory(self, encode):
