@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import asdict
 
 USAGE = """usage: t5g2 {run,inspect,demo,bench} ...
 
@@ -90,7 +91,7 @@ def _inspect_job(path: str, overrides: list[str]) -> int:
     print(f"  output    {spec.output.path}: {len(v.units)} unit(s) of <= {spec.output.rows_per_file} rows, "
           f"{len(v.units) - len(todo)} done, {len(todo)} to compute ({sum(u.rows for u in todo)} rows)")
     for t in spec.tasks:
-        print(f"  task      {t.kind} -> {t.output_column}: {json.dumps(t.generation, sort_keys=True)}")
+        print(f"  task      {t.kind} -> {t.output_column}: {json.dumps(asdict(t.generation), sort_keys=True)}")
         print(f"            prompt {t.prompt!r}")
     actors = str(r.min_actors) if r.min_actors == r.max_actors else f"{r.min_actors}..{r.max_actors}"
     device = f"{r.gpus_per_actor:g} GPU" if r.gpus_per_actor else "CPU"

@@ -50,6 +50,8 @@ from .inputs import Unit, read_unit
 
 @dataclass(frozen=True)
 class ReadSettings:
+    """What the read stage takes."""
+
     columns: dict  # "id" / "text" / "image" -> input column name or None
     storage_options: dict  # fsspec options for the input files
     block_rows: int  # rows per block handed downstream
@@ -57,20 +59,38 @@ class ReadSettings:
 
 @dataclass(frozen=True)
 class PrepareSettings:
+    """What the prepare stage takes (operators.prepare.Prepare is built from it once per worker)."""
+
     source: str  # checkpoint (for tokenizer.model and preprocessor_config.json)
     storage_options: dict  # fsspec options for the checkpoint
     tasks: tuple  # PromptTask per task
-    max_input_tokens: int
-    long_input: str
+    max_input_tokens: int  # longest prompt, image tokens included (input.max_input_tokens)
+    long_input: str  # "error" | "truncate" (input.long_input)
     image_size: int | None  # vision input side, used when the checkpoint has no preprocessor_config.json
 
 
 @dataclass(frozen=True)
+class InferSettings:
+    """What each model actor (InferActor) takes."""
+
+    source: str  # checkpoint directory or URI
+    dtype: str  # weights and compute dtype
+    tasks: tuple  # InferTask per task
+    max_batch_tokens: int  # the Generator's token budget per micro-batch
+    storage_options: dict  # fsspec options for the checkpoint
+    gpus_per_actor: float  # GPUs Ray reserved for the actor; 0 runs on CPU
+    cpus: float  # CPUs Ray reserved for the actor (torch threads on CPU)
+    call_timeout_s: float  # the hang guard's limit on one call
+
+
+@dataclass(frozen=True)
 class FinishSettings:
-    source: str
-    storage_options: dict
-    output_columns: tuple
-    provenance: dict = field(default_factory=dict)
+    """What the finish stage takes."""
+
+    source: str  # checkpoint (for the tokenizer)
+    storage_options: dict  # fsspec options for the checkpoint
+    output_columns: tuple  # the tasks' output columns
+    provenance: dict = field(default_factory=dict)  # model source, revision and run config hash
 
 
 _CACHE: dict[str, object] = {}
@@ -111,8 +131,8 @@ def _cached(settings, factory):
 
 
 def read_stage(batch: pa.Table, *, settings: ReadSettings) -> Iterator[pa.Table]:
-    for unit in batch.to_pylist():
-        yield from read_unit(unit, settings.columns, settings.storage_options, settings.block_rows)
+    for item in batch.to_pylist():
+        yield from read_unit(Unit.from_item(item), settings.columns, settings.storage_options, settings.block_rows)
 
 
 def prepare_stage(batch: pa.Table, *, settings: PrepareSettings) -> pa.Table:
@@ -226,16 +246,15 @@ class InferActor(Infer):
     Every call runs under the hang guard (CallWatchdog) with the job's resources.call_timeout_s.
     """
 
-    def __init__(self, *, source, dtype, gpus_per_actor, tasks, max_batch_tokens, storage_options, cpus,
-                 call_timeout_s):
+    def __init__(self, settings: InferSettings):
         import torch
 
-        device = self.choose_device(gpus_per_actor)
+        device = self.choose_device(settings.gpus_per_actor)
         if device == "cpu":
-            torch.set_num_threads(max(1, int(cpus)))
-        super().__init__(source=source, dtype=dtype, device=device, tasks=tasks,
-                         max_batch_tokens=max_batch_tokens, storage_options=storage_options)
-        self.watchdog = CallWatchdog(call_timeout_s)
+            torch.set_num_threads(max(1, int(settings.cpus)))
+        super().__init__(source=settings.source, dtype=settings.dtype, device=device, tasks=list(settings.tasks),
+                         max_batch_tokens=settings.max_batch_tokens, storage_options=settings.storage_options)
+        self.watchdog = CallWatchdog(settings.call_timeout_s)
 
     @staticmethod
     def choose_device(gpus_per_actor: float) -> str:
@@ -252,20 +271,60 @@ class InferActor(Infer):
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything build_dataset needs, resolved by run.validate in the driver."""
+    """Everything build_dataset needs, resolved in the driver (run.make_plan)."""
 
     units: tuple[Unit, ...]  # units still to do
-    read: ReadSettings
-    prepare: PrepareSettings
-    finish: FinishSettings
-    infer_kwargs: dict  # InferActor constructor arguments
-    min_actors: int
-    max_actors: int
-    gpus_per_actor: float
-    cpus_per_actor: float
-    rows_per_call: int
+    read: ReadSettings  # the read stage's settings
+    prepare: PrepareSettings  # the prepare stage's
+    infer: InferSettings  # each model actor's
+    finish: FinishSettings  # the finish stage's
+    min_actors: int  # model actors at least
+    max_actors: int  # and at most (autoscaling between)
+    cpus_per_actor: float  # CPUs reserved per model actor
+    rows_per_call: int  # rows handed to a model actor per call
     actor_memory_bytes: int  # host memory reserved per model actor
-    call_timeout_s: float  # the hang guard's limit on one model call (resources.call_timeout_s)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the plan, described once: what runs, what it takes, how Ray Data runs it."""
+
+    name: str  # for messages
+    fn: object  # a function over one pyarrow batch, or a callable class (an actor pool)
+    settings: object  # its settings dataclass: fn_kwargs["settings"], or the class's constructor argument
+    batch_size: int | None  # rows per call; None = whole blocks
+    pool: tuple[int, int] | None = None  # (min, max) actors for a class; None for a task
+    remote_args: dict = field(default_factory=dict)  # Ray resources and retry options
+
+    def apply(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+        common = dict(batch_size=self.batch_size, batch_format="pyarrow", **self.remote_args)
+        if self.pool is None:
+            return ds.map_batches(self.fn, fn_kwargs={"settings": self.settings}, **common)
+        return ds.map_batches(self.fn, fn_constructor_args=(self.settings,),
+                              compute=ray.data.ActorPoolStrategy(min_size=self.pool[0], max_size=self.pool[1]),
+                              **common)
+
+
+def stages(plan: Plan, actor_cls: type = InferActor) -> list[Stage]:
+    """read -> prepare -> infer -> finish.
+
+    Each model actor reserves its GPUs (so Ray places it on a GPU node and gives it its own device)
+    and host memory for one copy of the weights plus headroom, so Ray never packs more model actors
+    on a node than its RAM holds (loading goes through host memory). The memory reservation also
+    keeps Ray Data from fusing read and prepare into the model actor (it fuses tasks into an actor
+    pool whose resource requests equal theirs, as on CPU-only runs): prepare always runs in CPU
+    tasks, concurrently with the actors, never in front of the model. A dead actor (crash, kill, or
+    the hang guard) is restarted and its calls are retried (model_actor_options); the committer drops
+    the duplicate rows a retry may produce.
+    """
+    infer = plan.infer
+    return [
+        Stage("read", read_stage, plan.read, batch_size=1),
+        Stage("prepare", prepare_stage, plan.prepare, batch_size=None),
+        Stage("infer", actor_cls, infer, batch_size=plan.rows_per_call, pool=(plan.min_actors, plan.max_actors),
+              remote_args=model_actor_options(infer.gpus_per_actor, plan.cpus_per_actor, plan.actor_memory_bytes)),
+        Stage("finish", finish_stage, plan.finish, batch_size=None),
+    ]
 
 
 def no_progress_timeout_s(call_timeout_s: float, ray_default_s: float) -> float:
@@ -282,33 +341,13 @@ def no_progress_timeout_s(call_timeout_s: float, ray_default_s: float) -> float:
 
 def build_dataset(plan: Plan, actor_cls: type = InferActor) -> ray.data.Dataset:
     """The plan as a Ray Data Dataset; `actor_cls` is the model actor (tests pass a subclass)."""
-    # Duplicate marks travel as JSON: Arrow has no column type for a list of (int, str) pairs.
-    items = [{"key": u.key, "uri": u.uri, "start": u.start, "stop": u.stop, "identity": u.identity,
-              "duplicates": json.dumps(u.duplicates)} for u in plan.units]
+    items = [u.to_item() for u in plan.units]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(read_stage, batch_size=1, batch_format="pyarrow", fn_kwargs={"settings": plan.read})
-    ds = ds.map_batches(prepare_stage, batch_size=None, batch_format="pyarrow", fn_kwargs={"settings": plan.prepare})
-    # Each actor reserves its GPUs (so Ray places it on a GPU node and gives it its own device) and
-    # host memory for one copy of the weights plus headroom, so Ray never packs more model actors
-    # on a node than its RAM holds (loading goes through host memory). The memory reservation also
-    # keeps Ray Data from fusing read and prepare into the model actor (it fuses tasks into an actor
-    # pool whose resource requests equal theirs, as on CPU-only runs): prepare always runs in CPU
-    # tasks, concurrently with the actors, never in front of the model. A dead actor (crash, kill,
-    # or the hang guard) is restarted and its calls are retried (model_actor_options); the committer
-    # drops the duplicate rows a retry may produce.
-    ds = ds.map_batches(
-        actor_cls,
-        batch_size=plan.rows_per_call,
-        batch_format="pyarrow",
-        fn_constructor_kwargs=dict(plan.infer_kwargs, gpus_per_actor=plan.gpus_per_actor, cpus=plan.cpus_per_actor,
-                                   call_timeout_s=plan.call_timeout_s),
-        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
-        **model_actor_options(plan.gpus_per_actor, plan.cpus_per_actor, plan.actor_memory_bytes),
-    )
-    ds = ds.map_batches(finish_stage, batch_size=None, batch_format="pyarrow", fn_kwargs={"settings": plan.finish})
+    for stage in stages(plan, actor_cls):
+        ds = stage.apply(ds)
     if hasattr(ds.context, "execution_no_progress_timeout_s"):  # Ray Data's driver-side guard, where it has one
         ds.context.execution_no_progress_timeout_s = no_progress_timeout_s(
-            plan.call_timeout_s, ds.context.execution_no_progress_timeout_s)
+            plan.infer.call_timeout_s, ds.context.execution_no_progress_timeout_s)
     return ds
 
 
@@ -326,9 +365,7 @@ def prompt_tasks(spec_tasks) -> tuple[PromptTask, ...]:
     )
 
 
-def infer_tasks(spec_tasks) -> list[InferTask]:
-    from model.generate import GenerationParams
-
-    return [InferTask(output_column=t.output_column, params=GenerationParams(**t.generation), uses_image=t.uses_image)
-            for t in spec_tasks]
+def infer_tasks(spec_tasks) -> tuple[InferTask, ...]:
+    return tuple(InferTask(output_column=t.output_column, params=t.generation, uses_image=t.uses_image)
+                 for t in spec_tasks)
 

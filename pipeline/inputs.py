@@ -61,6 +61,19 @@ class Unit:
     def rows(self) -> int:
         return self.stop - self.start
 
+    def to_item(self) -> dict:
+        """The unit as a row of Ray Data's input (from_items). Duplicate marks travel as JSON: Arrow
+        has no column type for a list of (int, str) pairs."""
+        return {"key": self.key, "uri": self.uri, "start": self.start, "stop": self.stop, "identity": self.identity,
+                "duplicates": json.dumps(self.duplicates)}
+
+    @classmethod
+    def from_item(cls, item: dict) -> "Unit":
+        """The inverse of to_item."""
+        duplicates = tuple((int(row), str(message)) for row, message in json.loads(item.get("duplicates") or "[]"))
+        return cls(key=item["key"], uri=item["uri"], start=int(item["start"]), stop=int(item["stop"]),
+                   identity=item.get("identity") or "", duplicates=duplicates)
+
 
 def file_identity(info: dict) -> str:
     """What identifies a file's content as stored, from fsspec's info(): its size plus the store's
@@ -349,7 +362,7 @@ _ROLES = (  # role, internal column, bytes of the input column, internal error k
 )
 
 
-def read_unit(unit: dict, columns: dict, options: dict, block_rows: int) -> Iterator[pa.Table]:
+def read_unit(unit: Unit, columns: dict, options: dict, block_rows: int) -> Iterator[pa.Table]:
     """The rows of one unit as Arrow tables of at most `block_rows` rows with the internal columns.
 
     `columns` maps "id", "text", "image" to input column names (or None); only those are read.
@@ -360,12 +373,12 @@ def read_unit(unit: dict, columns: dict, options: dict, block_rows: int) -> Iter
     message (prepare makes them errors in every task). Every row of the unit comes out, in order.
     A file whose identity is no longer the unit's (rewritten since the job was planned) is refused.
     """
-    uri, start, stop = unit["uri"], unit["start"], unit["stop"]
+    uri, start, stop = unit.uri, unit.start, unit.stop
     fs, p = open_fs(uri, options)
     try:
         fs.invalidate_cache(p)  # this worker may have read an older version of the file in an earlier run
-        if unit.get("identity") and (now := file_identity(fs.info(p))) != unit["identity"]:
-            raise StorageError(f"{uri} changed during the run (it was {unit['identity']} when the job was planned, "
+        if unit.identity and (now := file_identity(fs.info(p))) != unit.identity:
+            raise StorageError(f"{uri} changed during the run (it was {unit.identity} when the job was planned, "
                                f"now {now}); run the job again to compute its new content")
         with fs.open(p, "rb") as handle:
             parquet = pq.ParquetFile(handle)
@@ -401,14 +414,11 @@ def read_unit(unit: dict, columns: dict, options: dict, block_rows: int) -> Iter
         ids = ids.cast(id_transport_type(ids.type))
     else:
         ids = derived_ids(uri, start, stop)
-    out = {C.UNIT: pa.array([unit["key"]] * n, type=pa.string()),
+    out = {C.UNIT: pa.array([unit.key] * n, type=pa.string()),
            C.ROW: pa.array(range(start, stop), type=pa.int64()),
            C.ID: ids}
-    duplicates = unit.get("duplicates")
-    if isinstance(duplicates, str):  # Unit.duplicates as JSON, as it travels through Ray Data (build.py)
-        duplicates = json.loads(duplicates)
-    if duplicates:
-        marks = {row: message for row, message in duplicates}
+    if unit.duplicates:
+        marks = dict(unit.duplicates)
         messages = [marks.get(row) for row in range(start, stop)]
         out[C.ID_ERROR] = pa.array([C.DUPLICATE_ID if m else None for m in messages], type=pa.string())
         out[C.ID_ERROR_MESSAGE] = pa.array(messages, type=pa.string())

@@ -143,16 +143,16 @@ def make_plan(v: Validated, todo: list[Unit]) -> build.Plan:
                                       long_input=spec.input.long_input, image_size=v.image_size),
         finish=build.FinishSettings(source=spec.model.source, storage_options=model_options,
                                     output_columns=tuple(v.output_columns), provenance=v.provenance),
-        infer_kwargs=dict(source=spec.model.source, dtype=spec.model.dtype, tasks=build.infer_tasks(spec.tasks),
-                          max_batch_tokens=r.max_batch_tokens, storage_options=model_options),
+        infer=build.InferSettings(source=spec.model.source, dtype=spec.model.dtype,
+                                  tasks=build.infer_tasks(spec.tasks), max_batch_tokens=r.max_batch_tokens,
+                                  storage_options=model_options, gpus_per_actor=r.gpus_per_actor,
+                                  cpus=r.cpus_per_actor, call_timeout_s=r.call_timeout_s),
         min_actors=r.min_actors,
         max_actors=r.max_actors,
-        gpus_per_actor=r.gpus_per_actor,
         cpus_per_actor=r.cpus_per_actor,
         rows_per_call=r.rows_per_call,
         # The weights as stored (the largest form they take in host memory) plus headroom.
         actor_memory_bytes=v.weight_bytes + ACTOR_MEMORY_HEADROOM,
-        call_timeout_s=r.call_timeout_s,
     )
 
 

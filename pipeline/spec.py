@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from model.generate import GenerationParams
 from operators import columns
 
 from .tasks import GENERATION_FIELDS, TASK_KINDS, check_template
@@ -123,7 +124,7 @@ class TaskSpec:
     prompt: str  # the prompt template (the kind's default unless overridden)
     source_language: str | None  # translate only
     target_language: str | None  # translate only
-    generation: dict  # GenerationParams fields: the kind's defaults updated by the job's values
+    generation: GenerationParams  # how its requests are decoded: the kind's defaults, then the job's values
     uses_text: bool  # the template has {text}
     uses_image: bool  # the template has {image}
 
@@ -514,9 +515,7 @@ def _parse_task(t: Any, n: int, inp: InputSpec) -> TaskSpec:
             raise JobError(f"{where}.{key} must be {'an integer' if types is int else 'a number'}, got {value!r}")
         generation[key] = value
     try:
-        from model.generate import GenerationParams
-
-        GenerationParams(**generation)  # the model's own checks, with the field names the user wrote
+        params = GenerationParams(**generation)  # the model's own checks, with the field names the user wrote
     except (TypeError, ValueError) as exc:
         raise JobError(f"{where}: {exc}") from exc
     uses_text, uses_image = "text" in names, "image" in names
@@ -530,7 +529,7 @@ def _parse_task(t: Any, n: int, inp: InputSpec) -> TaskSpec:
         prompt=prompt,
         source_language=languages["source_language"],
         target_language=languages["target_language"],
-        generation=generation,
+        generation=params,
         uses_text=uses_text,
         uses_image=uses_image,
     )

@@ -17,20 +17,34 @@ Not here: parsing the job file (spec.py), tokenizing prompts (operators/prepare.
 
 from __future__ import annotations
 
+import dataclasses
 import string
+import types
+import typing
 from dataclasses import dataclass, field
 
-# Generation settings a [[task]] table may set, with their types (GenerationParams fields).
-GENERATION_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "max_new_tokens": int,
-    "min_new_tokens": int,
-    "temperature": (int, float),
-    "top_k": int,
-    "top_p": (int, float),
-    "seed": int,
-    "num_beams": int,
-    "length_penalty": (int, float),
-}
+from model.generate import GenerationParams
+
+# GenerationParams fields a [[task]] table may not set: token ids are the checkpoint's.
+_NOT_SETTABLE = frozenset({"eos_token_ids"})
+
+
+def _generation_fields() -> dict[str, type | tuple[type, ...]]:
+    """The GenerationParams fields a [[task]] may set, with the TOML value types each accepts (an
+    integer where a float is asked is fine), read off GenerationParams itself."""
+    hints = typing.get_type_hints(GenerationParams)
+    fields = {}
+    for f in dataclasses.fields(GenerationParams):
+        if f.name in _NOT_SETTABLE:
+            continue
+        hint = hints[f.name]
+        if isinstance(hint, types.UnionType):  # `int | None`: None means "not set", as an absent key does
+            (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        fields[f.name] = (int, float) if hint is float else hint
+    return fields
+
+
+GENERATION_FIELDS: dict[str, type | tuple[type, ...]] = _generation_fields()
 
 
 @dataclass(frozen=True)
@@ -42,7 +56,7 @@ class TaskKind:
     output_column: str  # default output column
     required_fields: frozenset[str]  # template fields that must appear
     allowed_fields: frozenset[str]  # template fields that may appear
-    generation: dict = field(default_factory=dict)  # generation defaults (GenerationParams fields)
+    generation: dict = field(default_factory=dict)  # the kind's defaults for GenerationParams fields
 
 
 TASK_KINDS: dict[str, TaskKind] = {

@@ -106,8 +106,8 @@ def placement_probe(gpu_ids: list, would_use: str) -> bool:
 class FaultyInferActor(InferActor):
     """The model actor with the hooks above: the production actor plus whatever the armed files say."""
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, settings):
+        super().__init__(settings)
         self.faults = ActorFaults.if_armed(self.model, self.tasks, self.pixel_shape)
 
     @staticmethod

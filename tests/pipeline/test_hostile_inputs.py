@@ -35,7 +35,7 @@ from model.tokenizer import Tokenizer
 from operators import columns as C
 from operators.prepare import Prepare
 from pipeline import build
-from pipeline.inputs import id_output_type, read_unit
+from pipeline.inputs import Unit, id_output_type, read_unit
 from pipeline.run import run_job
 from pipeline.spec import JobError, load_job
 from pipeline.validate import validate
@@ -97,8 +97,7 @@ def _all_blocks(v, columns) -> pa.Table:
     """Every unit of the job read as the read stage does, blocks concatenated in unit order."""
     blocks = []
     for unit in v.units:
-        item = {"key": unit.key, "uri": unit.uri, "start": unit.start, "stop": unit.stop}
-        blocks.extend(read_unit(item, columns, {}, block_rows=5))
+        blocks.extend(read_unit(Unit.from_item(unit.to_item()), columns, {}, block_rows=5))  # as it travels
     return blocks
 
 
@@ -134,7 +133,7 @@ def test_read_unit_marks_a_drifted_file_and_reads_compatible_types(small_corpus)
     def read(name: str) -> pa.Table:
         uri = f"file://{directory}/{name}.parquet"
         n = pq.ParquetFile(f"{directory}/{name}.parquet").metadata.num_rows
-        return pa.concat_tables(read_unit({"key": "k", "uri": uri, "start": 0, "stop": n}, columns, {}, 1000))
+        return pa.concat_tables(read_unit(Unit(key="k", uri=uri, start=0, stop=n), columns, {}, 1000))
 
     missing = read("no-image0")
     assert set(missing.column(C.IMAGE_ERROR).to_pylist()) == {"column_missing"}
@@ -202,7 +201,7 @@ def test_id_type_drift_is_cast_or_refused(tiny_checkpoint, tmp_path):
     _write(tmp_path / "ints" / "b.parquet", id=pa.array([3, 2**40], type=pa.int64()), text=text)
     v = validate(_job(tiny_checkpoint, f"{tmp_path}/ints/*.parquet", str(tmp_path / "out1")))
     assert v.id_type == pa.int64() and v.drift == ()
-    ids = [read_unit({"key": "k", "uri": f.uri, "start": 0, "stop": 2}, {"id": "id", "text": "text"}, {}, 10)
+    ids = [read_unit(Unit(key="k", uri=f.uri, start=0, stop=2), {"id": "id", "text": "text"}, {}, 10)
            for f in v.files]
     assert [b.column(C.ID).type for blocks in ids for b in blocks] == [pa.int64(), pa.int64()]
 

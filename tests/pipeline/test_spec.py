@@ -35,7 +35,7 @@ def test_defaults():
     assert spec.output.path == "out" and spec.output.rows_per_file == 10_000
     (task,) = spec.tasks
     assert task.output_column == "summary" and task.prompt == TASK_KINDS["summarize"].template
-    assert task.generation == {"max_new_tokens": 128} and task.uses_text and not task.uses_image
+    assert task.generation.max_new_tokens == 128 and task.uses_text and not task.uses_image
     r = spec.resources
     assert (r.min_actors, r.max_actors, r.gpus_per_actor, r.rows_per_call) == (1, 1, 1.0, 256)
 
@@ -54,9 +54,9 @@ kind = "caption"
 prompt = "{image} What is in the picture?"
 """).replace('text_column = "text"', 'text_column = "text"\nimage_column = "img"'))
     summarize, translate, caption = spec.tasks
-    assert translate.output_column == "fr" and translate.generation == {"max_new_tokens": 256, "num_beams": 2}
+    assert translate.output_column == "fr" and (translate.generation.max_new_tokens, translate.generation.num_beams) == (256, 2)
     assert caption.output_column == "caption" and caption.uses_image and not caption.uses_text
-    assert caption.generation == {"max_new_tokens": 64}
+    assert caption.generation.max_new_tokens == 64
 
 
 def test_overrides(tmp_path):
@@ -70,13 +70,13 @@ output_column = "short"
                            "output.path=s3://bucket/out/", "storage.s3.endpoint_url=http://127.0.0.1:9000",
                            "model.dtype=float32"])
     assert spec.resources.rows_per_call == 7 and (spec.resources.min_actors, spec.resources.max_actors) == (1, 3)
-    assert spec.tasks[0].generation["max_new_tokens"] == 128 and spec.tasks[1].generation["max_new_tokens"] == 9
+    assert spec.tasks[0].generation.max_new_tokens == 128 and spec.tasks[1].generation.max_new_tokens == 9
     assert spec.output.path == "s3://bucket/out"
     assert spec.storage_options("s3://bucket/x") == {"endpoint_url": "http://127.0.0.1:9000",
                                                     "config_kwargs": S3_CONFIG_DEFAULTS}
     assert spec.storage_options("/local/x") == {} and spec.model.dtype == "float32"
     every = load_job(path, ["task.max_new_tokens=5"])
-    assert [t.generation["max_new_tokens"] for t in every.tasks] == [5, 5]
+    assert [t.generation.max_new_tokens for t in every.tasks] == [5, 5]
 
 
 def test_run_config_hash_follows_results_not_resources():

@@ -14,7 +14,7 @@ from operators import columns as C
 from pipeline import commit
 from pipeline import inputs as input_module
 from pipeline.commit import OutputStore
-from pipeline.inputs import list_inputs, make_units, read_footers, read_unit
+from pipeline.inputs import Unit, list_inputs, make_units, read_footers, read_unit
 from pipeline.paths import StorageError
 
 
@@ -62,7 +62,7 @@ def test_units_are_deterministic_row_ranges(inputs):
 
 def test_read_unit_reads_a_row_range_and_only_needed_columns(inputs):
     uri = f"file://{inputs}/a.parquet"
-    unit = {"key": "k", "uri": uri, "start": 6, "stop": 17}  # across row groups of 4
+    unit = Unit(key="k", uri=uri, start=6, stop=17)  # across row groups of 4
     blocks = list(read_unit(unit, {"id": "id", "text": "text", "image": "image"}, {}, block_rows=5))
     assert [b.num_rows for b in blocks] == [5, 5, 1]
     table = pa.concat_tables(blocks)
@@ -132,7 +132,7 @@ def test_a_rewritten_file_gets_new_unit_keys_and_a_change_mid_run_is_refused(inp
     after = read_footers([uri], {})
     assert after[0].identity != before[0].identity
     assert not {u.key for u in make_units(before, 10, "h")} & {u.key for u in make_units(after, 10, "h")}
-    unit = {"key": "k", "uri": uri, "start": 0, "stop": 5, "identity": before[0].identity}
+    unit = Unit(key="k", uri=uri, start=0, stop=5, identity=before[0].identity)
     with pytest.raises(StorageError, match="changed during the run"):
         list(read_unit(unit, {"id": "id"}, {}, block_rows=5))
 
