@@ -106,30 +106,32 @@ def _inspect_job(path: str, overrides: list[str]) -> int:
 
 
 def _inspect_checkpoint(source: str) -> int:
-    from model.source import CheckpointError, CheckpointSource
-    from model.weights import load_config, weight_files
+    from model.inspect import inspect_checkpoint
+    from model.source import CheckpointError
 
     try:
-        src = CheckpointSource.open(source)
-        c = load_config(src)
-        shards = weight_files(src)
-    except (CheckpointError, ValueError) as exc:
+        summary = inspect_checkpoint(source)
+    except (CheckpointError, ValueError, OSError) as exc:
         print(f"t5g2 inspect: {exc}", file=sys.stderr)
         return 2
+    c = summary.config
     e, d, v = c.encoder, c.decoder, c.vision
-    print(f"Checkpoint {source} (revision {src.revision or '-'})")
+    print(f"Checkpoint {source} (revision {summary.revision or '-'})")
     for name, t in (("encoder", e), ("decoder", d)):
         kinds = f"{t.layer_types.count('sliding_attention')} sliding (window {t.sliding_window}) + " \
                 f"{t.layer_types.count('full_attention')} full"
         print(f"  {name:8} {t.num_layers} layers ({kinds}), hidden {t.hidden_size}, MLP {t.intermediate_size}, "
               f"heads {t.num_heads}/{t.num_kv_heads} kv, head_dim {t.head_dim}")
-    print(f"  vocab    {c.vocab_size}; eos {list(c.eos_token_ids)}, pad {c.pad_token_id}, bos {c.bos_token_id}")
+    print(f"  vocab    {c.vocab_size} (tokenizer {summary.tokenizer_vocab_size}); eos {list(c.eos_token_ids)}, "
+          f"pad {c.pad_token_id}, bos {c.bos_token_id}")
     print(f"  vision   {v.num_layers} layers, hidden {v.hidden_size}, {v.image_size}px / patch {v.patch_size}; "
           f"{c.mm_tokens_per_image} tokens per image (boi {c.boi_token_id}, image {c.image_token_id}, "
-          f"eoi {c.eoi_token_id})")
-    files = src.files()
-    print(f"  files    weights {', '.join(shards)}; tokenizer.model {'yes' if 'tokenizer.model' in files else 'MISSING'}; "
-          f"preprocessor_config.json {'yes' if 'preprocessor_config.json' in files else 'no (defaults)'}")
+          f"eoi {c.eoi_token_id}){'' if summary.image_tokens else '; image prompts not possible'}")
+    print(f"  weights  {', '.join(summary.weight_files)}: {summary.parameters:,} parameters, "
+          f"{'/'.join(summary.weight_dtypes)}, {summary.weight_bytes / 2**20:.1f} MiB")
+    print(f"  files    tokenizer.model {'yes' if 'tokenizer.model' in summary.files else 'no'}; "
+          f"{'preprocessor_config.json yes' if summary.has_preprocessor else 'no preprocessor_config.json'} "
+          f"(images resized to {summary.image_size}px)")
     return 0
 
 

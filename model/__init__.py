@@ -1,7 +1,8 @@
 """T5Gemma 2 in pure PyTorch: config, model, weights, tokenizer, images, generation.
 
-Public API (stable names, see ../shared/design.md):
+Public API (stable names, see docs/architecture.md):
     load_pretrained(source, dtype="float32", device="cpu") -> T5Gemma2
+    inspect_checkpoint(source, storage_options) -> CheckpointSummary (no weights loaded)
     Tokenizer.from_pretrained(source)
     Generator(model).generate([Request(...)]) -> [Result]
 
@@ -13,12 +14,14 @@ from .source import CheckpointError, CheckpointSource
 from .t5gemma2 import T5Gemma2
 from .generate import GenerationParams, Generator, Request, Result
 from .images import ImageError, ImageProcessor
+from .inspect import CheckpointSummary, inspect_checkpoint
 from .tokenizer import PromptError, Tokenizer
 from .weights import load_config, load_pretrained, random_model, save_pretrained
 
 __all__ = [
     "CheckpointError",
     "CheckpointSource",
+    "CheckpointSummary",
     "GenerationParams",
     "ImageError",
     "ImageProcessor",
@@ -30,6 +33,7 @@ __all__ = [
     "ConfigError",
     "T5Gemma2",
     "T5Gemma2Config",
+    "inspect_checkpoint",
     "load_config",
     "load_pretrained",
     "random_model",

@@ -188,10 +188,16 @@ class ImageProcessor:
         storage_options: dict | None = None,
         **overrides,
     ) -> "ImageProcessor":
-        """From the checkpoint's preprocessor_config.json; Gemma 3 defaults when the file is absent."""
+        """From the checkpoint's preprocessor_config.json; when the file is absent, Gemma 3's defaults
+        at the side the checkpoint's vision tower takes (config.json), or 896 without a config."""
         src = source if isinstance(source, CheckpointSource) else CheckpointSource.open(source, storage_options)
         if not src.exists(PREPROCESSOR_FILE):
             # Text-only copies of a checkpoint often drop this file; the defaults are the released ones.
+            if src.exists("config.json") and not {"height", "width"} & set(overrides):
+                from .config import T5Gemma2Config
+
+                side = T5Gemma2Config.from_json_text(src.read_bytes("config.json")).vision.image_size
+                overrides = {"height": side, "width": side, **overrides}
             return cls(replace(ImageProcessorConfig(), **overrides))
         where = f"{src.description}/{PREPROCESSOR_FILE}"
         try:

@@ -66,7 +66,6 @@ class PrepareSettings:
     tasks: tuple  # PromptTask per task
     max_input_tokens: int  # longest prompt, image tokens included (input.max_input_tokens)
     long_input: str  # "error" | "truncate" (input.long_input)
-    image_size: int | None  # vision input side, used when the checkpoint has no preprocessor_config.json
 
 
 @dataclass(frozen=True)
@@ -102,18 +101,13 @@ def _cache_key(settings) -> str:
 
 
 def build_prepare(s: PrepareSettings) -> Prepare:
-    from model.images import PREPROCESSOR_FILE, ImageProcessor
+    from model.images import ImageProcessor
     from model.source import CheckpointSource
     from model.tokenizer import Tokenizer
 
     src = CheckpointSource.open(s.source, s.storage_options)
     tokenizer = Tokenizer.from_pretrained(src)
-    processor = None
-    if any(t.uses_image for t in s.tasks):
-        overrides = {}
-        if not src.exists(PREPROCESSOR_FILE) and s.image_size:
-            overrides = {"height": s.image_size, "width": s.image_size}
-        processor = ImageProcessor.from_pretrained(src, **overrides)
+    processor = ImageProcessor.from_pretrained(src) if any(t.uses_image for t in s.tasks) else None
     return Prepare(tokenizer, processor, list(s.tasks), s.max_input_tokens, s.long_input)
 
 

@@ -140,7 +140,7 @@ def make_plan(v: Validated, todo: list[Unit]) -> build.Plan:
         prepare=build.PrepareSettings(source=spec.model.source, storage_options=model_options,
                                       tasks=build.prompt_tasks(spec.tasks),
                                       max_input_tokens=spec.input.max_input_tokens,
-                                      long_input=spec.input.long_input, image_size=v.image_size),
+                                      long_input=spec.input.long_input),
         finish=build.FinishSettings(source=spec.model.source, storage_options=model_options,
                                     output_columns=tuple(v.output_columns), provenance=v.provenance),
         infer=build.InferSettings(source=spec.model.source, dtype=spec.model.dtype,

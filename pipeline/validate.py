@@ -50,8 +50,7 @@ class Validated:
     files: tuple[InputFile, ...]
     units: tuple[Unit, ...]
     id_type: pa.DataType
-    image_size: int
-    model_revision: str | None
+    model_revision: str | None  # the checkpoint's hub revision (provenance)
     run_hash: str
     store: OutputStore
     weight_bytes: int  # size of the checkpoint's weight files
@@ -68,41 +67,16 @@ class Validated:
         return [t.output_column for t in self.spec.tasks]
 
 
-def _check_model(spec: JobSpec) -> tuple[int, str | None, int]:
-    from model.images import PREPROCESSOR_FILE, ImageProcessor
-    from model.source import CheckpointError, CheckpointSource
-    from model.tokenizer import Tokenizer
-    from model.weights import load_config, weight_files
+def _check_model(spec: JobSpec):
+    """The checkpoint's summary (model.inspect_checkpoint), or a JobError naming model.source and the fix."""
+    from model.inspect import inspect_checkpoint
+    from model.source import CheckpointError
 
     source = spec.model.source
-    where = f"model.source {source!r}"
     try:
-        src = CheckpointSource.open(source, spec.storage_options(source))
-        config = load_config(src)
-        weight_files(src)
-        tokenizer = Tokenizer.from_pretrained(src)
-        if any(t.uses_image for t in spec.tasks):
-            tokenizer.image_sequence()  # raises when the image token ids are not defined
-            if src.exists(PREPROCESSOR_FILE):
-                size = ImageProcessor.from_pretrained(src).size
-                expected = (config.vision.image_size, config.vision.image_size)
-                if size != expected:
-                    raise JobError(
-                        f"{where}: {PREPROCESSOR_FILE} resizes images to {size[0]}x{size[1]} but the vision tower "
-                        f"takes {expected[0]}x{expected[1]}; use the checkpoint's own {PREPROCESSOR_FILE}"
-                    )
-    except JobError:
-        raise
+        return inspect_checkpoint(source, spec.storage_options(source), needs_images=any(t.uses_image for t in spec.tasks))
     except (CheckpointError, ValueError, OSError) as exc:
-        raise JobError(f"{where} is not a usable checkpoint: {exc}") from exc
-    if tokenizer.vocab_size > config.vocab_size:
-        raise JobError(f"{where}: tokenizer.model has {tokenizer.vocab_size} ids but the model only "
-                       f"{config.vocab_size}; use the tokenizer of this checkpoint")
-    try:
-        weight_bytes = sum(int(src.fs.size(src.path(name))) for name in weight_files(src))
-    except Exception as exc:
-        raise JobError(f"{where}: cannot read the size of its weight files ({exc})") from exc
-    return config.vision.image_size, src.revision, weight_bytes
+        raise JobError(f"model.source {source!r} is not a usable checkpoint: {exc}") from exc
 
 
 def _check_ids(column: str | None, files: list[InputFile]) -> pa.DataType:
@@ -256,7 +230,7 @@ def _check_duplicates(spec: JobSpec, files: list[InputFile]) -> dict:
 def validate(spec: JobSpec) -> Validated:
     """Every check that needs no GPU; raises JobError with the fix."""
     run_hash = spec.run_config_hash()
-    image_size, revision, weight_bytes = _check_model(spec)
+    checkpoint = _check_model(spec)
     files, id_type, drift = _check_inputs(spec)
     for warning in drift:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
@@ -268,6 +242,7 @@ def validate(spec: JobSpec) -> Validated:
     _check_output(spec, store, run_hash)
     duplicates = _check_duplicates(spec, files)
     units = make_units(files, spec.output.rows_per_file, run_hash, duplicates)
-    return Validated(spec=spec, files=tuple(files), units=tuple(units), id_type=id_type, image_size=image_size,
-                     model_revision=revision, run_hash=run_hash, store=store, weight_bytes=weight_bytes,
+    return Validated(spec=spec, files=tuple(files), units=tuple(units), id_type=id_type,
+                     model_revision=checkpoint.revision, run_hash=run_hash, store=store,
+                     weight_bytes=checkpoint.weight_bytes,
                      drift=tuple(drift), duplicate_rows=sum(len(m) for m in duplicates.values()))

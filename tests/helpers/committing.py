@@ -39,7 +39,7 @@ def bench(output_path: str, files: list[tuple[str, int]], rows_per_file: int = 4
     inputs = [InputFile(uri=uri, num_rows=n, schema=INPUT_SCHEMA) for uri, n in files]
     store = OutputStore(spec.output.path, spec.storage_options(spec.output.path))
     return Validated(spec=spec, files=tuple(inputs), units=tuple(make_units(inputs, rows_per_file, run_hash)),
-                     id_type=pa.string(), image_size=32, model_revision=None, run_hash=run_hash, store=store,
+                     id_type=pa.string(), model_revision=None, run_hash=run_hash, store=store,
                      weight_bytes=0)
 
 
