@@ -20,10 +20,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
 from dataclasses import asdict
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_PACKAGES = ("pipeline", "operators", "model", "jobs")  # the project's loggers, one tree per package
+_handlers: list[logging.Handler] = []
+
+
+class _Below(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+def configure_logging(level: str = "info") -> None:
+    """The project's log lines on the terminal as a person reads them: progress and run summaries on
+    stdout, warnings ("warning: ...") and errors ("error: ...") on stderr. Ray's own INFO lines are
+    quieted on a terminal unless --log-level debug. Calling it again replaces what it set before."""
+    numeric = getattr(logging, level.upper())
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(_Below(logging.WARNING))
+    out.setFormatter(logging.Formatter("%(message)s"))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("%(levelname_lower)s: %(message)s"))
+    err.addFilter(_lower_level_name)
+    for name in _PACKAGES:
+        logger = logging.getLogger(name)
+        for old in _handlers:
+            logger.removeHandler(old)
+        logger.setLevel(numeric)
+        logger.addHandler(out)
+        logger.addHandler(err)
+    _handlers[:] = [out, err]
+    if numeric > logging.DEBUG and sys.stderr.isatty():
+        logging.getLogger("ray").setLevel(logging.WARNING)
+
+
+def _lower_level_name(record: logging.LogRecord) -> bool:
+    record.levelname_lower = record.levelname.lower()
+    return True
+
 
 USAGE = """usage: t5g2 {run,inspect,demo,bench} ...
 
@@ -43,6 +87,8 @@ def _job_parser(prog: str, with_address: bool) -> argparse.ArgumentParser:
     if with_address:
         parser.add_argument("--address", default=None,
                             help="Ray cluster to join (default: RAY_ADDRESS if set, else a local Ray)")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                        help="how much to log (default info: progress and the run summary)")
     return parser
 
 
@@ -52,6 +98,7 @@ def cmd_run(argv: list[str]) -> int:
     from pipeline.spec import JobError, load_job
 
     args = _job_parser("t5g2 run", with_address=True).parse_args(argv)
+    configure_logging(args.log_level)
     try:
         spec = load_job(args.job, args.overrides)
         report = run_job(spec, address=args.address)
@@ -152,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    configure_logging()  # `run --log-level` sets its own
     if command == "run":
         return cmd_run(rest)
     if command == "inspect":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -46,6 +47,8 @@ from operators.infer import Infer, InferTask
 from operators.prepare import Prepare, PromptTask
 
 from .inputs import Unit, read_unit
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,8 @@ class CallWatchdog:
                            f"{os.getpid()}) so that Ray restarts it and retries the call (at most {CALL_RETRIES} "
                            f"times). Raise resources.call_timeout_s (or lower rows_per_call) if calls really take "
                            f"this long.")
-                print(message, file=sys.stderr, flush=True)
+                log.error(message)
+                sys.stderr.flush()  # os._exit skips the flush at exit, and Ray's worker log is a file
                 os._exit(HANG_EXIT_CODE)
 
 

@@ -13,7 +13,7 @@
   4. Once every unit is committed, retracts the outputs of units the input no longer has (files
      changed, renamed or removed), so the output mirrors the current input.
   5. Writes the report to <output>/_report.json, prints a summary, and returns the report.
-  SIGINT / SIGTERM stop it between two commits (Interrupted): the report says so, stderr says what
+  SIGINT / SIGTERM stop it between two commits (Interrupted): the report says so, the log says what
   was committed and that the same command resumes.
 
 Tests reach inside a run only through RunHooks (a model actor class that injects faults, a callback
@@ -24,6 +24,7 @@ Not here: the checks (validate.py), the plan (build.py), the commit protocol (co
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -48,6 +49,8 @@ PROGRESS_SECONDS = 10.0
 ACTOR_MEMORY_HEADROOM = 1 << 30  # host memory per model actor beyond its weights
 CONNECT_TIMEOUT_S = 10.0  # how long a cluster address may take to answer before the run fails
 INTERRUPTED_EXIT_BASE = 128  # a run stopped by signal N exits with 128 + N, as shells report it
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,11 +93,14 @@ def _connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray's own driver messages follow the "ray" logger's level when the caller set one (the command
+    # line quiets Ray's INFO on a terminal); ray.init would otherwise reset it to INFO.
+    level = logging.getLogger("ray").level or logging.INFO
     if address:
         _check_reachable(address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=level)
         return False
-    ray.init(address="local", include_dashboard=False)
+    ray.init(address="local", include_dashboard=False, logging_level=level)
     return True
 
 
@@ -124,7 +130,7 @@ def _check_capacity(spec: JobSpec, fixed_size: bool) -> None:
     message = f"the job needs {' and '.join(problems)}; {fix}"
     if fixed_size:
         raise JobError(message)
-    print(f"warning: {message} (waiting for the cluster to grow)", file=sys.stderr, flush=True)
+    log.warning(f"{message} (waiting for the cluster to grow)")
 
 
 def make_plan(v: Validated, todo: list[Unit]) -> build.Plan:
@@ -245,8 +251,9 @@ def run_job(spec: JobSpec, address: str | None = None, hooks: RunHooks | None = 
     """Run (or resume) a job; returns the run report (also written and printed).
 
     SIGINT or SIGTERM stops it: what was committed stays, the report is written with "interrupted",
-    a line on stderr says how much is done and that running the same command again resumes, and
-    Interrupted is raised (the command line exits with its exit_code).
+    an error is logged saying how much is done and that running the same command again resumes, and
+    Interrupted is raised (the command line exits with its exit_code). Progress, warnings and the
+    summary go to the "pipeline" loggers (the command line prints them).
     """
     signals = _StopOnSignals()
     with signals.active():
@@ -258,8 +265,7 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
     try:
         v = validate(spec)
     except Interrupted as stop:
-        print(f"t5g2 run: stopped by {stop.name} during validation, before any work; nothing was written",
-              file=sys.stderr, flush=True)
+        log.error(f"stopped by {stop.name} during validation, before any work; nothing was written")
         raise
     store = v.store
     done = store.done()
@@ -277,8 +283,8 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
     # units no longer in the plan are retracted only at the end of a run that committed everything.
     store.clean_leftovers(set(done) | {u.key for u in todo})
     rows_in = sum(f.num_rows for f in v.files)
-    print(f"Job {spec.origin}: {rows_in} rows in {len(v.files)} file(s) -> {len(v.units)} unit(s); "
-          f"{len(v.units) - len(todo)} already done, {len(todo)} to compute", flush=True)
+    log.info(f"Job {spec.origin}: {rows_in} rows in {len(v.files)} file(s) -> {len(v.units)} unit(s); "
+             f"{len(v.units) - len(todo)} already done, {len(todo)} to compute")
 
     committer = Committer(v.store, C.output_schema(v.output_columns, v.id_type), spec.output.compression, todo,
                           v.output_columns, on_step=hooks.on_commit_step, guard=signals.commit)
@@ -310,17 +316,15 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
     except Interrupted as stop:
         result = report(interrupted=stop.name)
         units_done = result["units_reused"] + result["units_computed"]
-        print(f"t5g2 run: stopped by {stop.name}: {committer.stats.units} of {len(todo)} units committed in this "
-              f"run ({committer.stats.rows} rows); {units_done} of {len(v.units)} units are done in all. Everything "
-              f"committed stays: run the same command again to resume, it computes only the rest",
-              file=sys.stderr, flush=True)
+        log.error(f"stopped by {stop.name}: {committer.stats.units} of {len(todo)} units committed in this run "
+                  f"({committer.stats.rows} rows); {units_done} of {len(v.units)} units are done in all. Everything "
+                  f"committed stays: run the same command again to resume, it computes only the rest")
         if connected_here:
             _disconnect()  # stops this driver's Ray job: its actors and tasks end with it
         raise
 
     result = report()
-    print(reports.summary(result), flush=True)
-    sys.stdout.flush()
+    log.info(reports.summary(result))
     return result
 
 
@@ -357,8 +361,8 @@ def _stream(spec: JobSpec, v: Validated, todo: list[Unit], committer: Committer,
             now = time.perf_counter()
             if now - last >= PROGRESS_SECONDS:
                 rate = committer.stats.rows / max(1e-9, now - compute_started)
-                print(f"  progress: {committer.stats.units}/{len(todo)} units, {committer.stats.rows}/"
-                      f"{total_rows} rows committed, {rate:.1f} rows/s", flush=True)
+                log.info(f"  progress: {committer.stats.units}/{len(todo)} units, {committer.stats.rows}/"
+                         f"{total_rows} rows committed, {rate:.1f} rows/s")
                 last = now
     except Exception as exc:
         why = _stuck_model_message(exc, spec, f"{committer.stats.units}/{len(todo)}")

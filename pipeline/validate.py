@@ -16,8 +16,8 @@ Not here: running the job (run.py), parsing the job file (spec.py).
 
 from __future__ import annotations
 
+import logging
 import re
-import sys
 from dataclasses import dataclass
 
 import fsspec
@@ -40,6 +40,8 @@ from .inputs import (
 )
 from .paths import StorageError, family, open_fs
 from .spec import JobError, JobSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -222,8 +224,8 @@ def _check_duplicates(spec: JobSpec, files: list[InputFile]) -> dict:
         raise JobError(f"input.unique_ids = true, but {rows} row(s) repeat an earlier id of input.id_column "
                        f"{column!r}: {'; '.join(examples)}{more}. Make the ids unique, or set input.unique_ids = false "
                        f"to run with the later rows as duplicate_id error rows")
-    print(f"warning: {rows} row(s) repeat an earlier id of input.id_column {column!r}; each becomes a duplicate_id "
-          f"error row naming the first: {'; '.join(examples)}{more}", file=sys.stderr, flush=True)
+    log.warning(f"{rows} row(s) repeat an earlier id of input.id_column {column!r}; each becomes a duplicate_id "
+                f"error row naming the first: {'; '.join(examples)}{more}")
     return found
 
 
@@ -233,7 +235,7 @@ def validate(spec: JobSpec) -> Validated:
     checkpoint = _check_model(spec)
     files, id_type, drift = _check_inputs(spec)
     for warning in drift:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
+        log.warning(warning)
     try:
         store = OutputStore(spec.output.path, spec.storage_options(spec.output.path))
     except StorageError as exc:
