@@ -90,10 +90,6 @@ class TextConfig:
     def scaling(self) -> float:
         return self.query_pre_attn_scalar ** -0.5
 
-    @property
-    def embed_scale(self) -> float:
-        return math.sqrt(self.hidden_size)
-
 
 @dataclass(frozen=True)
 class VisionConfig:

@@ -356,11 +356,6 @@ class ImageProcessor:
         return torch.stack([self.preprocess(image) for image in images])
 
 
-def resample_name(resample: int) -> str:
-    """Human name of a PIL resampling id, for messages and reports."""
-    return _RESAMPLE_NAMES[resample]
-
-
 __all__ = [
     "DEFAULT_FORMATS",
     "DEFAULT_MAX_PIXELS",
@@ -368,5 +363,4 @@ __all__ = [
     "ImageProcessor",
     "ImageProcessorConfig",
     "config_from_dict",
-    "resample_name",
 ]

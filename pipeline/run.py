@@ -40,7 +40,7 @@ from operators import columns as C
 
 from . import build
 from . import report as reports
-from .commit import Committer
+from .commit import MANIFEST, REPORT, Committer
 from .inputs import Unit
 from .spec import JobError, JobSpec
 from .validate import Validated, validate
@@ -211,7 +211,7 @@ class _StopOnSignals:
         self.committing = False
         self.pending: int | None = None
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum, _frame) -> None:
         if self.committing:
             self.pending = signum
             return
@@ -300,13 +300,13 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
             compute_seconds=time.perf_counter() - compute_started if todo else 0.0, interrupted=interrupted)
         if committer.duplicates:
             result["duplicate_rows_dropped"] = committer.duplicates
-        store.write_json("_report.json", result)
+        store.write_json(REPORT, result)
         return result
 
     try:
         if todo:
-            if store.read_json("_job.json") is None:
-                store.write_json("_job.json", {"run_config_hash": v.run_hash, "run_config": spec.run_config()})
+            if store.read_json(MANIFEST) is None:
+                store.write_json(MANIFEST, {"run_config_hash": v.run_hash, "run_config": spec.run_config()})
             connected_here = not _ray_initialized()
             fixed_size = _connect(address)
             signals.take_back()

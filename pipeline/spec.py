@@ -7,7 +7,7 @@ parse as one), and checks every field. Each problem is a `JobError` naming the f
 Only the file itself is checked here; whether the input columns, the model and the output path
 are really usable is checked against storage by `pipeline.run.validate` before any GPU work.
 
-Schema (see ../shared/design.md):
+Schema (README.md shows a whole job; jobs/examples/ holds commented ones):
   [model]      source (required), dtype = "bfloat16" | "float16" | "float32"
   [input]      path (required; string or list; fsspec paths or globs), id_column, text_column,
                image_column, max_input_tokens (8192), long_input = "error" | "truncate",

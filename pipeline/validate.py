@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from operators import columns as C
 
-from .commit import PART_PREFIX, OutputStore
+from .commit import MANIFEST, PART_PREFIX, OutputStore
 from .inputs import (
     COLUMN_TYPE,
     InputFile,
@@ -159,7 +159,7 @@ def _check_output(spec: JobSpec, store: OutputStore, run_hash: str) -> None:
         store.probe()
     except StorageError as exc:
         raise JobError(str(exc)) from exc
-    manifest = store.read_json("_job.json")
+    manifest = store.read_json(MANIFEST)
     if manifest is None:
         if store.parts():
             raise JobError(f"output.path {spec.output.path!r} already holds part files of an unknown job; choose an "

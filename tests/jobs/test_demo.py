@@ -24,6 +24,7 @@ import model
 from jobs import demo
 from model.images import ImageError, ImageProcessor
 from model.tokenizer import Tokenizer
+from pipeline.spec import load_job
 
 ROWS = 40  # the smallest dataset that still has every language, format and bad row
 
@@ -172,9 +173,8 @@ def test_job_files_hold_absolute_paths_and_cpu_resources(tmp_path):
 
 
 def test_job_files_parse_as_job_specs(tmp_path):
-    spec = pytest.importorskip("pipeline.spec", reason="pipeline/spec.py is not written yet")
     for path in demo.write_job_files(tmp_path, max_new_tokens=5).values():
-        spec.load_job(path)
+        load_job(path)
 
 
 def test_keep_reuses_the_dataset_and_checkpoint(generated, capsys):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import jobs
+from pipeline.spec import load_job
 
 EXAMPLES_DIR = Path(jobs.__file__).resolve().parent / "examples"
 EXAMPLES = sorted(EXAMPLES_DIR.glob("*.toml"))
@@ -27,8 +28,7 @@ def test_the_three_examples_exist():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_parses_as_a_job(path):
-    spec = pytest.importorskip("pipeline.spec", reason="pipeline/spec.py is not written yet")
-    spec.load_job(path)
+    load_job(path)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -73,7 +73,6 @@ def test_readme_job_uses_the_real_checkpoint():
 
 
 def test_readme_job_parses_as_a_job(tmp_path):
-    spec = pytest.importorskip("pipeline.spec", reason="pipeline/spec.py is not written yet")
     path = tmp_path / "readme-job.toml"
     path.write_text(_readme_job())
-    spec.load_job(path)
+    load_job(path)

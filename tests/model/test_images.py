@@ -24,15 +24,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from transformers import Gemma3Processor, GemmaTokenizer
+from transformers.image_utils import load_image
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
 from model.images import DEFAULT_FORMATS, ImageError, ImageProcessor, ImageProcessorConfig, config_from_dict
 from model.source import CheckpointError
 from tests.helpers.spm import train_sentencepiece
-
-transformers = pytest.importorskip("transformers")
-from transformers import Gemma3Processor, GemmaTokenizer  # noqa: E402
-from transformers.image_utils import load_image  # noqa: E402
-from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil  # noqa: E402
 
 # Non-square so a height/width swap cannot pass.
 HEIGHT, WIDTH = 48, 64

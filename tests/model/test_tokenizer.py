@@ -18,14 +18,12 @@ import random
 import fsspec
 import pytest
 import sentencepiece as spm
+from transformers import Gemma3Processor, GemmaTokenizer, T5Gemma2Config
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
 from model.source import CheckpointError
 from model.tokenizer import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, PromptError, Tokenizer
 from tests.helpers.spm import _CORPUS, special_token_ids, train_sentencepiece
-
-transformers = pytest.importorskip("transformers")
-from transformers import Gemma3Processor, GemmaTokenizer, T5Gemma2Config  # noqa: E402
-from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil  # noqa: E402
 
 MM_TOKENS = 4  # image tokens per image in the tiny config (a square, as the 4x4 pooling needs)
 
