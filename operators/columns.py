@@ -107,7 +107,7 @@ class TaskColumns:
     output_ids: str  # list<int32> generated ids from infer (null on error)
 
     @classmethod
-    def of(cls, output_column: str) -> "TaskColumns":
+    def of(cls, output_column: str) -> TaskColumns:
         return cls(
             text=output_column,
             input_tokens=f"{output_column}_input_tokens",

@@ -91,7 +91,7 @@ class Prepare:
     # ---- one batch ---------------------------------------------------------------------------
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        required = [C.UNIT, C.ROW, C.ID] + ([C.TEXT] if self.needs_text else []) + ([C.IMAGE] if self.needs_image else [])
+        required = [C.UNIT, C.ROW, C.ID] + [C.TEXT] * self.needs_text + [C.IMAGE] * self.needs_image
         missing = [c for c in required if c not in batch.column_names]
         if missing:
             raise KeyError(f"prepare needs columns {missing}; got {batch.column_names}")

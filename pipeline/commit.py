@@ -48,9 +48,9 @@ import json
 import os
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from typing import Callable, ContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -234,7 +234,7 @@ class Committer:
 
     def __init__(self, store: OutputStore, schema: pa.Schema, compression: str, units: list[Unit],
                  output_columns: list[str], *, on_step: Callable[[str, int], None] | None = None,
-                 guard: Callable[[], ContextManager] | None = None):
+                 guard: Callable[[], AbstractContextManager] | None = None):
         """`schema` is the output schema (columns.output_schema), `units` the units to commit, and
         `output_columns` the tasks' columns (for the counts in each done-marker). `on_step(step, n)`
         is called at each step of COMMIT_STEPS of the n-th commit (tests stop the driver there);

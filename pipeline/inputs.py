@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -68,7 +68,7 @@ class Unit:
                 "duplicates": json.dumps(self.duplicates)}
 
     @classmethod
-    def from_item(cls, item: dict) -> "Unit":
+    def from_item(cls, item: dict) -> Unit:
         """The inverse of to_item."""
         duplicates = tuple((int(row), str(message)) for row, message in json.loads(item.get("duplicates") or "[]"))
         return cls(key=item["key"], uri=item["uri"], start=int(item["start"]), stop=int(item["stop"]),
@@ -383,7 +383,8 @@ def read_unit(unit: Unit, columns: dict, options: dict, block_rows: int) -> Iter
         with fs.open(p, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             schema = parquet.schema_arrow
-            problems = {role: column_problem(uri, schema, role, columns[role]) for role, *_ in _ROLES if columns.get(role)}
+            problems = {role: column_problem(uri, schema, role, columns[role])
+                        for role, *_ in _ROLES if columns.get(role)}
             if columns.get("id") and columns["id"] not in schema.names:
                 raise StorageError(f"{uri} has no id column {columns['id']!r} any more: it changed during the run")
             wanted = [c for role in ("id", "text", "image") if (c := columns.get(role)) and problems.get(role) is None]
@@ -407,7 +408,8 @@ def read_unit(unit: Unit, columns: dict, options: dict, block_rows: int) -> Iter
         return
     table = table.slice(start - first, stop - start)
     if table.num_rows != stop - start:
-        raise StorageError(f"{uri} has {first + table.num_rows} rows in range, expected {stop}: it changed during the run")
+        raise StorageError(f"{uri} has {first + table.num_rows} rows in range, expected {stop}: it changed during "
+                           f"the run")
     n = table.num_rows
     if columns.get("id"):
         ids = table.column(columns["id"])

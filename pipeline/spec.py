@@ -36,9 +36,10 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from model.generate import GenerationParams
 from operators import columns
@@ -490,7 +491,8 @@ def _parse_task(t: Any, n: int, inp: InputSpec) -> TaskSpec:
     kind = TASK_KINDS[kind_name]
     output_column = _str(t, "output_column", where, default=kind.output_column)
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", output_column):
-        raise JobError(f"{where}.output_column {output_column!r} must be letters, digits and _ (starting with a letter)")
+        raise JobError(f"{where}.output_column {output_column!r} must be letters, digits and _ (starting with a "
+                       f"letter)")
     prompt = t.get("prompt", kind.template)
     if not isinstance(prompt, str) or not prompt.strip():
         raise JobError(f"{where}.prompt must be a non-empty string, got {prompt!r}")

@@ -95,7 +95,8 @@ def template_fields(template: str) -> set[str]:
         if name is None:
             continue
         if name == "" or not name.isidentifier():
-            raise ValueError(f"placeholder {{{name}}} is not a name; use {{text}}, {{image}}, ... (write {{{{ for a brace)")
+            raise ValueError(f"placeholder {{{name}}} is not a name; use {{text}}, {{image}}, ... "
+                             f"(write {{{{ for a brace)")
         if spec or conversion:
             raise ValueError(f"placeholder {{{name}}} has a format spec or conversion; write just {{{name}}}")
         names.add(name)

@@ -76,7 +76,8 @@ def _check_model(spec: JobSpec):
 
     source = spec.model.source
     try:
-        return inspect_checkpoint(source, spec.storage_options(source), needs_images=any(t.uses_image for t in spec.tasks))
+        return inspect_checkpoint(source, spec.storage_options(source),
+                                  needs_images=any(t.uses_image for t in spec.tasks))
     except (CheckpointError, ValueError, OSError) as exc:
         raise JobError(f"model.source {source!r} is not a usable checkpoint: {exc}") from exc
 

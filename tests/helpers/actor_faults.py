@@ -136,7 +136,7 @@ class ActorFaults:
     """The test fault hooks of one model actor (see above); inert unless their variables are set."""
 
     @classmethod
-    def if_armed(cls, model, tasks: list[InferTask], pixel_shape: tuple[int, ...]) -> "ActorFaults | None":
+    def if_armed(cls, model, tasks: list[InferTask], pixel_shape: tuple[int, ...]) -> ActorFaults | None:
         """The hooks for this actor when any fault variable is set, else None (production)."""
         return cls(model, tasks, pixel_shape) if any(os.environ.get(env) for env in FAULT_ENVS) else None
 

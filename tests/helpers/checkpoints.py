@@ -58,7 +58,7 @@ def randomize(model, seed: int = 0, scale: float = 0.5):
     """Fill every parameter with random values (in place) and return the model."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             fan_in = p.shape[-1] if p.dim() > 1 else 1
             std = scale / fan_in ** 0.5 if p.dim() > 1 else 0.3
             p.copy_(torch.randn(p.shape, generator=gen) * std)

@@ -4,7 +4,8 @@
 input files of the given sizes: a real JobSpec (parsed from a job file), real units
 (inputs.make_units) and a real OutputStore on `output_path` (a local directory or an s3:// URI;
 give `storage` for the endpoint). The checkpoint and the input files are never opened, so tests of
-the commit protocol run in milliseconds. `committer(v)` makes the run's Committer; `finished_rows(v, unit, rows)` gives rows of a unit as
+the commit protocol run in milliseconds. `committer(v)` makes the run's Committer;
+`finished_rows(v, unit, rows)` gives rows of a unit as
 the plan hands them to the committer (internal __unit/__row columns plus every output column).
 `part_ids(store)` reads back the ids of every part file.
 

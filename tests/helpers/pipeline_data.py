@@ -127,7 +127,8 @@ def mixed_rows(good: int = 16, long_text_chars: int = 2000) -> tuple[list[dict],
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
-def rows_table(rows: list[dict], text_type: pa.DataType = pa.binary()) -> pa.Table:
+def rows_table(rows: list[dict], text_type: pa.DataType | None = None) -> pa.Table:
+    text_type = text_type or pa.binary()
     return pa.table({
         "id": pa.array([r["id"] for r in rows], type=pa.string()),
         "text": pa.array([r["text"] for r in rows], type=text_type),

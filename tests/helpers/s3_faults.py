@@ -96,7 +96,7 @@ class S3FaultProxy:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "S3FaultProxy":
+    def start(self) -> S3FaultProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, name="s3-fault-proxy", daemon=True)
         self._thread.start()
         return self
@@ -106,7 +106,7 @@ class S3FaultProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "S3FaultProxy":
+    def __enter__(self) -> S3FaultProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -29,7 +29,8 @@ def images(tiny_checkpoint):
     return ImageProcessor.from_pretrained(tiny_checkpoint)
 
 
-def batch(texts=None, imgs=None, text_type=pa.binary()):
+def batch(texts=None, imgs=None, text_type=None):
+    text_type = text_type or pa.binary()
     n = len(texts if texts is not None else imgs)
     cols = {C.UNIT: pa.array(["u"] * n), C.ROW: pa.array(range(n), type=pa.int64()),
             C.ID: pa.array([f"r{i}" for i in range(n)])}

@@ -88,7 +88,8 @@ def committed_rows(out: Path) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     for part in parts:
         table = pq.read_table(part)
-        assert table.num_rows == json.loads((out / DONE_DIR / f"{part.stem[len(PART_PREFIX):]}.json").read_text())["rows"]
+        marker = out / DONE_DIR / f"{part.stem[len(PART_PREFIX):]}.json"
+        assert table.num_rows == json.loads(marker.read_text())["rows"]
         for row in table.to_pylist():
             assert row[C.ID] not in rows, f"duplicate id {row[C.ID]}"
             rows[row[C.ID]] = row
@@ -126,7 +127,8 @@ def assert_same_as_clean(out: Path, clean: dict, rows: list[dict], report: dict,
     assert sorted(got) == sorted(r["id"] for r in rows)
     assert report["complete"] and report["rows_out"] == len(rows)
     same = {i for i in got if i not in except_ids}
-    assert {i: v for i, v in results(got).items() if i in same} == {i: v for i, v in results(clean).items() if i in same}
+    ours, theirs = results(got), results(clean)
+    assert {i: ours[i] for i in same} == {i: theirs[i] for i in same}
     return got
 
 

@@ -23,6 +23,7 @@ import sys
 import types
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -198,7 +199,7 @@ def test_the_check_catches_a_naive_streaming_write(output_path, writer_dies_half
     with v.store.fs.open(v.store.part_path(unit.key), "rb") as handle:
         half = handle.read()
         assert 0 < len(half)
-    with pytest.raises(Exception):
+    with pytest.raises(pa.ArrowException):
         pq.read_table(io.BytesIO(half))  # a reader of the output directory would fail on it
 
 

@@ -214,8 +214,8 @@ def test_id_type_drift_is_cast_or_refused(tiny_checkpoint, tmp_path):
 
     _write(tmp_path / "noid" / "a.parquet", id=pa.array(["1", "2"]), text=text)
     _write(tmp_path / "noid" / "b.parquet", key=pa.array(["3", "4"]), text=text)
-    with pytest.raises(JobError, match=r"input.id_column 'id' is not a column of .*b.parquet \(columns: key, text, image\); "
-                                       r"every input file needs it"):
+    with pytest.raises(JobError, match=r"input.id_column 'id' is not a column of .*b.parquet "
+                                       r"\(columns: key, text, image\); every input file needs it"):
         validate(_job(tiny_checkpoint, f"{tmp_path}/noid/*.parquet", str(tmp_path / "out3")))
 
 

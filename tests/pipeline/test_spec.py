@@ -54,7 +54,8 @@ kind = "caption"
 prompt = "{image} What is in the picture?"
 """).replace('text_column = "text"', 'text_column = "text"\nimage_column = "img"'))
     summarize, translate, caption = spec.tasks
-    assert translate.output_column == "fr" and (translate.generation.max_new_tokens, translate.generation.num_beams) == (256, 2)
+    assert translate.output_column == "fr"
+    assert (translate.generation.max_new_tokens, translate.generation.num_beams) == (256, 2)
     assert caption.output_column == "caption" and caption.uses_image and not caption.uses_text
     assert caption.generation.max_new_tokens == 64
 
@@ -81,7 +82,8 @@ output_column = "short"
 
 def test_run_config_hash_follows_results_not_resources():
     a = load_job(job())
-    assert a.run_config_hash() == load_job(job(), ["resources.rows_per_call=3", "output.path=elsewhere"]).run_config_hash()
+    moved = load_job(job(), ["resources.rows_per_call=3", "output.path=elsewhere"])
+    assert a.run_config_hash() == moved.run_config_hash()
     assert a.run_config_hash() != load_job(job(), ["task.0.max_new_tokens=3"]).run_config_hash()
     assert a.run_config_hash() != load_job(job('prompt = "Short: {text}"\n')).run_config_hash()
     assert a.run_config_hash() != load_job(job(), ["model.dtype=float32"]).run_config_hash()
@@ -89,7 +91,8 @@ def test_run_config_hash_follows_results_not_resources():
 
 @pytest.mark.parametrize("text, overrides, message", [
     ("[model\nsource = 1", [], r"not valid TOML"),
-    (job(), ["resources.rows_per_cal=3"], r"resources.rows_per_cal is not a known setting; did you mean 'rows_per_call'"),
+    (job(), ["resources.rows_per_cal=3"],
+     r"resources.rows_per_cal is not a known setting; did you mean 'rows_per_call'"),
     (job().replace('source = "/models/tiny"', ""), [], r"model.source is required"),
     (job(), ["model.dtype=int8"], r"model.dtype must be one of"),
     (job(), ["task.0.kind=poem"], r"task\[0\].kind must be one of 'caption', 'summarize', 'translate'"),
@@ -98,7 +101,8 @@ def test_run_config_hash_follows_results_not_resources():
     (job('prompt = "Summarize {text!r}"\n'), [], r"format spec or conversion"),
     (job('\n[[task]]\nkind = "translate"\ntarget_language = "German"\n'), [],
      r"task\[1\].source_language is required"),
-    (job('\n[[task]]\nkind = "caption"\n'), [], r"task\[1\] \(caption\) reads images, but \[input\] has no image_column"),
+    (job('\n[[task]]\nkind = "caption"\n'), [],
+     r"task\[1\] \(caption\) reads images, but \[input\] has no image_column"),
     (job('\n[[task]]\nkind = "summarize"\n'), [], r"collides with task\[0\]"),
     (job('output_column = "id"\n'), [], r"reserved"),
     (job(), ["task.0.max_new_tokens=0"], r"task\[0\]: max_new_tokens must be >= 1"),

@@ -40,7 +40,8 @@ def inputs(tmp_path):
 
 def test_listing(inputs):
     a, b = f"file://{inputs}/a.parquet", f"file://{inputs}/sub/b.parquet"
-    assert list_inputs((f"{inputs}/*.parquet",), {}) == [f"file://{inputs}/_hidden.parquet", a]  # a glob is taken as written
+    # A glob is taken as written.
+    assert list_inputs((f"{inputs}/*.parquet",), {}) == [f"file://{inputs}/_hidden.parquet", a]
     assert list_inputs((str(inputs),), {}) == [a, b]  # a directory: its .parquet files, _ and . skipped
     assert list_inputs((f"{inputs}/a.parquet", f"file://{inputs}/a.parquet", f"{inputs}/sub/*"), {}) == [a, b]
     with pytest.raises(StorageError, match="matches no file"):
