@@ -119,6 +119,7 @@ class GeneratorStats:
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # compiled: running rows padded up to one of these
 WIDTH_MULTIPLE = 64  # compiled: encoder length of a micro-batch padded up to a multiple of this
+STEP_MULTIPLE = 32  # compiled: cache slots for max_new_tokens rounded up to a multiple of this
 
 
 def row_bucket(rows: int) -> int:
@@ -288,7 +289,7 @@ class Generator:
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # compile or capture failure: never a failed job
-                self.compile_fallback = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                self.compile_fallback = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
                 warnings.warn(f"torch.compile of the decode step failed ({self.compile_fallback}); "
                               f"decoding eagerly from here on", RuntimeWarning, stacklevel=2)
                 self._compiled = None
@@ -314,16 +315,20 @@ class Generator:
         steps = max(limits)
         widths = [len(r.input_ids) for r in reqs]
         alive = list(range(len(reqs)))  # present row -> request index (-1: a padding row of no request)
+        room = steps  # slots of the cache and columns of the tokens
         if self.compile:
             memory, mask, pad = _pad_batch(memory, mask, row_bucket(len(reqs)))
             alive += [-1] * pad
             widths += [1] * pad
             limits += [1] * pad
-        cache = self.model.start_decoding(memory, mask, steps, widths=widths, split=not self.compile)
+            room = -(-steps // STEP_MULTIPLE) * STEP_MULTIPLE
+        cache = self.model.start_decoding(memory, mask, room, widths=widths, split=not self.compile)
         del memory
-        rows = _Rows.start(reqs, len(alive), steps, self._eos_lists(reqs), self.config.bos_token_id, dev)
+        rows = _Rows.start(reqs, len(alive), room, self._eos_lists(reqs), self.config.bos_token_id, dev)
         sampler = _Sampler(reqs, len(alive), dev, self.config.decoder.final_logit_softcapping)
-        saved = torch.empty((len(reqs), steps), dtype=torch.long, device=dev)  # by request: rows that left
+        if self.compile and self.device.type == "cuda":
+            _mark_static(cache, rows)
+        saved = torch.empty((len(reqs), room), dtype=torch.long, device=dev)  # by request: rows that left
         limit = max(limits)  # steps until every present row is at its max_new_tokens
         for step in range(steps):
             self._step(cache, rows, sampler)
@@ -352,6 +357,8 @@ class Generator:
             cache.keep(keep, multiple=WIDTH_MULTIPLE if self.compile else 1)
             rows.keep(index)
             sampler.keep(index)
+            if self.compile and self.device.type == "cuda":
+                _mark_static(cache, rows)
             alive = [alive[i] for i in keep]
             limit = max(limits[i] if i >= 0 else 1 for i in alive)
         real = [i for i, a in enumerate(alive) if a >= 0]
@@ -469,6 +476,16 @@ def _pad_batch(memory: torch.Tensor, mask: torch.Tensor, rows: int) -> tuple[tor
     memory = torch.nn.functional.pad(memory, (0, 0, 0, wide - width, 0, rows - real))
     mask = torch.nn.functional.pad(mask, (0, wide - width, 0, rows - real), value=False)
     return memory, mask, rows - real
+
+
+def _mark_static(cache: DecoderCache, rows: "_Rows") -> None:
+    """CUDA graphs: the tensors a step writes in place keep their addresses across replays, so they
+    are marked static (not copied into the graph's own buffers, which would lose the writes' point).
+    guard=False: a new micro-batch's buffers do not force a recompile, only a new recording."""
+    tensors = [cache.position, rows.tokens, rows.out, rows.done, *cache.masks.values()]
+    tensors += [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    for t in tensors:
+        torch._dynamo.mark_static_address(t, guard=False)
 
 
 @dataclass
