@@ -109,8 +109,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_ours(m, requests, max_batch_tokens, device):
-    gen = model.Generator(m, max_batch_tokens=max_batch_tokens, device=device)
+def run_ours(m, requests, max_batch_tokens, device, compile=None):
+    gen = model.Generator(m, max_batch_tokens=max_batch_tokens, device=device, compile=compile)
     sync(device)
     start = time.perf_counter()
     results = gen.generate(requests)
@@ -171,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs of each, alternating; best is kept (default 2 on GPU, 5 on CPU, where one "
                              "run takes a fraction of a second and shared machines are noisy)")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="torch.compile our decode step (auto: the Generator's default, on for CUDA)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    compile = {"auto": None, "on": True, "off": False}[args.compile]
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -201,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             ref = T5Gemma2ForConditionalGeneration.from_pretrained(
                 scratch, dtype=model.weights.resolve_dtype(dtype), attn_implementation="sdpa").to(device).eval()
 
-    # Warm up both (allocator, kernels, lazy init) on a few rows.
-    run_ours(m, requests[:4], budget, device)
+    # Warm up both (allocator, kernels, lazy init) on a few rows. Ours runs once on all rows
+    # first instead: with compile on, that run pays for compiling and is reported apart.
+    cold, _, cold_stats = run_ours(m, requests, budget, device, compile)
     if ref is not None:
         run_hf(ref, requests[:4], 4, device, cfg.pad_token_id, list(cfg.eos_token_ids))
 
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_tokens = hf_tokens = None
     stats = hf_batch = hf_padding = None
     for _ in range(repeats):
-        seconds, ours_tokens, stats = run_ours(m, requests, budget, device)
+        seconds, ours_tokens, stats = run_ours(m, requests, budget, device, compile)
         best_ours = min(best_ours, seconds)
         if ref is not None:
             seconds, hf_tokens, hf_batch, hf_padding = run_hf(ref, requests, args.hf_batch, device,
@@ -222,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
           f"padding efficiency {stats.padding_efficiency:.2f} (micro-batch layout; projections and MLP run "
           f"packed, encoder attention in length groups)  micro-batches {stats.micro_batches}  "
           f"peak memory {peak_memory_gb(device):.2f} GiB")
+    print(f"ours: compile={'on' if stats.compiled else 'off'}  first run {cold:.2f} s (with compiling, when on)  "
+          f"best run {best_ours:.2f} s  compile fallback: {cold_stats.compile_fallback or 'none'}")
     if ref is not None:
         hf_out = sum(len(t) for t in hf_tokens)
         same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))

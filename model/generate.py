@@ -111,6 +111,8 @@ class GeneratorStats:
     decode_row_steps: int = 0  # rows present in the running batch, summed over steps
     oom_splits: int = 0
     seconds: float = 0.0
+    compiled: bool = False  # the decode step ran compiled (False: eager, by choice or after a fallback)
+    compile_fallback: str | None = None  # why compiling failed, when it did
 
     @property
     def padding_efficiency(self) -> float:
@@ -166,7 +168,7 @@ class Generator:
         if self.device.type == "cuda":
             options["mode"] = "reduce-overhead"  # CUDA graphs: one replay per step instead of ~1,000 launches
         options.update(compile_options or {})
-        self._compiled = torch.compile(_sampling_step, **options) if self.compile else None
+        self._compiled = _compiled_step(options) if self.compile else None
         self.compile_fallback: str | None = None  # why compiling failed, when it did
         self.stats = GeneratorStats()
 
@@ -230,6 +232,8 @@ class Generator:
                 self._run_splitting(requests, batch, results)
         self.stats.requests += len(requests)
         self.stats.seconds += time.perf_counter() - start
+        self.stats.compiled = self._compiled is not None
+        self.stats.compile_fallback = self.compile_fallback
         return results  # type: ignore[return-value]
 
     def _run_splitting(self, requests, batch: list[int], results) -> None:
@@ -460,6 +464,19 @@ class Generator:
         return results
 
 
+_COMPILED_STEPS: dict = {}  # torch.compile options -> the compiled step, shared by every Generator
+
+
+def _compiled_step(options: dict):
+    """One compiled step per set of options for the whole process: each torch.compile call is a new
+    backend to dynamo, so a step compiled per Generator would be traced again for every Generator."""
+    key = tuple(sorted((k, v if isinstance(v, (str, int, float, bool, type(None))) else id(v))
+                       for k, v in options.items()))
+    if key not in _COMPILED_STEPS:
+        _COMPILED_STEPS[key] = torch.compile(_sampling_step, **options)
+    return _COMPILED_STEPS[key]
+
+
 def _kind(request: Request) -> int:
     """Requests of one micro-batch share a decoding loop: beam width groups them."""
     return request.params.num_beams
@@ -551,7 +568,10 @@ class _Sampler:
         self.softcap = softcap
         sampled = [p for p in params if not p.greedy]
         # Candidates per row when every sampled row bounds them with top_k (0 = the whole vocabulary).
-        self.top_k_bound = max(p.top_k for p in sampled) if sampled and all(p.top_k > 0 for p in sampled) else 0
+        # Rounded up to a power of two (the result does not depend on it) so that a compiled step
+        # sees few distinct values.
+        bound = max(p.top_k for p in sampled) if sampled and all(p.top_k > 0 for p in sampled) else 0
+        self.top_k_bound = 1 << (bound - 1).bit_length() if bound else 0
         self.filtered = any(p.top_k > 0 or p.top_p < 1 for p in sampled)
         self.sampled = torch.tensor([not p.greedy for p in params], device=device)  # [B]
         self.temperature = torch.tensor([max(p.temperature, 1e-6) for p in params], device=device)
