@@ -168,7 +168,11 @@ class Generator:
         if self.device.type == "cuda":
             options["mode"] = "reduce-overhead"  # CUDA graphs: one replay per step instead of ~1,000 launches
         options.update(compile_options or {})
-        self._compiled = _compiled_step(options) if self.compile else None
+        # Beam steps reassign their state (new tensors per step) rather than writing in place,
+        # which CUDA graphs would overwrite at the next replay: compiled without them.
+        beam_options = {k: v for k, v in options.items() if k != "mode"}
+        self._compiled = {"sampling": _compiled_step(_sampling_step, options),
+                          "beam": _compiled_step(_beam_step, beam_options)} if self.compile else None
         self.compile_fallback: str | None = None  # why compiling failed, when it did
         self.stats = GeneratorStats()
 
@@ -285,11 +289,12 @@ class Generator:
             return self._run_beam(reqs, beams)
         return self._run_sampling(reqs)
 
-    def _step(self, cache: DecoderCache, rows: _Rows, sampler: _Sampler) -> None:
-        """One decode step, compiled when asked; a compile failure switches to eager for good, with one warning."""
+    def _step(self, kind: str, *state) -> None:
+        """One decode step (kind "sampling" or "beam"), compiled when asked; a compile failure
+        switches to eager for good, with one warning."""
         if self._compiled is not None:
             try:
-                return self._compiled(self.model, cache, rows, sampler)
+                return self._compiled[kind](self.model, *state)
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # compile or capture failure: never a failed job
@@ -297,7 +302,7 @@ class Generator:
                 warnings.warn(f"torch.compile of the decode step failed ({self.compile_fallback}); "
                               f"decoding eagerly from here on", RuntimeWarning, stacklevel=2)
                 self._compiled = None
-        return _sampling_step(self.model, cache, rows, sampler)
+        return (_sampling_step if kind == "sampling" else _beam_step)(self.model, *state)
 
     def _run_sampling(self, reqs: list[Request]) -> list[Result]:
         """Greedy and sampled requests, one row each.
@@ -335,7 +340,7 @@ class Generator:
         saved = torch.empty((len(reqs), room), dtype=torch.long, device=dev)  # by request: rows that left
         limit = max(limits)  # steps until every present row is at its max_new_tokens
         for step in range(steps):
-            self._step(cache, rows, sampler)
+            self._step("sampling", cache, rows, sampler)
             self.stats.decode_row_steps += len(alive)
             if step + 1 >= limit:
                 break
@@ -383,80 +388,27 @@ class Generator:
     def _run_beam(self, reqs: list[Request], beams: int) -> list[Result]:
         """Beam search with the reference's bookkeeping, vectorised over R requests x K beams.
 
-        No step reads the device: the EOS ban writes only the EOS columns, and the stop rule
-        (no request can improve, or every candidate stopped) is read every check_every steps.
-        Steps past a request's stop leave its finished hypotheses as they are (their scores
-        carry a -1e9 penalty), so checking late changes no result.
+        The state lives in a `_Beams` object and `_beam_step` advances it one token, reading
+        nothing back (compiled when `compile` is on). The stop rule (no request can improve, or
+        every candidate stopped) is read every check_every steps: steps past a request's stop
+        leave its finished hypotheses as they are (their scores carry a -1e9 penalty), so
+        checking late changes no result.
         """
         memory, mask = self._encode(reqs)
-        dev = self.device
-        R, K = len(reqs), beams
         eos_lists = self._eos_lists(reqs)
-        eos = torch.tensor(eos_lists, device=dev)  # [R, E]
-        keep_k = max(2, 1 + eos.shape[1]) * K  # candidates kept per request each step
-        max_new = torch.tensor([r.params.max_new_tokens for r in reqs], device=dev)
-        min_new = torch.tensor([r.params.min_new_tokens for r in reqs], device=dev)
-        penalty = torch.tensor([r.params.length_penalty for r in reqs], device=dev, dtype=torch.float32)
         steps = max(r.params.max_new_tokens for r in reqs)
-        cache = self.model.start_decoding(memory, mask, steps, repeat=K, widths=[len(r.input_ids) for r in reqs])
+        cache = self.model.start_decoding(memory, mask, steps, repeat=beams, widths=[len(r.input_ids) for r in reqs])
         del memory
-        vocab = self.config.vocab_size
-        seqs = torch.zeros((R, K, steps), dtype=torch.long, device=dev)  # running beams' tokens
-        run_scores = torch.zeros((R, K), device=dev)
-        run_scores[:, 1:] = -1e9  # all beams start equal: only the first may expand at step 0
-        fin_seqs = torch.zeros((R, K, steps), dtype=torch.long, device=dev)
-        fin_len = torch.zeros((R, K), dtype=torch.long, device=dev)
-        fin_scores = torch.full((R, K), -1e9, device=dev)
-        fin_done = torch.zeros((R, K), dtype=torch.bool, device=dev)
-        open_ = torch.ones(R, dtype=torch.bool, device=dev)  # improvement still possible
-        tokens = torch.full((R * K,), self.config.bos_token_id, dtype=torch.long, device=dev)
-        top_mask = torch.arange(keep_k, device=dev) < K
-        eos_cols = eos[:, None, :].expand(R, K, eos.shape[1])  # [R, K, E]
+        state = _Beams.start(reqs, beams, steps, eos_lists, self.config, self.device)
         for step in range(steps):
-            logits = self.model.lm_logits(self.model.decode_step(tokens, cache))
-            logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32).view(R, K, vocab)
-            self.stats.decode_row_steps += R * K
-            # EOS ban before min_new_tokens, after the softmax as the reference: only EOS columns written.
-            banned = (step < min_new)[:, None, None]  # [R, 1, 1]
-            logprobs.scatter_(2, eos_cols, logprobs.gather(2, eos_cols).masked_fill(banned, float("-inf")))
-            totals = (logprobs + run_scores[:, :, None]).view(R, K * vocab)
-            cand_scores, cand_idx = torch.topk(totals, keep_k, dim=1)  # [R, 2K]
-            cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
-            cand_seqs = torch.gather(seqs, 1, cand_beam[:, :, None].expand(R, keep_k, steps)).clone()
-            cand_seqs[:, :, step] = cand_tok
-            at_limit = (step + 1 >= max_new)[:, None]
-            hits = (cand_tok[:, :, None] == eos[:, None, :]).any(-1) | at_limit  # [R, 2K]
-            # Running beams: best K candidates that did not stop.
-            run_cand = cand_scores - 1e9 * hits.float()
-            next_idx = torch.topk(run_cand, K, dim=1)[1]
-            run_scores = torch.gather(run_cand, 1, next_idx)
-            seqs = torch.gather(cand_seqs, 1, next_idx[:, :, None].expand(R, K, steps))
-            source_beam = torch.gather(cand_beam, 1, next_idx)  # [R, K]
-            # Finished hypotheses: stopped candidates among the top K, length-normalised.
-            just_done = hits & top_mask[None, :]
-            normed = cand_scores / (float(step + 1) ** penalty)[:, None]
-            normed = normed - 1e9 * (~just_done).float() - 1e9 * (~open_).float()[:, None]
-            merged_scores = torch.cat([fin_scores, normed], 1)
-            best = torch.topk(merged_scores, K, dim=1)[1]
-            fin_scores = torch.gather(merged_scores, 1, best)
-            fin_seqs = torch.gather(torch.cat([fin_seqs, cand_seqs], 1), 1, best[:, :, None].expand(R, K, steps))
-            new_len = torch.full((R, keep_k), step + 1, device=dev, dtype=torch.long)
-            fin_len = torch.gather(torch.cat([fin_len, new_len], 1), 1, best)
-            fin_done = torch.gather(torch.cat([fin_done, just_done], 1), 1, best)
-            # Reorder the self caches to follow the surviving beams (cross k/v are equal across beams).
-            rows = (source_beam + torch.arange(R, device=dev)[:, None] * K).view(-1)
-            cache.follow_beams(rows)  # a gather: beams may be duplicated or dropped
-            tokens = seqs[:, :, step].reshape(-1)
-            # The reference's early-stop rule: stop once the best running beam, normalised by the
-            # current length, cannot beat the worst finished hypothesis.
-            best_running = run_scores[:, 0] / (float(step + 1) ** penalty)
-            worst = torch.where(fin_done, fin_scores.min(1, keepdim=True)[0], torch.full_like(fin_scores, -1e9))
-            open_ = open_ & (best_running[:, None] > worst).any(1)
-            if (step + 1) % self.check_every == 0 and bool(~open_.any() | hits.all()):  # one read per check
+            self._step("beam", cache, state)
+            cache.follow_beams(state.source_rows)  # eager: see _beam_step
+            self.stats.decode_row_steps += len(reqs) * beams
+            if (step + 1) % self.check_every == 0 and bool(state.stop):  # one read per check
                 break
-        best = torch.cat((fin_len[:, :1], fin_seqs[:, 0]), 1).tolist()  # one device read for the micro-batch
+        best = torch.cat((state.fin_len[:, :1], state.fin_seqs[:, 0]), 1).tolist()  # one read per micro-batch
         results = []
-        for r in range(R):
+        for r in range(len(reqs)):
             length, ids = best[r][0], best[r][1 : 1 + best[r][0]]
             ended = bool(length) and ids[-1] in set(eos_lists[r])
             results.append(Result(ids, "eos" if ended else "length"))
@@ -464,22 +416,122 @@ class Generator:
         return results
 
 
-_COMPILED_STEPS: dict = {}  # torch.compile options -> the compiled step, shared by every Generator
-
-
-def _compiled_step(options: dict):
-    """One compiled step per set of options for the whole process: each torch.compile call is a new
-    backend to dynamo, so a step compiled per Generator would be traced again for every Generator."""
-    key = tuple(sorted((k, v if isinstance(v, (str, int, float, bool, type(None))) else id(v))
-                       for k, v in options.items()))
-    if key not in _COMPILED_STEPS:
-        _COMPILED_STEPS[key] = torch.compile(_sampling_step, **options)
-    return _COMPILED_STEPS[key]
-
-
 def _kind(request: Request) -> int:
     """Requests of one micro-batch share a decoding loop: beam width groups them."""
     return request.params.num_beams
+
+
+@dataclass
+class _Beams:
+    """Beam search state of R requests x K beams, on the device; `_beam_step` advances it."""
+
+    K: int  # beams per request
+    keep_k: int  # candidates kept per request each step: enough that K survive every EOS hit
+    vocab: int
+    eos: torch.Tensor  # [R, E] long
+    eos_cols: torch.Tensor  # [R, K, E] long: eos expanded over the beams (the ban's columns)
+    max_new: torch.Tensor  # [R] long
+    min_new: torch.Tensor  # [R] long
+    penalty: torch.Tensor  # [R] float32: length_penalty
+    row_base: torch.Tensor  # [R, 1] long: first cache row of each request (r * K)
+    top_mask: torch.Tensor  # [keep_k] bool: the first K candidates
+    tokens: torch.Tensor  # [R * K] long: the tokens the next step reads
+    seqs: torch.Tensor  # [R, K, steps] long: running beams' tokens
+    run_scores: torch.Tensor  # [R, K] float32: running beams' summed log-probs
+    fin_seqs: torch.Tensor  # [R, K, steps] long: best finished hypotheses, best first
+    fin_len: torch.Tensor  # [R, K] long
+    fin_scores: torch.Tensor  # [R, K] float32: length-normalised
+    fin_done: torch.Tensor  # [R, K] bool: slot holds a real hypothesis
+    open_: torch.Tensor  # [R] bool: improvement still possible
+    stop: torch.Tensor  # [] bool: no request can improve, or every candidate stopped
+    source_rows: torch.Tensor  # [R * K] long: cache row each beam continues after the last step
+
+    @classmethod
+    def start(cls, reqs: list[Request], K: int, steps: int, eos_lists: list[list[int]], cfg, device) -> "_Beams":
+        R = len(reqs)
+        eos = torch.tensor(eos_lists, device=device)
+        keep_k = max(2, 1 + eos.shape[1]) * K
+        run_scores = torch.zeros((R, K), device=device)
+        run_scores[:, 1:] = -1e9  # all beams start equal: only the first may expand at step 0
+        return cls(
+            K=K, keep_k=keep_k, vocab=cfg.vocab_size, eos=eos, eos_cols=eos[:, None, :].expand(R, K, eos.shape[1]),
+            max_new=torch.tensor([r.params.max_new_tokens for r in reqs], device=device),
+            min_new=torch.tensor([r.params.min_new_tokens for r in reqs], device=device),
+            penalty=torch.tensor([r.params.length_penalty for r in reqs], device=device, dtype=torch.float32),
+            row_base=torch.arange(R, device=device)[:, None] * K,
+            top_mask=torch.arange(keep_k, device=device) < K,
+            tokens=torch.full((R * K,), cfg.bos_token_id, dtype=torch.long, device=device),
+            seqs=torch.zeros((R, K, steps), dtype=torch.long, device=device),
+            run_scores=run_scores,
+            fin_seqs=torch.zeros((R, K, steps), dtype=torch.long, device=device),
+            fin_len=torch.zeros((R, K), dtype=torch.long, device=device),
+            fin_scores=torch.full((R, K), -1e9, device=device),
+            fin_done=torch.zeros((R, K), dtype=torch.bool, device=device),
+            open_=torch.ones(R, dtype=torch.bool, device=device),
+            stop=torch.zeros((), dtype=torch.bool, device=device),
+            source_rows=torch.arange(R * K, device=device),
+        )
+
+
+def _beam_step(model: T5Gemma2, cache: DecoderCache, b: _Beams) -> None:
+    """One beam-search step for every request, on the device, with no read back (the compile target)."""
+    R, K, keep_k, vocab = b.run_scores.shape[0], b.K, b.keep_k, b.vocab
+    steps = b.seqs.shape[2]
+    step = cache.position.clone()  # [1]: the position decoded now
+    length = step + 1  # [1]: hypothesis length after this step
+    logits = model.lm_logits(model.decode_step(b.tokens, cache))
+    logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32).view(R, K, vocab)
+    # EOS ban before min_new_tokens, after the softmax as the reference: only EOS columns written.
+    banned = (step < b.min_new)[:, None, None]  # [R, 1, 1]
+    logprobs.scatter_(2, b.eos_cols, logprobs.gather(2, b.eos_cols).masked_fill(banned, float("-inf")))
+    totals = (logprobs + b.run_scores[:, :, None]).view(R, K * vocab)
+    cand_scores, cand_idx = torch.topk(totals, keep_k, dim=1)  # [R, 2K]
+    cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
+    cand_seqs = torch.gather(b.seqs, 1, cand_beam[:, :, None].expand(R, keep_k, steps))  # a new tensor
+    cand_seqs.index_copy_(2, step, cand_tok[:, :, None])
+    at_limit = (length >= b.max_new)[:, None]
+    hits = (cand_tok[:, :, None] == b.eos[:, None, :]).any(-1) | at_limit  # [R, 2K]
+    # Running beams: best K candidates that did not stop.
+    run_cand = cand_scores - 1e9 * hits.float()
+    next_idx = torch.topk(run_cand, K, dim=1)[1]
+    b.run_scores = torch.gather(run_cand, 1, next_idx)
+    b.seqs = torch.gather(cand_seqs, 1, next_idx[:, :, None].expand(R, K, steps))
+    source_beam = torch.gather(cand_beam, 1, next_idx)  # [R, K]
+    # Finished hypotheses: stopped candidates among the top K, length-normalised.
+    norm = length.float() ** b.penalty  # [R]
+    just_done = hits & b.top_mask[None, :]
+    normed = cand_scores / norm[:, None]
+    normed = normed - 1e9 * (~just_done).float() - 1e9 * (~b.open_).float()[:, None]
+    merged_scores = torch.cat([b.fin_scores, normed], 1)
+    best = torch.topk(merged_scores, K, dim=1)[1]
+    b.fin_scores = torch.gather(merged_scores, 1, best)
+    b.fin_seqs = torch.gather(torch.cat([b.fin_seqs, cand_seqs], 1), 1, best[:, :, None].expand(R, K, steps))
+    b.fin_len = torch.gather(torch.cat([b.fin_len, length.expand(R, keep_k)], 1), 1, best)
+    b.fin_done = torch.gather(torch.cat([b.fin_done, just_done], 1), 1, best)
+    # The self caches must follow the surviving beams (cross k/v are equal across beams): the
+    # caller does that gather after the step, eagerly. Inside a compiled graph, inductor may fuse
+    # "own slots <- own slots gathered by row" into one kernel reading rows it already overwrote.
+    b.source_rows = (source_beam + b.row_base).view(-1)  # beams may be duplicated or dropped
+    b.tokens = b.seqs.index_select(2, step).reshape(-1)
+    # The reference's early-stop rule: stop once the best running beam, normalised by the
+    # current length, cannot beat the worst finished hypothesis.
+    best_running = b.run_scores[:, 0] / norm
+    worst = torch.where(b.fin_done, b.fin_scores.min(1, keepdim=True)[0], torch.full_like(b.fin_scores, -1e9))
+    b.open_ = b.open_ & (best_running[:, None] > worst).any(1)
+    b.stop = ~b.open_.any() | hits.all()
+
+
+_COMPILED_STEPS: dict = {}  # torch.compile options -> the compiled step, shared by every Generator
+
+
+def _compiled_step(step, options: dict):
+    """One compiled step function per set of options for the whole process: each torch.compile call
+    is a new backend to dynamo, so a step compiled per Generator would be traced again for each."""
+    key = (step.__name__,) + tuple(sorted((k, v if isinstance(v, (str, int, float, bool, type(None))) else id(v))
+                                          for k, v in options.items()))
+    if key not in _COMPILED_STEPS:
+        _COMPILED_STEPS[key] = torch.compile(step, **options)
+    return _COMPILED_STEPS[key]
 
 
 def _pad_batch(memory: torch.Tensor, mask: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:

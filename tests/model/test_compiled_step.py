@@ -87,8 +87,8 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(tiny):
 
 
 def test_inductor_step_gives_eager_and_reference_tokens(tmp_path):
-    """The real compiler (inductor, C++ on CPU) on the soft-capped shape: greedy rows equal transformers',
-    sampled rows equal eager decoding's, EOS rules included."""
+    """The real compiler (inductor, C++ on CPU) on the soft-capped shape: greedy and beam rows equal
+    transformers', sampled rows equal eager decoding's, EOS rules included."""
     torch._dynamo.reset()
     ref = build_reference(SHAPES["B"], seed=7)
     ours = model.load_pretrained(save_checkpoint(ref, tmp_path))
@@ -109,5 +109,17 @@ def test_inductor_step_gives_eager_and_reference_tokens(tmp_path):
         out = ref.generate(input_ids=torch.tensor([req.input_ids]), attention_mask=torch.ones(1, len(req.input_ids)),
                            max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens, do_sample=False,
                            num_beams=1, eos_token_id=[SPECIAL["eos"]])[0, 1:].tolist()
+        want = out[: out.index(SPECIAL["eos"]) + 1] if SPECIAL["eos"] in out else out
+        assert res.token_ids == want
+    # Beam search: its step compiled too (the cache reorder stays eager: see generate._beam_step).
+    beam = model.GenerationParams(max_new_tokens=8, num_beams=3, length_penalty=0.6)
+    reqs = [model.Request(p, params=beam) for p in prompts([5, 13, 2], seed=6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = model.Generator(ours, compile=True).generate(reqs)
+    for req, res in zip(reqs, got):
+        out = ref.generate(input_ids=torch.tensor([req.input_ids]), attention_mask=torch.ones(1, len(req.input_ids)),
+                           max_new_tokens=8, do_sample=False, num_beams=3, length_penalty=0.6,
+                           eos_token_id=[SPECIAL["eos"]])[0, 1:].tolist()
         want = out[: out.index(SPECIAL["eos"]) + 1] if SPECIAL["eos"] in out else out
         assert res.token_ids == want

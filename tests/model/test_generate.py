@@ -135,7 +135,7 @@ def test_decode_attention_in_length_groups_equals_reference(pair, monkeypatch):
 
 
 @pytest.mark.parametrize("beams, penalty", [(2, 1.0), (3, 0.6), (4, 2.0)])
-def test_beam_search_equals_reference(tiny, beams, penalty):
+def test_beam_search_equals_reference(decode_mode, tiny, beams, penalty):
     ref, ours = tiny
     params = model.GenerationParams(max_new_tokens=10, num_beams=beams, length_penalty=penalty)
     reqs = [model.Request(ids, params=params) for ids in prompts([5, 13, 9, 2], seed=beams)]
