@@ -119,6 +119,18 @@ class GeneratorStats:
         return self.real_encoder_tokens / max(1, self.padded_encoder_tokens)
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """One planned micro-batch: the requests that share an encoder call and a decode loop, and the
+    shape that loop runs at (the runner may still split it in halves on out-of-memory)."""
+
+    requests: tuple[int, ...]  # indices into generate()'s requests, sorted by encoder length
+    beams: int  # rows per request: 1 for greedy and sampling, num_beams for beam search
+    rows: int  # decode rows (requests x beams; compiled: padded up to a row bucket)
+    encoder_length: int  # the padded encoder length (compiled: a multiple of WIDTH_MULTIPLE)
+    steps: int  # cache slots for generated tokens (max_new_tokens; compiled: a multiple of STEP_MULTIPLE)
+
+
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # compiled: running rows padded up to one of these
 WIDTH_MULTIPLE = 64  # compiled: encoder length of a micro-batch padded up to a multiple of this
 STEP_MULTIPLE = 32  # compiled: cache slots for max_new_tokens rounded up to a multiple of this
@@ -197,9 +209,9 @@ class Generator:
                 return f"pixel_values must be [N, {cfg.vision.num_channels}, {size}, {size}]"
         return None
 
-    def plan(self, requests: list[Request], order: list[int]) -> list[list[int]]:
+    def plan(self, requests: list[Request], order: list[int]) -> list[MicroBatch]:
         """Pack request indices (sorted by length) into micro-batches under the token budget."""
-        batches: list[list[int]] = []
+        batches: list[MicroBatch] = []
         current: list[int] = []
         rows = longest = 0
         for i in order:
@@ -209,14 +221,24 @@ class Generator:
             same_kind = not current or _kind(requests[current[0]]) == _kind(req)
             fits = (rows + beams) * max(longest, length) <= self.max_batch_tokens and rows + beams <= self.max_batch_size
             if current and (not same_kind or not fits):
-                batches.append(current)
+                batches.append(self._micro_batch(requests, current))
                 current, rows, longest = [], 0, 0
             current.append(i)
             rows += beams
             longest = max(longest, length)
         if current:
-            batches.append(current)
+            batches.append(self._micro_batch(requests, current))
         return batches
+
+    def _micro_batch(self, requests: list[Request], indices: list[int]) -> MicroBatch:
+        beams = requests[indices[0]].params.num_beams
+        longest = max(len(requests[i].input_ids) for i in indices)
+        rows = len(indices) * beams
+        steps = max(requests[i].params.max_new_tokens for i in indices)
+        if self.compile and beams == 1:  # the shape the compiled step runs at (see _run_sampling)
+            rows, longest = row_bucket(rows), -(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+            steps = -(-steps // STEP_MULTIPLE) * STEP_MULTIPLE
+        return MicroBatch(tuple(indices), beams, rows, longest, steps)
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Results in the order of `requests`."""
@@ -233,7 +255,7 @@ class Generator:
         runnable.sort(key=lambda i: (_kind(requests[i]), len(requests[i].input_ids)))
         with torch.inference_mode():
             for batch in self.plan(requests, runnable):
-                self._run_splitting(requests, batch, results)
+                self._run_splitting(requests, list(batch.requests), results)
         self.stats.requests += len(requests)
         self.stats.seconds += time.perf_counter() - start
         self.stats.compiled = self._compiled is not None

@@ -256,3 +256,26 @@ def test_invalid_requests_become_error_results(tiny):
         model.GenerationParams(max_new_tokens=3, min_new_tokens=5)
     with pytest.raises(ValueError, match="beam search with sampling"):
         model.GenerationParams(num_beams=2, temperature=0.5)
+
+
+def test_plan_returns_micro_batches_with_their_shapes(tiny):
+    _, ours = tiny
+    lengths = [3, 5, 9, 12, 20, 30, 31, 70]
+    reqs = [model.Request(p, params=model.GenerationParams(max_new_tokens=5 + i)) for i, p in enumerate(prompts(lengths))]
+    reqs.append(model.Request(prompts([4])[0], params=model.GenerationParams(max_new_tokens=7, num_beams=3)))
+    order = sorted(range(len(reqs)), key=lambda i: (reqs[i].params.num_beams, len(reqs[i].input_ids)))
+    plan = model.Generator(ours, max_batch_tokens=100).plan(reqs, order)
+    assert [i for b in plan for i in b.requests] == order  # every request once, in order
+    for batch in plan:
+        members = [reqs[i] for i in batch.requests]
+        assert {r.params.num_beams for r in members} == {batch.beams}
+        assert batch.rows == len(members) * batch.beams
+        assert batch.encoder_length == max(len(r.input_ids) for r in members)
+        assert batch.rows * batch.encoder_length <= 100 or len(members) == 1
+        assert batch.steps == max(r.params.max_new_tokens for r in members)
+    assert plan[-1].beams == 3 and plan[-1].rows == 3
+    # Compiled, the sampling micro-batches run at bucketed shapes: a handful of graphs per job.
+    compiled = model.Generator(ours, max_batch_tokens=100, compile=True, compile_options={"backend": "eager"})
+    for batch in compiled.plan(reqs, order)[:-1]:
+        assert batch.rows in model.generate.ROW_BUCKETS
+        assert batch.encoder_length % 64 == 0 and batch.steps % 32 == 0
