@@ -316,6 +316,8 @@ class Generator:
         switches to eager for good, with one warning."""
         if self._compiled is not None:
             try:
+                if self.device.type == "cuda":  # a new CUDA-graph generation: the last replay's buffers are done with
+                    torch.compiler.cudagraph_mark_step_begin()
                 return self._compiled[kind](self.model, *state)
             except torch.OutOfMemoryError:
                 raise
