@@ -326,6 +326,7 @@ class Generator:
                 warnings.warn(f"torch.compile of the decode step failed ({self.compile_fallback}); "
                               f"decoding eagerly from here on", RuntimeWarning, stacklevel=2)
                 self._compiled = None
+                self.compile = False  # later micro-batches need no buckets (the one running keeps its padding rows)
         return (_sampling_step if kind == "sampling" else _beam_step)(self.model, *state)
 
     def _run_sampling(self, reqs: list[Request]) -> list[Result]:
@@ -383,7 +384,8 @@ class Generator:
                 if size == len(done):
                     continue
                 keep = sorted(running + [i for i, d in enumerate(done) if d][: size - len(running)])
-            leaving = [i for i in range(len(done)) if i not in set(keep) and alive[i] >= 0]
+            kept = set(keep)
+            leaving = [i for i in range(len(done)) if i not in kept and alive[i] >= 0]
             if leaving:
                 saved[torch.tensor([alive[i] for i in leaving], device=dev)] = rows.out[torch.tensor(leaving, device=dev)]
             index = torch.tensor(keep, device=dev)
