@@ -65,19 +65,25 @@ def kernels_per_step(m, requests, device, compile) -> tuple[float, float]:
     return (k2 - k1) / (many - few), (l2 - l1) / (many - few)
 
 
-def run_workload(workload: str, args, device: torch.device, ref_cls) -> dict:
+def build(args, device: torch.device, ref_cls):
+    """Random weights at the shape, and transformers' model from the same weights (written and
+    read locally: no network)."""
     cfg = shape_config(args.shape)
-    on_gpu = device.type == "cuda"
-    rows = args.rows or (GPU_ROWS[workload] if on_gpu else 8)
-    scale = args.scale if args.scale is not None else (1.0 if on_gpu else 0.1)
     m = model.random_model(cfg, seed=args.seed, dtype=args.dtype, device=device)
-    requests = make_requests(cfg, workload, rows, scale, args.seed)
-    budget = args.max_batch_tokens or (262_144 if on_gpu else 65_536)
-    compile = {"auto": None, "on": True, "off": False}[args.compile]
     with tempfile.TemporaryDirectory() as scratch:
         model.save_pretrained(m, scratch)
         ref = ref_cls.from_pretrained(scratch, dtype=model.weights.resolve_dtype(args.dtype),
                                       attn_implementation="sdpa").to(device).eval()
+    return cfg, m, ref
+
+
+def run_workload(workload: str, args, device: torch.device, cfg, m, ref) -> dict:
+    on_gpu = device.type == "cuda"
+    rows = args.rows or (GPU_ROWS[workload] if on_gpu else 8)
+    scale = args.scale if args.scale is not None else (1.0 if on_gpu else 0.1)
+    requests = make_requests(cfg, workload, rows, scale, args.seed)
+    budget = args.max_batch_tokens or (262_144 if on_gpu else 65_536)
+    compile = {"auto": None, "on": True, "off": False}[args.compile]
 
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
@@ -142,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench-gpu: shape={args.shape} dtype={args.dtype} device={name} torch={torch.__version__} "
           f"date={time.strftime('%Y-%m-%d')}")
     start = time.perf_counter()
+    cfg, m, ref = build(args, device, T5Gemma2ForConditionalGeneration)
+    print(f"bench-gpu: weights ready in {time.perf_counter() - start:.0f} s", flush=True)
     for workload in args.workloads.split(","):
-        r = run_workload(workload.strip(), args, device, T5Gemma2ForConditionalGeneration)
+        r = run_workload(workload.strip(), args, device, cfg, m, ref)
         print(f"{r['workload']:<10} rows {r['rows']:4d} x {r['new_tokens']:3d} new  "
               f"ours {r['ours_tps']:10.1f} tok/s  hf {r['hf_tps']:10.1f} tok/s (batch {r['hf_batch']})  "
               f"ratio {r['ours_tps'] / r['hf_tps']:6.2f}x  same greedy rows {r['same']}/{r['rows']}  "
