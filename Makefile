@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test test-slow demo bench clean
+.PHONY: venv test test-slow demo bench bench-gpu clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo: venv
 
 bench: venv
 	$(BIN)/t5g2 bench --shape tiny --workload summarize --compare-hf
+
+# The one-shot device check (jobs/bench_gpu.py): needs only torch and transformers, so it creates
+# no venv and installs nothing (a bare GPU box has no package index); it uses .venv when present.
+BENCH_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+bench-gpu:
+	PYTHONPATH=. $(BENCH_PY) -m jobs.bench_gpu $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -4,6 +4,8 @@ Workloads (random token ids, so no tokenizer or dataset is needed):
   summarize  log-normal input lengths (median ~400 at full size, max 2048), 128 new tokens
   translate  short log-normal inputs (~40 tokens), 48 new tokens
   caption    one image plus a short prompt, 32 new tokens
+  longtail   translate-like inputs whose rows ask for different max_new_tokens (log-uniform, 4 to
+             128 at full size): rows finish at different steps, as in real jobs
 Every row generates exactly max_new_tokens (EOS is held back with min_new_tokens), as the
 baseline in perf-baseline.md was measured.
 
@@ -52,6 +54,7 @@ WORKLOADS = {
     "summarize": (400, 0.6, 2048, 128, 0),
     "translate": (40, 0.5, 256, 48, 0),
     "caption": (16, 0.3, 64, 32, 1),
+    "longtail": (40, 0.5, 256, 128, 0),  # new tokens: the longest; each row draws its own (see make_requests)
 }
 SPECIAL = dict(pad=0, eos=1, bos=2, boi=255_999, eoi=256_000, image=262_143)
 
@@ -85,6 +88,9 @@ def make_requests(cfg: T5Gemma2Config, workload: str, rows: int, scale: float, s
     params = model.GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     requests = []
     for _ in range(rows):
+        if workload == "longtail":  # each row its own length, log-uniform in [4, new_tokens]
+            n = int(round(math.exp(math.log(4) + torch.rand((), generator=gen).item() * math.log(new_tokens / 4))))
+            params = model.GenerationParams(max_new_tokens=n, min_new_tokens=n)
         length = math.exp(math.log(median * scale) + sigma * torch.randn((), generator=gen).item())
         length = int(min(max(length, 4), longest * scale))
         ids = torch.randint(10, cfg.vocab_size - 10, (length,), generator=gen).tolist()
@@ -109,8 +115,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_ours(m, requests, max_batch_tokens, device):
-    gen = model.Generator(m, max_batch_tokens=max_batch_tokens, device=device)
+def run_ours(m, requests, max_batch_tokens, device, compile=None):
+    gen = model.Generator(m, max_batch_tokens=max_batch_tokens, device=device, compile=compile)
     sync(device)
     start = time.perf_counter()
     results = gen.generate(requests)
@@ -119,9 +125,12 @@ def run_ours(m, requests, max_batch_tokens, device):
 
 
 def run_hf(ref, requests, batch, device, pad_id, eos_id):
-    """transformers generate(), sorted by length, the largest batch (from `batch` down) that fits."""
-    order = sorted(range(len(requests)), key=lambda i: len(requests[i].input_ids))
-    new_tokens = requests[0].params.max_new_tokens
+    """transformers generate(), sorted by length, the largest batch (from `batch` down) that fits.
+
+    Rows asking for different max_new_tokens are sorted by it first, so that a batch runs about as
+    many steps as its rows need (generate() takes one length per call: each batch runs its longest
+    row's, and every row is cut to its own)."""
+    order = sorted(range(len(requests)), key=lambda i: (requests[i].params.max_new_tokens, len(requests[i].input_ids)))
     while True:
         try:
             outputs: list[list[int] | None] = [None] * len(requests)
@@ -131,6 +140,7 @@ def run_hf(ref, requests, batch, device, pad_id, eos_id):
             for lo in range(0, len(order), batch):
                 chunk = order[lo : lo + batch]
                 width = max(len(requests[i].input_ids) for i in chunk)
+                new_tokens = max(requests[i].params.max_new_tokens for i in chunk)
                 ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
                 mask = torch.zeros_like(ids)
                 for row, i in enumerate(chunk):
@@ -145,7 +155,7 @@ def run_hf(ref, requests, batch, device, pad_id, eos_id):
                                    num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                    eos_token_id=eos_id, pad_token_id=pad_id, **extra)
                 for row, i in enumerate(chunk):
-                    outputs[i] = out[row, 1:].tolist()
+                    outputs[i] = out[row, 1 : 1 + requests[i].params.max_new_tokens].tolist()
             sync(device)
             return time.perf_counter() - start, outputs, batch, real / padded
         except torch.OutOfMemoryError:
@@ -171,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs of each, alternating; best is kept (default 2 on GPU, 5 on CPU, where one "
                              "run takes a fraction of a second and shared machines are noisy)")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="torch.compile our decode step (auto: the Generator's default, on for CUDA)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    compile = {"auto": None, "on": True, "off": False}[args.compile]
 
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = shape_config(args.shape)
     m = model.random_model(cfg, seed=args.seed, dtype=dtype, device=device)
     requests = make_requests(cfg, args.workload, rows, scale, args.seed)
-    new_tokens = requests[0].params.max_new_tokens
+    new_tokens = max(r.params.max_new_tokens for r in requests)
     print(f"bench: shape={args.shape} workload={args.workload} rows={rows} new_tokens={new_tokens} dtype={dtype} "
           f"device={torch.cuda.get_device_name(device) if on_gpu else 'cpu'} threads={torch.get_num_threads()}")
 
@@ -201,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             ref = T5Gemma2ForConditionalGeneration.from_pretrained(
                 scratch, dtype=model.weights.resolve_dtype(dtype), attn_implementation="sdpa").to(device).eval()
 
-    # Warm up both (allocator, kernels, lazy init) on a few rows.
-    run_ours(m, requests[:4], budget, device)
+    # Warm up both (allocator, kernels, lazy init) on a few rows. Ours runs once on all rows
+    # first instead: with compile on, that run pays for compiling and is reported apart.
+    cold, _, cold_stats = run_ours(m, requests, budget, device, compile)
     if ref is not None:
         run_hf(ref, requests[:4], 4, device, cfg.pad_token_id, list(cfg.eos_token_ids))
 
@@ -210,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_tokens = hf_tokens = None
     stats = hf_batch = hf_padding = None
     for _ in range(repeats):
-        seconds, ours_tokens, stats = run_ours(m, requests, budget, device)
+        seconds, ours_tokens, stats = run_ours(m, requests, budget, device, compile)
         best_ours = min(best_ours, seconds)
         if ref is not None:
             seconds, hf_tokens, hf_batch, hf_padding = run_hf(ref, requests, args.hf_batch, device,
@@ -222,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
           f"padding efficiency {stats.padding_efficiency:.2f} (micro-batch layout; projections and MLP run "
           f"packed, encoder attention in length groups)  micro-batches {stats.micro_batches}  "
           f"peak memory {peak_memory_gb(device):.2f} GiB")
+    print(f"ours: compile={'on' if stats.compiled else 'off'}  first run {cold:.2f} s (with compiling, when on)  "
+          f"best run {best_ours:.2f} s  compile fallback: {cold_stats.compile_fallback or 'none'}")
     if ref is not None:
         hf_out = sum(len(t) for t in hf_tokens)
         same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))

@@ -14,17 +14,25 @@ decode, with an additive mask [B, 1, 1, size + S] per layer type (0 = visible, -
 slot or encoder padding). Rotary angles are applied before keys are stored, so ring order
 does not matter to the softmax, and the order of keys never changes the softmax (a sum). Empty
 slots cost a little compute until they fill; in exchange nothing is concatenated or copied per
-step, and fixed shapes are what CUDA graph capture needs. When the rows' encoder lengths
-differ a lot, the call is split into `groups` of consecutive rows, each reading only up to its
-own longest encoder input (rows come sorted by length from the generator), so short rows do
-not pay for the longest one.
+step, and fixed shapes are what CUDA graph capture needs.
+
+Everything a step reads that changes from step to step lives on the device: the position is
+a [1] tensor (`position`), ring slots are computed from it, the rotary angles are picked from
+tables built before the first step (index_select), keys are written with index_copy_ and the
+mask column of the step is opened with index_fill_. So a step is the same graph at every
+position (what torch.compile and CUDA graphs need) and reads no Python value that changes.
+
+When the rows' encoder lengths differ a lot, the call is split into `groups` of consecutive
+rows, each reading only up to its own longest encoder input (rows come sorted by length from
+the generator), so short rows do not pay for the longest one. The groups change only when rows
+leave (`keep`), and are computed from host-side widths, so building them costs no device read.
 
 Not here: the decoding loop (generate.py), the layer math (layers.py, t5gemma2.py).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -45,10 +53,10 @@ class LayerCache:
         self.keys[:, :, size:] = k_cross
         self.values[:, :, size:] = v_cross
 
-    def store(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's k, v [B, Hkv, D] at `slot`; returns the whole buffers to attend over."""
-        self.keys[:, :, slot] = k
-        self.values[:, :, slot] = v
+    def store(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k, v [B, Hkv, D] at `slot` ([1] long tensor); returns the whole buffers."""
+        self.keys.index_copy_(2, slot, k[:, :, None])
+        self.values.index_copy_(2, slot, v[:, :, None])
         return self.keys, self.values
 
 
@@ -65,57 +73,71 @@ class DecoderCache:
         cross_mask: torch.Tensor,
         max_steps: int,
         angles: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        widths: Sequence[int] | None = None,
+        split: bool = True,
     ):
         """cross: per layer (k, v) [B, Hkv, S, D] (consumed one layer at a time, so an iterator keeps
         one layer's copy alive at most); cross_mask [B, S] True = real encoder token; angles:
-        layer type -> (cos, signed sin) [max_steps, 1, D] for positions 0..max_steps-1."""
+        layer type -> (cos, signed sin) [max_steps, 1, D] for positions 0..max_steps-1; widths:
+        per row, the encoder width it needs (last real token + 1), known to the caller (read from
+        cross_mask when None, one device read); split: allow attention in length groups (off for
+        a compiled step, whose graph must not depend on the rows' lengths)."""
         self.sizes = {kind: min(cfg.sliding_window, max_steps) if kind == "sliding_attention" else max_steps
                       for kind in set(cfg.layer_types)}
         self.layers = [LayerCache(self.sizes[kind], kv) for kind, kv in zip(cfg.layer_types, cross)]
         if len(self.layers) != len(cfg.layer_types):
             raise ValueError(f"cross keys/values for {len(self.layers)} layers, the decoder has {len(cfg.layer_types)}")
         dtype = self.layers[0].keys.dtype
-        self.cross_mask = cross_mask  # [B, S] bool
-        encoder = torch.zeros(cross_mask.shape, dtype=dtype, device=cross_mask.device).masked_fill(
-            ~cross_mask, float("-inf"))
+        device = cross_mask.device
+        self.widths = [max(1, w) for w in (padded_widths(cross_mask) if widths is None else widths)]
+        self.split = split
+        encoder = torch.zeros(cross_mask.shape, dtype=dtype, device=device).masked_fill(~cross_mask, float("-inf"))
         self.masks = {  # own slots start empty (-inf) and open as they are written
             kind: torch.cat((encoder.new_full((cross_mask.shape[0], size), float("-inf")), encoder), 1)[:, None, None]
             for kind, size in self.sizes.items()
         }  # [B, 1, 1, size + S]
         self.angles = angles
-        self.step = 0
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # [1]: the step being decoded
         self._group()
 
     def _group(self) -> None:
         """groups: layer type -> [(first row, end row, keys to read)] for the attention of a step."""
         own = max(self.sizes.values())
-        widths = [max(1, w) for w in padded_widths(self.cross_mask)]
-        runs = length_groups(widths, lambda w: own + w, self.GROUP_WASTE, self.GROUP_MIN_KEYS)
+        if self.split:
+            runs = length_groups(self.widths, lambda w: own + w, self.GROUP_WASTE, self.GROUP_MIN_KEYS)
+        else:
+            runs = [(0, len(self.widths), max(self.widths))]
         self.groups = {kind: [(a, b, size + w) for a, b, w in runs] for kind, size in self.sizes.items()}
 
-    def begin_step(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Open this step's own slot in the masks; returns (cos, sin) [1, D] per layer type for the step."""
-        for kind, size in self.sizes.items():
-            if self.step < size:  # a ring, once full, stays fully visible
-                self.masks[kind][..., self.step] = 0.0
-        return {kind: (cos[self.step], sin[self.step]) for kind, (cos, sin) in self.angles.items()}
+    def begin_step(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+        """Open this step's own slot in the masks; returns per layer type the (cos, sin) [1, 1, D] of
+        the step and its slot ([1] long tensor) in that type's own slots.
 
-    def slot(self, layer: LayerCache) -> int:
-        return self.step % layer.size
+        Opening a slot of a ring that is already full writes 0 over 0: no branch on the position.
+        """
+        slots = {kind: self.position % size for kind, size in self.sizes.items()}
+        for kind, mask in self.masks.items():
+            mask.index_fill_(-1, slots[kind], 0.0)
+        angles = {kind: (cos.index_select(0, self.position), sin.index_select(0, self.position))
+                  for kind, (cos, sin) in self.angles.items()}
+        return angles, slots
 
     def advance(self) -> None:
-        self.step += 1
+        self.position.add_(1)
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows at `rows` (drops finished rows); trims encoder padding no row needs."""
-        self.cross_mask = self.cross_mask.index_select(0, rows)
-        width = int(self.cross_mask.any(0).nonzero().max()) + 1 if self.cross_mask.any() else 1
-        self.cross_mask = self.cross_mask[:, :width]
+    def keep(self, rows: Sequence[int], multiple: int = 1) -> None:
+        """Keep only the batch rows at `rows` (host indices; drops finished rows) and trim the encoder
+        padding no kept row needs, to a multiple of `multiple` (a compiled step's bucket). Reads
+        nothing back from the device."""
+        self.widths = [self.widths[r] for r in rows]
+        encoder = self.layers[0].keys.shape[2] - self.layers[0].size  # the encoder length held now
+        width = min(-(-max(self.widths) // multiple) * multiple, encoder)
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.position.device)
         for layer in self.layers:
             end = layer.size + width
-            layer.keys = layer.keys[:, :, :end].index_select(0, rows)
-            layer.values = layer.values[:, :, :end].index_select(0, rows)
-        self.masks = {kind: m[..., : self.sizes[kind] + width].index_select(0, rows) for kind, m in self.masks.items()}
+            layer.keys = layer.keys[:, :, :end].index_select(0, index)
+            layer.values = layer.values[:, :, :end].index_select(0, index)
+        self.masks = {kind: m[..., : self.sizes[kind] + width].index_select(0, index) for kind, m in self.masks.items()}
         self._group()
 
     def follow_beams(self, rows: torch.Tensor) -> None:
@@ -124,6 +146,6 @@ class DecoderCache:
         The encoder part is equal across the beams of a request, so it stays where it is.
         """
         for layer in self.layers:
-            own = slice(0, layer.size)
-            layer.keys[:, :, own] = layer.keys[:, :, own].index_select(0, rows)
-            layer.values[:, :, own] = layer.values[:, :, own].index_select(0, rows)
+            own = layer.size
+            layer.keys[:, :, :own] = layer.keys[:, :, :own].index_select(0, rows)
+            layer.values[:, :, :own] = layer.values[:, :, :own].index_select(0, rows)

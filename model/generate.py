@@ -7,15 +7,26 @@
    beam requests count one row per beam), so padding stays small;
 3. per micro-batch: runs the encoder once (vision tower for the images), computes the
    encoder's keys/values once per request and layer into preallocated decoder buffers
-   (cache.py), then decodes one token per row per step. Finished rows are dropped from the
-   running batch as they accumulate, so they stop costing compute;
+   (cache.py), then decodes one token per row per step;
 4. a micro-batch that runs out of device memory is split in half and retried, down to one
    request, which then becomes an "out_of_memory" error result instead of a crash.
+
+The decode loop never waits on the device at a step. One step (`_sampling_step`: embed,
+decoder layers, final norm, LM head, EOS ban, token choice, finished flags) reads and writes
+only device tensors; the loop reads the finished flags back every `check_every` steps, and
+finished rows keep decoding harmlessly until then (a row's result is cut at its first EOS or
+its max_new_tokens, so what it computes after that is never read). At a check, finished rows
+are dropped from the running batch once they are compact_fraction of it. With `compile` on,
+that step is one torch.compile(fullgraph=True) graph (CUDA graphs on CUDA, mode
+"reduce-overhead"); rows are then padded to a few bucket sizes and the encoder length to a
+multiple of 64, so a job compiles a handful of graphs, not one per micro-batch. A failure to
+compile falls back to eager decoding with one warning.
 
 Strategies: greedy (temperature 0), sampling (temperature, top_k, top_p) with noise drawn
 from a counter-based hash of (seed, step, token), so a request's sample never depends on
 what it is batched with; beam search with the reference's scoring (length_penalty, EOS
-candidates kept beside the running beams, its early-stop rule).
+candidates kept beside the running beams, its early-stop rule, checked every check_every
+steps: a request that can no longer improve does not change while the others go on).
 
 Not here: tokenization (tokenizer.py), rows and columns (operators/).
 """
@@ -25,10 +36,12 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from .cache import DecoderCache
 from .t5gemma2 import T5Gemma2
 
 
@@ -98,10 +111,37 @@ class GeneratorStats:
     decode_row_steps: int = 0  # rows present in the running batch, summed over steps
     oom_splits: int = 0
     seconds: float = 0.0
+    compiled: bool = False  # the decode step ran compiled (False: eager, by choice or after a fallback)
+    compile_fallback: str | None = None  # why compiling failed, when it did
 
     @property
     def padding_efficiency(self) -> float:
         return self.real_encoder_tokens / max(1, self.padded_encoder_tokens)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One planned micro-batch: the requests that share an encoder call and a decode loop, and the
+    shape that loop runs at (the runner may still split it in halves on out-of-memory)."""
+
+    requests: tuple[int, ...]  # indices into generate()'s requests, sorted by encoder length
+    beams: int  # rows per request: 1 for greedy and sampling, num_beams for beam search
+    rows: int  # decode rows (requests x beams; compiled: padded up to a row bucket)
+    encoder_length: int  # the padded encoder length (compiled: a multiple of WIDTH_MULTIPLE)
+    steps: int  # cache slots for generated tokens (max_new_tokens; compiled: a multiple of STEP_MULTIPLE)
+
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # compiled: running rows padded up to one of these
+WIDTH_MULTIPLE = 64  # compiled: encoder length of a micro-batch padded up to a multiple of this
+STEP_MULTIPLE = 32  # compiled: cache slots for max_new_tokens rounded up to a multiple of this
+
+
+def row_bucket(rows: int) -> int:
+    """The smallest bucket size holding `rows` (multiples of 64 past the table)."""
+    for size in ROW_BUCKETS:
+        if rows <= size:
+            return size
+    return -(-rows // 64) * 64
 
 
 class Generator:
@@ -114,9 +154,18 @@ class Generator:
         max_batch_size: int = 256,
         device: str | torch.device | None = None,
         compact_fraction: float = 0.25,
+        check_every: int = 8,
+        compile: bool | None = None,
+        compile_options: dict | None = None,
     ):
+        """check_every: steps between two reads of the finished flags (the loop's only device reads);
+        compile: torch.compile the decode step (None = on for CUDA, off on CPU, where eager measured
+        faster on the bench workloads once compile time is counted: docs/perf.md); compile_options:
+        keyword arguments for torch.compile (default: fullgraph, and mode "reduce-overhead" on CUDA)."""
         if max_batch_tokens < 1 or max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
         self.model = model
         self.config = model.config
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -125,6 +174,18 @@ class Generator:
         # Finished rows stay in the running batch until they are this share of it: dropping
         # them copies the caches, so it is done in bulk rather than at every finish.
         self.compact_fraction = compact_fraction
+        self.check_every = check_every
+        self.compile = self.device.type == "cuda" if compile is None else bool(compile)
+        options = {"fullgraph": True}
+        if self.device.type == "cuda":
+            options["mode"] = "reduce-overhead"  # CUDA graphs: one replay per step instead of ~1,000 launches
+        options.update(compile_options or {})
+        # Beam steps reassign their state (new tensors per step) rather than writing in place,
+        # which CUDA graphs would overwrite at the next replay: compiled without them.
+        beam_options = {k: v for k, v in options.items() if k != "mode"}
+        self._compiled = {"sampling": _compiled_step(_sampling_step, options),
+                          "beam": _compiled_step(_beam_step, beam_options)} if self.compile else None
+        self.compile_fallback: str | None = None  # why compiling failed, when it did
         self.stats = GeneratorStats()
 
     # ---- planning ----------------------------------------------------------------------------
@@ -148,9 +209,9 @@ class Generator:
                 return f"pixel_values must be [N, {cfg.vision.num_channels}, {size}, {size}]"
         return None
 
-    def plan(self, requests: list[Request], order: list[int]) -> list[list[int]]:
+    def plan(self, requests: list[Request], order: list[int]) -> list[MicroBatch]:
         """Pack request indices (sorted by length) into micro-batches under the token budget."""
-        batches: list[list[int]] = []
+        batches: list[MicroBatch] = []
         current: list[int] = []
         rows = longest = 0
         for i in order:
@@ -160,14 +221,24 @@ class Generator:
             same_kind = not current or _kind(requests[current[0]]) == _kind(req)
             fits = (rows + beams) * max(longest, length) <= self.max_batch_tokens and rows + beams <= self.max_batch_size
             if current and (not same_kind or not fits):
-                batches.append(current)
+                batches.append(self._micro_batch(requests, current))
                 current, rows, longest = [], 0, 0
             current.append(i)
             rows += beams
             longest = max(longest, length)
         if current:
-            batches.append(current)
+            batches.append(self._micro_batch(requests, current))
         return batches
+
+    def _micro_batch(self, requests: list[Request], indices: list[int]) -> MicroBatch:
+        beams = requests[indices[0]].params.num_beams
+        longest = max(len(requests[i].input_ids) for i in indices)
+        rows = len(indices) * beams
+        steps = max(requests[i].params.max_new_tokens for i in indices)
+        if self.compile and beams == 1:  # the shape the compiled step runs at (see _run_sampling)
+            rows, longest = row_bucket(rows), -(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+            steps = -(-steps // STEP_MULTIPLE) * STEP_MULTIPLE
+        return MicroBatch(tuple(indices), beams, rows, longest, steps)
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Results in the order of `requests`."""
@@ -184,9 +255,11 @@ class Generator:
         runnable.sort(key=lambda i: (_kind(requests[i]), len(requests[i].input_ids)))
         with torch.inference_mode():
             for batch in self.plan(requests, runnable):
-                self._run_splitting(requests, batch, results)
+                self._run_splitting(requests, list(batch.requests), results)
         self.stats.requests += len(requests)
         self.stats.seconds += time.perf_counter() - start
+        self.stats.compiled = self._compiled is not None
+        self.stats.compile_fallback = self.compile_fallback
         return results  # type: ignore[return-value]
 
     def _run_splitting(self, requests, batch: list[int], results) -> None:
@@ -226,11 +299,11 @@ class Generator:
         self.stats.padded_encoder_tokens += ids.numel()
         return memory, mask
 
-    def _eos_table(self, reqs: list[Request]) -> torch.Tensor:
-        """[R, E] EOS ids per request; short lists padded with their own first id (harmless repeats)."""
+    def _eos_lists(self, reqs: list[Request]) -> list[list[int]]:
+        """[R][E] EOS ids per request; short lists padded with their own first id (harmless repeats)."""
         lists = [r.params.eos_token_ids or self.config.eos_token_ids for r in reqs]
         width = max(len(e) for e in lists)
-        return torch.tensor([list(e) + [e[0]] * (width - len(e)) for e in lists], device=self.device)
+        return [list(e) + [e[0]] * (width - len(e)) for e in lists]
 
     def _run_batch(self, reqs: list[Request]) -> list[Result]:
         beams = reqs[0].params.num_beams
@@ -238,56 +311,99 @@ class Generator:
             return self._run_beam(reqs, beams)
         return self._run_sampling(reqs)
 
+    def _step(self, kind: str, *state) -> None:
+        """One decode step (kind "sampling" or "beam"), compiled when asked; a compile failure
+        switches to eager for good, with one warning."""
+        if self._compiled is not None:
+            try:
+                if self.device.type == "cuda":  # a new CUDA-graph generation: the last replay's buffers are done with
+                    torch.compiler.cudagraph_mark_step_begin()
+                return self._compiled[kind](self.model, *state)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # compile or capture failure: never a failed job
+                self.compile_fallback = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                warnings.warn(f"torch.compile of the decode step failed ({self.compile_fallback}); "
+                              f"decoding eagerly from here on", RuntimeWarning, stacklevel=2)
+                self._compiled = None
+                self.compile = False  # later micro-batches need no buckets (the one running keeps its padding rows)
+        return (_sampling_step if kind == "sampling" else _beam_step)(self.model, *state)
+
     def _run_sampling(self, reqs: list[Request]) -> list[Result]:
         """Greedy and sampled requests, one row each.
 
-        Per step the running batch writes its tokens into `out` (one row per present row) and
-        marks rows that hit an EOS id or their max_new_tokens. Finished rows keep decoding
-        (harmlessly) until they are compact_fraction of the batch; then their tokens are saved
-        and they leave the cache in one gather. A row's result is its tokens up to the first EOS
-        (EOS is banned before min_new_tokens, so the first one counts) or max_new_tokens.
+        Per step the running batch writes its tokens into `rows.out` (one row per present row)
+        and marks rows that hit an EOS id or their max_new_tokens, all on the device. Every
+        check_every steps the loop reads the flags: once all rows are done it stops; once the
+        finished rows are compact_fraction of the batch, their tokens are saved and they leave
+        the cache in one gather. A row's result is its tokens up to the first EOS (EOS is banned
+        before min_new_tokens, so the first one counts) or max_new_tokens.
+
+        Compiled, the running rows are padded to a bucket size (rows of no request, marked done
+        from the start) and the encoder length to a multiple of WIDTH_MULTIPLE, so micro-batches
+        of one bucket share one graph.
         """
         memory, mask = self._encode(reqs)
         dev = self.device
-        max_new_list = [r.params.max_new_tokens for r in reqs]
-        steps = max(max_new_list)
-        cache = self.model.start_decoding(memory, mask, steps)
+        limits = [r.params.max_new_tokens for r in reqs]  # host copies: the loop reads no device value for them
+        steps = max(limits)
+        widths = [len(r.input_ids) for r in reqs]
+        alive = list(range(len(reqs)))  # present row -> request index (-1: a padding row of no request)
+        room = steps  # slots of the cache and columns of the tokens
+        if self.compile:
+            memory, mask, pad = _pad_batch(memory, mask, row_bucket(len(reqs)))
+            alive += [-1] * pad
+            widths += [1] * pad
+            limits += [1] * pad
+            room = -(-steps // STEP_MULTIPLE) * STEP_MULTIPLE
+        cache = self.model.start_decoding(memory, mask, room, widths=widths, split=not self.compile)
         del memory
-        max_new = torch.tensor(max_new_list, device=dev)  # per present row from here on
-        min_new = torch.tensor([r.params.min_new_tokens for r in reqs], device=dev)
-        last_ban = max(r.params.min_new_tokens for r in reqs)  # no EOS ban from this step on
-        eos = self._eos_table(reqs)
-        sampler = _Sampler(reqs, dev)
-        alive = torch.arange(len(reqs), device=dev)  # present row -> request index
-        out = torch.empty((len(reqs), steps), dtype=torch.long, device=dev)  # present rows' tokens
-        saved = torch.empty_like(out)  # by request index: tokens of rows that left the batch
-        done = torch.zeros(len(reqs), dtype=torch.bool, device=dev)
-        tokens = torch.full((len(reqs),), self.config.bos_token_id, dtype=torch.long, device=dev)
+        rows = _Rows.start(reqs, len(alive), room, self._eos_lists(reqs), self.config.bos_token_id, dev)
+        sampler = _Sampler(reqs, len(alive), dev, self.config.decoder.final_logit_softcapping)
+        if self.compile and self.device.type == "cuda":
+            _mark_static(cache, rows)
+        saved = torch.empty((len(reqs), room), dtype=torch.long, device=dev)  # by request: rows that left
+        limit = max(limits)  # steps until every present row is at its max_new_tokens
         for step in range(steps):
-            logits = self.model.lm_logits(self.model.decode_step(tokens, cache)).float()  # [B, V]
-            self.stats.decode_row_steps += len(tokens)
-            if step < last_ban:  # EOS gets -inf (added, so other rows' logits stay exact)
-                penalty = torch.where(step < min_new, float("-inf"), 0.0)[:, None].expand_as(eos)
-                logits.scatter_add_(1, eos, penalty)
-            tokens = sampler.choose(logits, alive, step)
-            out[:, step] = tokens
-            done |= (tokens[:, None] == eos).any(1) | (max_new <= step + 1)
-            finished = int(done.sum())
+            self._step("sampling", cache, rows, sampler)
+            self.stats.decode_row_steps += len(alive)
+            if step + 1 >= limit:
+                break
+            if (step + 1) % self.check_every:
+                continue
+            done = rows.done.tolist()  # the loop's one device read, every check_every steps
+            finished = sum(done)
             if finished == len(done):
                 break
-            if finished >= max(1, int(self.compact_fraction * len(done))):
-                gone, keep = done.nonzero()[:, 0], (~done).nonzero()[:, 0]
-                saved[alive[gone]] = out[gone]
-                cache.keep(keep)
-                alive, tokens, out = alive[keep], tokens[keep], out[keep]
-                max_new, min_new, eos, done = max_new[keep], min_new[keep], eos[keep], done[keep]
-        saved[alive] = out
-        return self._sampling_results(reqs, saved.cpu())
+            if finished < max(1, int(self.compact_fraction * len(done))):
+                continue
+            running = [i for i, d in enumerate(done) if not d]
+            keep = running
+            if self.compile:  # shrink only to a smaller bucket, filling it with finished rows
+                size = row_bucket(len(running))
+                if size == len(done):
+                    continue
+                keep = sorted(running + [i for i, d in enumerate(done) if d][: size - len(running)])
+            kept = set(keep)
+            leaving = [i for i in range(len(done)) if i not in kept and alive[i] >= 0]
+            if leaving:
+                saved[torch.tensor([alive[i] for i in leaving], device=dev)] = rows.out[torch.tensor(leaving, device=dev)]
+            index = torch.tensor(keep, device=dev)
+            cache.keep(keep, multiple=WIDTH_MULTIPLE if self.compile else 1)
+            rows.keep(index)
+            sampler.keep(index)
+            if self.compile and self.device.type == "cuda":
+                _mark_static(cache, rows)
+            alive = [alive[i] for i in keep]
+            limit = max(limits[i] if i >= 0 else 1 for i in alive)
+        real = [i for i, a in enumerate(alive) if a >= 0]
+        saved[torch.tensor([alive[i] for i in real], device=dev)] = rows.out[torch.tensor(real, device=dev)]
+        return self._sampling_results(reqs, saved)
 
     def _sampling_results(self, reqs: list[Request], tokens: torch.Tensor) -> list[Result]:
         """Cut each request's row of tokens [R, steps] at its first EOS or its max_new_tokens."""
         results = []
-        for req, row in zip(reqs, tokens.tolist()):
+        for req, row in zip(reqs, tokens.tolist()):  # one device read for the micro-batch
             eos = set(req.params.eos_token_ids or self.config.eos_token_ids)
             limit = req.params.max_new_tokens
             end = next((i + 1 for i, t in enumerate(row[:limit]) if t in eos), None)
@@ -296,79 +412,33 @@ class Generator:
         return results
 
     def _run_beam(self, reqs: list[Request], beams: int) -> list[Result]:
-        """Beam search with the reference's bookkeeping, vectorised over R requests x K beams."""
+        """Beam search with the reference's bookkeeping, vectorised over R requests x K beams.
+
+        The state lives in a `_Beams` object and `_beam_step` advances it one token, reading
+        nothing back (compiled when `compile` is on). The stop rule (no request can improve, or
+        every candidate stopped) is read every check_every steps: steps past a request's stop
+        leave its finished hypotheses as they are (their scores carry a -1e9 penalty), so
+        checking late changes no result.
+        """
         memory, mask = self._encode(reqs)
-        dev = self.device
-        R, K = len(reqs), beams
-        eos = self._eos_table(reqs)  # [R, E]
-        keep_k = max(2, 1 + eos.shape[1]) * K  # candidates kept per request each step
-        max_new = torch.tensor([r.params.max_new_tokens for r in reqs], device=dev)
-        min_new = torch.tensor([r.params.min_new_tokens for r in reqs], device=dev)
-        penalty = torch.tensor([r.params.length_penalty for r in reqs], device=dev, dtype=torch.float32)
-        steps = int(max_new.max())
-        cache = self.model.start_decoding(memory, mask, steps, repeat=K)
+        eos_lists = self._eos_lists(reqs)
+        steps = max(r.params.max_new_tokens for r in reqs)
+        cache = self.model.start_decoding(memory, mask, steps, repeat=beams, widths=[len(r.input_ids) for r in reqs])
         del memory
-        vocab = self.config.vocab_size
-        seqs = torch.zeros((R, K, steps), dtype=torch.long, device=dev)  # running beams' tokens
-        run_scores = torch.zeros((R, K), device=dev)
-        run_scores[:, 1:] = -1e9  # all beams start equal: only the first may expand at step 0
-        fin_seqs = torch.zeros((R, K, steps), dtype=torch.long, device=dev)
-        fin_len = torch.zeros((R, K), dtype=torch.long, device=dev)
-        fin_scores = torch.full((R, K), -1e9, device=dev)
-        fin_done = torch.zeros((R, K), dtype=torch.bool, device=dev)
-        open_ = torch.ones(R, dtype=torch.bool, device=dev)  # improvement still possible
-        tokens = torch.full((R * K,), self.config.bos_token_id, dtype=torch.long, device=dev)
-        top_mask = torch.arange(keep_k, device=dev) < K
+        state = _Beams.start(reqs, beams, steps, eos_lists, self.config, self.device)
         for step in range(steps):
-            logits = self.model.lm_logits(self.model.decode_step(tokens, cache)).float()
-            logprobs = torch.log_softmax(logits, dim=-1).view(R, K, vocab)
-            self.stats.decode_row_steps += R * K
-            banned = step < min_new
-            if bool(banned.any()):
-                idx = banned.nonzero()[:, 0]
-                logprobs[idx[:, None, None], torch.arange(K, device=dev)[None, :, None], eos[idx][:, None, :]] = float("-inf")
-            totals = (logprobs + run_scores[:, :, None]).view(R, K * vocab)
-            cand_scores, cand_idx = torch.topk(totals, keep_k, dim=1)  # [R, 2K]
-            cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
-            cand_seqs = torch.gather(seqs, 1, cand_beam[:, :, None].expand(R, keep_k, steps)).clone()
-            cand_seqs[:, :, step] = cand_tok
-            at_limit = (step + 1 >= max_new)[:, None]
-            hits = (cand_tok[:, :, None] == eos[:, None, :]).any(-1) | at_limit  # [R, 2K]
-            # Running beams: best K candidates that did not stop.
-            run_cand = cand_scores - 1e9 * hits.float()
-            next_idx = torch.topk(run_cand, K, dim=1)[1]
-            run_scores = torch.gather(run_cand, 1, next_idx)
-            seqs = torch.gather(cand_seqs, 1, next_idx[:, :, None].expand(R, K, steps))
-            source_beam = torch.gather(cand_beam, 1, next_idx)  # [R, K]
-            # Finished hypotheses: stopped candidates among the top K, length-normalised.
-            just_done = hits & top_mask[None, :]
-            normed = cand_scores / (float(step + 1) ** penalty)[:, None]
-            normed = normed - 1e9 * (~just_done).float() - 1e9 * (~open_).float()[:, None]
-            merged_scores = torch.cat([fin_scores, normed], 1)
-            best = torch.topk(merged_scores, K, dim=1)[1]
-            fin_scores = torch.gather(merged_scores, 1, best)
-            fin_seqs = torch.gather(torch.cat([fin_seqs, cand_seqs], 1), 1, best[:, :, None].expand(R, K, steps))
-            new_len = torch.full((R, keep_k), step + 1, device=dev, dtype=torch.long)
-            fin_len = torch.gather(torch.cat([fin_len, new_len], 1), 1, best)
-            fin_done = torch.gather(torch.cat([fin_done, just_done], 1), 1, best)
-            # Reorder the self caches to follow the surviving beams (cross k/v are equal across beams).
-            rows = (source_beam + torch.arange(R, device=dev)[:, None] * K).view(-1)
-            cache.follow_beams(rows)  # a gather: beams may be duplicated or dropped
-            tokens = seqs[:, :, step].reshape(-1)
-            # The reference's early-stop rule: stop once the best running beam, normalised by the
-            # current length, cannot beat the worst finished hypothesis.
-            best_running = run_scores[:, 0] / (float(step + 1) ** penalty)
-            worst = torch.where(fin_done, fin_scores.min(1, keepdim=True)[0], torch.full_like(fin_scores, -1e9))
-            open_ = open_ & (best_running[:, None] > worst).any(1)
-            if not bool(open_.any()) or bool(hits.all()):
+            self._step("beam", cache, state)
+            cache.follow_beams(state.source_rows)  # eager: see _beam_step
+            self.stats.decode_row_steps += len(reqs) * beams
+            if (step + 1) % self.check_every == 0 and bool(state.stop):  # one read per check
                 break
-        self.stats.generated_tokens += int(fin_len[:, 0].sum())
+        best = torch.cat((state.fin_len[:, :1], state.fin_seqs[:, 0]), 1).tolist()  # one read per micro-batch
         results = []
-        for r in range(R):
-            length = int(fin_len[r, 0])
-            ids = fin_seqs[r, 0, :length].tolist()
-            ended = bool(length) and ids[-1] in set(eos[r].tolist())
+        for r in range(len(reqs)):
+            length, ids = best[r][0], best[r][1 : 1 + best[r][0]]
+            ended = bool(length) and ids[-1] in set(eos_lists[r])
             results.append(Result(ids, "eos" if ended else "length"))
+            self.stats.generated_tokens += length
         return results
 
 
@@ -377,46 +447,264 @@ def _kind(request: Request) -> int:
     return request.params.num_beams
 
 
+@dataclass
+class _Beams:
+    """Beam search state of R requests x K beams, on the device; `_beam_step` advances it."""
+
+    K: int  # beams per request
+    keep_k: int  # candidates kept per request each step: enough that K survive every EOS hit
+    vocab: int
+    eos: torch.Tensor  # [R, E] long
+    eos_cols: torch.Tensor  # [R, K, E] long: eos expanded over the beams (the ban's columns)
+    max_new: torch.Tensor  # [R] long
+    min_new: torch.Tensor  # [R] long
+    penalty: torch.Tensor  # [R] float32: length_penalty
+    row_base: torch.Tensor  # [R, 1] long: first cache row of each request (r * K)
+    top_mask: torch.Tensor  # [keep_k] bool: the first K candidates
+    tokens: torch.Tensor  # [R * K] long: the tokens the next step reads
+    seqs: torch.Tensor  # [R, K, steps] long: running beams' tokens
+    run_scores: torch.Tensor  # [R, K] float32: running beams' summed log-probs
+    fin_seqs: torch.Tensor  # [R, K, steps] long: best finished hypotheses, best first
+    fin_len: torch.Tensor  # [R, K] long
+    fin_scores: torch.Tensor  # [R, K] float32: length-normalised
+    fin_done: torch.Tensor  # [R, K] bool: slot holds a real hypothesis
+    open_: torch.Tensor  # [R] bool: improvement still possible
+    stop: torch.Tensor  # [] bool: no request can improve, or every candidate stopped
+    source_rows: torch.Tensor  # [R * K] long: cache row each beam continues after the last step
+
+    @classmethod
+    def start(cls, reqs: list[Request], K: int, steps: int, eos_lists: list[list[int]], cfg, device) -> "_Beams":
+        R = len(reqs)
+        eos = torch.tensor(eos_lists, device=device)
+        keep_k = max(2, 1 + eos.shape[1]) * K
+        run_scores = torch.zeros((R, K), device=device)
+        run_scores[:, 1:] = -1e9  # all beams start equal: only the first may expand at step 0
+        return cls(
+            K=K, keep_k=keep_k, vocab=cfg.vocab_size, eos=eos, eos_cols=eos[:, None, :].expand(R, K, eos.shape[1]),
+            max_new=torch.tensor([r.params.max_new_tokens for r in reqs], device=device),
+            min_new=torch.tensor([r.params.min_new_tokens for r in reqs], device=device),
+            penalty=torch.tensor([r.params.length_penalty for r in reqs], device=device, dtype=torch.float32),
+            row_base=torch.arange(R, device=device)[:, None] * K,
+            top_mask=torch.arange(keep_k, device=device) < K,
+            tokens=torch.full((R * K,), cfg.bos_token_id, dtype=torch.long, device=device),
+            seqs=torch.zeros((R, K, steps), dtype=torch.long, device=device),
+            run_scores=run_scores,
+            fin_seqs=torch.zeros((R, K, steps), dtype=torch.long, device=device),
+            fin_len=torch.zeros((R, K), dtype=torch.long, device=device),
+            fin_scores=torch.full((R, K), -1e9, device=device),
+            fin_done=torch.zeros((R, K), dtype=torch.bool, device=device),
+            open_=torch.ones(R, dtype=torch.bool, device=device),
+            stop=torch.zeros((), dtype=torch.bool, device=device),
+            source_rows=torch.arange(R * K, device=device),
+        )
+
+
+def _beam_step(model: T5Gemma2, cache: DecoderCache, b: _Beams) -> None:
+    """One beam-search step for every request, on the device, with no read back (the compile target)."""
+    R, K, keep_k, vocab = b.run_scores.shape[0], b.K, b.keep_k, b.vocab
+    steps = b.seqs.shape[2]
+    step = cache.position.clone()  # [1]: the position decoded now
+    length = step + 1  # [1]: hypothesis length after this step
+    logits = model.lm_logits(model.decode_step(b.tokens, cache))
+    logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32).view(R, K, vocab)
+    # EOS ban before min_new_tokens, after the softmax as the reference: only EOS columns written.
+    banned = (step < b.min_new)[:, None, None]  # [R, 1, 1]
+    logprobs.scatter_(2, b.eos_cols, logprobs.gather(2, b.eos_cols).masked_fill(banned, float("-inf")))
+    totals = (logprobs + b.run_scores[:, :, None]).view(R, K * vocab)
+    cand_scores, cand_idx = torch.topk(totals, keep_k, dim=1)  # [R, 2K]
+    cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
+    cand_seqs = torch.gather(b.seqs, 1, cand_beam[:, :, None].expand(R, keep_k, steps))  # a new tensor
+    cand_seqs.index_copy_(2, step, cand_tok[:, :, None])
+    at_limit = (length >= b.max_new)[:, None]
+    hits = (cand_tok[:, :, None] == b.eos[:, None, :]).any(-1) | at_limit  # [R, 2K]
+    # Running beams: best K candidates that did not stop.
+    run_cand = cand_scores - 1e9 * hits.float()
+    next_idx = torch.topk(run_cand, K, dim=1)[1]
+    b.run_scores = torch.gather(run_cand, 1, next_idx)
+    b.seqs = torch.gather(cand_seqs, 1, next_idx[:, :, None].expand(R, K, steps))
+    source_beam = torch.gather(cand_beam, 1, next_idx)  # [R, K]
+    # Finished hypotheses: stopped candidates among the top K, length-normalised.
+    norm = length.float() ** b.penalty  # [R]
+    just_done = hits & b.top_mask[None, :]
+    normed = cand_scores / norm[:, None]
+    normed = normed - 1e9 * (~just_done).float() - 1e9 * (~b.open_).float()[:, None]
+    merged_scores = torch.cat([b.fin_scores, normed], 1)
+    best = torch.topk(merged_scores, K, dim=1)[1]
+    b.fin_scores = torch.gather(merged_scores, 1, best)
+    b.fin_seqs = torch.gather(torch.cat([b.fin_seqs, cand_seqs], 1), 1, best[:, :, None].expand(R, K, steps))
+    b.fin_len = torch.gather(torch.cat([b.fin_len, length.expand(R, keep_k)], 1), 1, best)
+    b.fin_done = torch.gather(torch.cat([b.fin_done, just_done], 1), 1, best)
+    # The self caches must follow the surviving beams (cross k/v are equal across beams): the
+    # caller does that gather after the step, eagerly. Inside a compiled graph, inductor may fuse
+    # "own slots <- own slots gathered by row" into one kernel reading rows it already overwrote.
+    b.source_rows = (source_beam + b.row_base).view(-1)  # beams may be duplicated or dropped
+    b.tokens = b.seqs.index_select(2, step).reshape(-1)
+    # The reference's early-stop rule: stop once the best running beam, normalised by the
+    # current length, cannot beat the worst finished hypothesis.
+    best_running = b.run_scores[:, 0] / norm
+    worst = torch.where(b.fin_done, b.fin_scores.min(1, keepdim=True)[0], torch.full_like(b.fin_scores, -1e9))
+    b.open_ = b.open_ & (best_running[:, None] > worst).any(1)
+    b.stop = ~b.open_.any() | hits.all()
+
+
+_COMPILED_STEPS: dict = {}  # torch.compile options -> the compiled step, shared by every Generator
+
+
+def _compiled_step(step, options: dict):
+    """One compiled step function per set of options for the whole process: each torch.compile call
+    is a new backend to dynamo, so a step compiled per Generator would be traced again for each."""
+    key = (step.__name__,) + tuple(sorted((k, v if isinstance(v, (str, int, float, bool, type(None))) else id(v))
+                                          for k, v in options.items()))
+    if key not in _COMPILED_STEPS:
+        _COMPILED_STEPS[key] = torch.compile(step, **options)
+    return _COMPILED_STEPS[key]
+
+
+def _pad_batch(memory: torch.Tensor, mask: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """memory [R, S, H], mask [R, S] -> [rows, S', H], [rows, S'] with S' a multiple of WIDTH_MULTIPLE.
+
+    Padding rows see no encoder token; their own slot of each step is always visible, so their
+    softmax stays finite (they decode garbage nobody reads).
+    """
+    real, width, _ = memory.shape
+    wide = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    memory = torch.nn.functional.pad(memory, (0, 0, 0, wide - width, 0, rows - real))
+    mask = torch.nn.functional.pad(mask, (0, wide - width, 0, rows - real), value=False)
+    return memory, mask, rows - real
+
+
+def _mark_static(cache: DecoderCache, rows: "_Rows") -> None:
+    """CUDA graphs: the tensors a step writes in place keep their addresses across replays, so they
+    are marked static (not copied into the graph's own buffers, which would lose the writes' point).
+    guard=False: a new micro-batch's buffers do not force a recompile, only a new recording."""
+    tensors = [cache.position, rows.tokens, rows.out, rows.done, *cache.masks.values()]
+    tensors += [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    for t in tensors:
+        torch._dynamo.mark_static_address(t, guard=False)
+
+
+@dataclass
+class _Rows:
+    """The running rows' decoding state, all on the device (one row per present row)."""
+
+    tokens: torch.Tensor  # [B] long: the tokens the next step reads
+    out: torch.Tensor  # [B, steps] long: tokens generated so far, column t written at step t
+    done: torch.Tensor  # [B] bool: hit an EOS id or max_new_tokens (the row may still decode)
+    max_new: torch.Tensor  # [B] long
+    min_new: torch.Tensor  # [B] long: EOS is banned at steps < min_new
+    eos: torch.Tensor  # [B, E] long: EOS ids (repeats pad short lists)
+
+    @classmethod
+    def start(cls, reqs: list[Request], rows: int, steps: int, eos: list[list[int]], bos: int, device) -> "_Rows":
+        pad = rows - len(reqs)  # padding rows: done from the start, limit 1, any EOS list
+        return cls(
+            tokens=torch.full((rows,), bos, dtype=torch.long, device=device),
+            out=torch.zeros((rows, steps), dtype=torch.long, device=device),
+            done=torch.tensor([False] * len(reqs) + [True] * pad, device=device),
+            max_new=torch.tensor([r.params.max_new_tokens for r in reqs] + [1] * pad, device=device),
+            min_new=torch.tensor([r.params.min_new_tokens for r in reqs] + [0] * pad, device=device),
+            eos=torch.tensor(eos + [eos[0]] * pad, device=device),
+        )
+
+    def keep(self, index: torch.Tensor) -> None:
+        for name in ("tokens", "out", "done", "max_new", "min_new", "eos"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+
+
+def _sampling_step(model: T5Gemma2, cache: DecoderCache, rows: _Rows, sampler: "_Sampler") -> None:
+    """One decode step of every present row, in place, on the device, with no read back:
+    embed -> decoder layers -> final norm -> LM head -> EOS ban -> token choice -> flags.
+
+    The compile target: every input that changes per step is a tensor (cache.position, the
+    cache buffers, rows.*), so the same graph serves every step of a micro-batch.
+    """
+    step = cache.position.clone()  # [1]: the position decoded now (decode_step advances the cache)
+    hidden = model.decode_step(rows.tokens, cache)  # [B, H]
+    logits = model.lm_logits(hidden, softcap=False)  # [B, V] in the model dtype; the sampler caps its candidates
+    # EOS ban before min_new_tokens: only the EOS columns are read and written.
+    banned = (step < rows.min_new)[:, None]  # [B, 1]
+    logits.scatter_(1, rows.eos, logits.gather(1, rows.eos).masked_fill(banned, float("-inf")))
+    tokens = sampler.choose(logits, step)  # [B]
+    rows.out.index_copy_(1, step, tokens[:, None])
+    rows.done.logical_or_((tokens[:, None] == rows.eos).any(1) | (rows.max_new <= step + 1))
+    rows.tokens.copy_(tokens)
+
+
 class _Sampler:
-    """Chooses next tokens: argmax for greedy rows, hash-noise Gumbel-max for sampled rows."""
+    """Chooses next tokens: argmax for greedy rows, hash-noise Gumbel-max for sampled rows.
 
-    def __init__(self, reqs: list[Request], device):
-        self.sampled = torch.tensor([not r.params.greedy for r in reqs], device=device)
-        self.any_sampled = bool(self.sampled.any())
-        if self.any_sampled:
-            self.temperature = torch.tensor([max(r.params.temperature, 1e-6) for r in reqs], device=device)
-            self.top_k = torch.tensor([r.params.top_k for r in reqs], device=device)
-            self.top_p = torch.tensor([r.params.top_p for r in reqs], device=device)
-            self.seed = torch.tensor([_seed32(r) for r in reqs], device=device, dtype=torch.long)
+    Nothing here reads the device: every present row's sampled token is computed when any row
+    samples, and greedy rows take the argmax through a where. When every sampled row has a top_k,
+    only the best max(top_k) tokens are candidates (a top-k, no sort of the whole vocabulary) and
+    the noise is drawn at those token ids only; the result is the same as over the whole vocabulary.
+    """
 
-    def choose(self, logits: torch.Tensor, alive: torch.Tensor, step: int) -> torch.Tensor:
-        """logits [B, V] of the present rows (alive maps them to requests) -> tokens [B]."""
-        tokens = logits.argmax(-1)
+    def __init__(self, reqs: list[Request], rows: int, device, softcap: float | None):
+        pad = [GenerationParams()] * (rows - len(reqs))  # padding rows decode greedily
+        params = [r.params for r in reqs] + pad
+        self.any_sampled = any(not p.greedy for p in params)
+        self.softcap = softcap
+        sampled = [p for p in params if not p.greedy]
+        # Candidates per row when every sampled row bounds them with top_k (0 = the whole vocabulary).
+        # Rounded up to a power of two (the result does not depend on it) so that a compiled step
+        # sees few distinct values.
+        bound = max(p.top_k for p in sampled) if sampled and all(p.top_k > 0 for p in sampled) else 0
+        self.top_k_bound = 1 << (bound - 1).bit_length() if bound else 0
+        self.filtered = any(p.top_k > 0 or p.top_p < 1 for p in sampled)
+        self.sampled = torch.tensor([not p.greedy for p in params], device=device)  # [B]
+        self.temperature = torch.tensor([max(p.temperature, 1e-6) for p in params], device=device)
+        self.top_k = torch.tensor([p.top_k for p in params], device=device)
+        self.top_p = torch.tensor([p.top_p for p in params], device=device)
+        seeds = [_seed32(r) for r in reqs] + [0] * len(pad)
+        self.seed = torch.tensor(seeds, device=device, dtype=torch.long)
+
+    def keep(self, index: torch.Tensor) -> None:
+        for name in ("sampled", "temperature", "top_k", "top_p", "seed"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Model-dtype logits -> float32 soft-capped scores / temperature (-inf stays -inf)."""
+        scores = logits.float()
+        if self.softcap is not None:
+            scores = torch.where(scores == float("-inf"), scores, torch.tanh(scores / self.softcap) * self.softcap)
+        return scores / self.temperature[:, None]
+
+    def choose(self, logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] (model dtype, not soft-capped) of the present rows, step [1] -> tokens [B]."""
+        greedy = logits.argmax(-1)  # in the model dtype: no float32 copy of the logits
         if not self.any_sampled:
-            return tokens
-        rows = self.sampled[alive].nonzero()[:, 0]
-        if rows.numel() == 0:
-            return tokens
-        req = alive[rows]
-        scores = logits[rows] / self.temperature[req, None]
-        scores = _filter_top_k_top_p(scores, self.top_k[req], self.top_p[req])
-        noise = _gumbel(self.seed[req], step, scores.shape[-1])
-        tokens[rows] = (scores + noise).argmax(-1)
-        return tokens
+            return greedy
+        vocab = logits.shape[-1]
+        if self.top_k_bound:
+            cand, ids = logits.topk(min(self.top_k_bound, vocab), dim=-1)  # [B, k], best first
+            scores = _filter_sorted(self._scores(cand), self.top_k, self.top_p)
+            pick = (scores + _gumbel(self.seed, step, ids)).argmax(-1, keepdim=True)
+            drawn = ids.gather(1, pick)[:, 0]
+        else:
+            scores = self._scores(logits)  # [B, V] float32: some row samples from the whole vocabulary
+            if self.filtered:
+                ordered, order = scores.sort(dim=-1, descending=True)
+                scores = torch.empty_like(scores).scatter_(1, order, _filter_sorted(ordered, self.top_k, self.top_p))
+            token = torch.arange(vocab, device=logits.device)[None, :]
+            drawn = (scores + _gumbel(self.seed, step, token)).argmax(-1)
+        return torch.where(self.sampled, drawn, greedy)
 
 
-def _filter_top_k_top_p(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Set to -inf every token outside each row's top-k and smallest top-p nucleus."""
-    sorted_scores, order = scores.sort(dim=-1, descending=True)
-    vocab = scores.shape[-1]
-    rank = torch.arange(vocab, device=scores.device)[None, :]
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))[:, None]
+def _filter_sorted(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """scores [B, n] sorted best first -> -inf outside each row's top-k and smallest top-p nucleus.
+
+    The nucleus is measured with a running sum of exp(score - best) cut at the row's own k, so a
+    row's result does not depend on n (how many candidates its batch kept) beyond its top_k.
+    """
+    n = scores.shape[-1]
+    rank = torch.arange(n, device=scores.device)[None, :]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, n)).clamp(max=n)[:, None]  # [B, 1]
     remove = rank >= k
-    probs = torch.softmax(sorted_scores.masked_fill(remove, float("-inf")), dim=-1)
-    mass_before = probs.cumsum(-1) - probs  # probability of strictly better tokens
-    remove |= (mass_before >= top_p[:, None]) & (rank > 0)  # the best token always stays
-    filtered = sorted_scores.masked_fill(remove, float("-inf"))
-    return torch.empty_like(scores).scatter_(1, order, filtered)
+    weight = torch.exp(scores - scores[:, :1]).masked_fill(remove, 0.0)  # unnormalised probabilities
+    running = weight.cumsum(-1)
+    total = running.gather(1, k - 1)  # [B, 1]: the mass of the row's top-k
+    remove |= (running - weight >= top_p[:, None] * total) & (rank > 0)  # the best token always stays
+    return scores.masked_fill(remove, float("-inf"))
 
 
 _MASK32 = 0xFFFFFFFF
@@ -429,10 +717,10 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _gumbel(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """Gumbel noise [B, V] that depends only on (seed, step, token id): batch-independent sampling."""
-    token = torch.arange(vocab, device=seeds.device, dtype=torch.long)[None, :]
-    key = _mix32((seeds[:, None] ^ _mix32(torch.tensor(step * 0x9E3779B1 & _MASK32, device=seeds.device))) & _MASK32)
+def _gumbel(seeds: torch.Tensor, step: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise [B, n] at token ids token [B or 1, n] that depends only on (seed, step, token id):
+    batch-independent sampling. step is a [1] tensor (no host value per step)."""
+    key = _mix32((seeds[:, None] ^ _mix32((step * 0x9E3779B1) & _MASK32)) & _MASK32)  # [B, 1]
     bits = _mix32((key + token * 0x85EBCA77) & _MASK32)
     uniform = (bits.double() + 0.5) / 2.0**32  # in (0, 1)
     return -torch.log(-torch.log(uniform)).float()

@@ -36,6 +36,11 @@ def _derived(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], bui
     """
     if torch.is_grad_enabled():
         return build()
+    if torch.compiler.is_compiling():
+        # Traced (the compiled decode step): no storage checks in a graph. The value built by the
+        # eager calls before is used as a constant; a graph traced first builds it in the graph.
+        hit = owner.__dict__.get(name)
+        return hit[1] if hit is not None else build()
     key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
     hit = owner.__dict__.get(name)
     if hit is None or hit[0] != key:

@@ -173,9 +173,10 @@ class Block(nn.Module):
         x = self.post_self_attn_layernorm(attn.out(out)).add_(x)
         return self.feed_forward(x)
 
-    def decode_step(self, x: torch.Tensor, cos, sin, cache: LayerCache, slot: int, mask: torch.Tensor,
+    def decode_step(self, x: torch.Tensor, cos, sin, cache: LayerCache, slot: torch.Tensor, mask: torch.Tensor,
                     groups: list[tuple[int, int, int]]) -> torch.Tensor:
-        """One cached decoder step. x [B, 1, H]; cos, sin [1, D]; mask [B, 1, 1, size + S] -> [B, 1, H].
+        """One cached decoder step. x [B, 1, H]; cos, sin [1, 1, D]; slot [1] (long: where this step's
+        key goes); mask [B, 1, 1, size + S] -> [B, 1, H].
 
         groups: (first row, end row, keys to read) runs that attend separately (see cache.py).
         """
@@ -287,36 +288,45 @@ class T5Gemma2(nn.Module):
         return self.decoder.norm(x)
 
     def start_decoding(self, memory: torch.Tensor, attention_mask: torch.Tensor, max_steps: int,
-                       repeat: int = 1) -> DecoderCache:
+                       repeat: int = 1, widths: list[int] | None = None, split: bool = True) -> DecoderCache:
         """The decoder state for generating up to max_steps tokens from memory [B, S, H].
 
         The encoder's keys/values are computed here, once per request and layer, each row
-        repeated `repeat` times (beam search) -> a cache of B * repeat rows.
+        repeated `repeat` times (beam search) -> a cache of B * repeat rows. widths: each row's
+        encoder width (last real token + 1) if the caller knows it (saves a device read); split:
+        whether a step may attend in row groups of similar length (see cache.py). The rotary
+        tables of all max_steps positions are built here, before the first step.
         """
         cross = self.cross_kv(memory)
         mask = attention_mask.bool()
         if repeat > 1:
             cross = ((k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in cross)
             mask = mask.repeat_interleave(repeat, 0)
+            widths = None if widths is None else [w for w in widths for _ in range(repeat)]
         positions = torch.arange(max_steps, device=memory.device)
-        return DecoderCache(self.config.decoder, cross, mask, max_steps, self.decoder.angles(positions, memory.dtype))
+        return DecoderCache(self.config.decoder, cross, mask, max_steps, self.decoder.angles(positions, memory.dtype),
+                            widths=widths, split=split)
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
-        """tokens [B] at position cache.step -> final hidden states [B, H]; the cache then holds the step."""
+        """tokens [B] at position cache.position -> final hidden states [B, H]; the cache then holds the step.
+
+        Reads no Python value that changes from step to step (see cache.py): the same graph at every position.
+        """
         x = self.embed_tokens(tokens[:, None])  # [B, 1, H]
-        angles = cache.begin_step()
+        angles, slots = cache.begin_step()
         for layer, layer_cache in zip(self.decoder.layers, cache.layers):
-            cos, sin = angles[layer.layer_type]
             kind = layer.layer_type
-            x = layer.decode_step(x, cos, sin, layer_cache, cache.slot(layer_cache), cache.masks[kind], cache.groups[kind])
+            cos, sin = angles[kind]
+            x = layer.decode_step(x, cos, sin, layer_cache, slots[kind], cache.masks[kind], cache.groups[kind])
         cache.advance()
         return self.decoder.norm(x[:, 0])
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[..., H] -> [..., V] through the tied table, soft-capped when the config says so."""
+    def lm_logits(self, hidden: torch.Tensor, softcap: bool = True) -> torch.Tensor:
+        """[..., H] -> [..., V] through the tied table, in the model dtype, soft-capped when the config
+        says so and `softcap` is on (greedy skips it: tanh is monotonic, so the argmax is the same)."""
         logits = F.linear(hidden, self.embed_tokens.weight)
         cap = self.config.decoder.final_logit_softcapping
-        if cap is not None:
+        if cap is not None and softcap:
             logits = torch.tanh(logits / cap) * cap
         return logits
 

@@ -1,5 +1,12 @@
 """The generator against transformers' generate(), and its own promises: batch invariance,
-per-seed sampling, stop rules, and the out-of-memory split path (float32, CPU)."""
+per-seed sampling, stop rules, and the out-of-memory split path (float32, CPU).
+
+Tests taking `decode_mode` run twice: eager, and with the compiled decode step (traced by dynamo,
+the captured graph run as is, without paying for a C++ compile; the inductor compile itself is
+tested once, in test_compiled_step.py). Compiled, micro-batches are
+padded to row buckets and the step graph is shared, so these runs also test that padding rows
+and bucketing change no token.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,41 @@ import model
 from helpers.checkpoints import SHAPES, SPECIAL, build_reference, save_checkpoint
 
 MM = 4
+
+
+@pytest.fixture(params=["eager", "compiled"])
+def decode_mode(request, monkeypatch):
+    """Every Generator built in the test decodes eagerly or with the compiled step."""
+    if request.param == "eager":
+        yield request.param
+        return
+    import torch._dynamo
+
+    built = []
+    runs = _GRAPH_RUNS[0]
+    init = model.Generator.__init__
+
+    def compiled_init(self, *args, **kwargs):
+        init(self, *args, **dict(kwargs, compile=True, compile_options={"backend": _run_as_captured}))
+        built.append(self)
+
+    monkeypatch.setattr(model.Generator, "__init__", compiled_init)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield request.param
+    assert built and all(g.compile_fallback is None for g in built), "the compiled step fell back to eager"
+    assert _GRAPH_RUNS[0] > runs, "no step ran through a captured graph"
+
+
+_GRAPH_RUNS = [0]
+
+
+def _run_as_captured(graph, example_inputs):
+    """A dynamo backend that runs the captured graph as is, counting its runs."""
+    def run(*args):
+        _GRAPH_RUNS[0] += 1
+        return graph.forward(*args)
+
+    return run
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
@@ -56,7 +98,7 @@ def reference_tokens(ref, req: model.Request, **kwargs):
     return out
 
 
-def test_greedy_equals_reference_text_and_images(pair):
+def test_greedy_equals_reference_text_and_images(decode_mode, pair):
     ref, ours = pair
     params = model.GenerationParams(max_new_tokens=24)
     reqs = [model.Request(ids, params=params) for ids in prompts([3, 29, 8, 15, 1, 22, 11])]
@@ -93,7 +135,7 @@ def test_decode_attention_in_length_groups_equals_reference(pair, monkeypatch):
 
 
 @pytest.mark.parametrize("beams, penalty", [(2, 1.0), (3, 0.6), (4, 2.0)])
-def test_beam_search_equals_reference(tiny, beams, penalty):
+def test_beam_search_equals_reference(decode_mode, tiny, beams, penalty):
     ref, ours = tiny
     params = model.GenerationParams(max_new_tokens=10, num_beams=beams, length_penalty=penalty)
     reqs = [model.Request(ids, params=params) for ids in prompts([5, 13, 9, 2], seed=beams)]
@@ -101,7 +143,7 @@ def test_beam_search_equals_reference(tiny, beams, penalty):
         assert res.token_ids == reference_tokens(ref, req)
 
 
-def test_stop_rules_eos_list_min_and_max(tiny):
+def test_stop_rules_eos_list_min_and_max(decode_mode, tiny):
     ref, ours = tiny
     ids = prompts([9], seed=4)[0]
     free = model.Generator(ours).generate([model.Request(ids, params=model.GenerationParams(max_new_tokens=12))])[0]
@@ -124,7 +166,7 @@ def test_stop_rules_eos_list_min_and_max(tiny):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_batch_invariance(tiny, data):
+def test_batch_invariance(decode_mode, tiny, data):
     """A request's greedy tokens alone == its tokens in any batch, in any order, under any budget."""
     _, ours = tiny
     pool = prompts([1, 4, 7, 12, 19, 26, 33, 3], seed=9)
@@ -139,7 +181,7 @@ def test_batch_invariance(tiny, data):
         assert (res.token_ids, res.finish_reason) == (alone.token_ids, alone.finish_reason)
 
 
-def test_sampling_reproducible_per_seed_across_batches(tiny):
+def test_sampling_reproducible_per_seed_across_batches(decode_mode, tiny):
     _, ours = tiny
     pool = prompts([6, 14, 3, 21, 9], seed=5)
     sample = model.GenerationParams(max_new_tokens=16, temperature=1.3, top_k=50, top_p=0.95, seed=1234)
@@ -160,7 +202,7 @@ def test_sampling_reproducible_per_seed_across_batches(tiny):
     assert model.Generator(ours).generate([k1])[0].token_ids == res_greedy.token_ids
 
 
-def test_sampling_follows_the_distribution(tiny):
+def test_sampling_follows_the_distribution(decode_mode, tiny):
     """Hash-noise Gumbel-max draws first tokens with the model's softmax probabilities."""
     _, ours = tiny
     ids = prompts([7], seed=8)[0]
@@ -176,7 +218,7 @@ def test_sampling_follows_the_distribution(tiny):
         assert abs(freq - probs[tok].item()) < 4 * (probs[tok].item() / 600) ** 0.5 + 0.01
 
 
-def test_out_of_memory_splits_and_isolates(tiny, monkeypatch):
+def test_out_of_memory_splits_and_isolates(decode_mode, tiny, monkeypatch):
     _, ours = tiny
     reqs = [model.Request(p, params=model.GenerationParams(max_new_tokens=6)) for p in prompts([4, 9, 13, 2, 7, 11])]
     expected = model.Generator(ours).generate(reqs)
@@ -214,3 +256,26 @@ def test_invalid_requests_become_error_results(tiny):
         model.GenerationParams(max_new_tokens=3, min_new_tokens=5)
     with pytest.raises(ValueError, match="beam search with sampling"):
         model.GenerationParams(num_beams=2, temperature=0.5)
+
+
+def test_plan_returns_micro_batches_with_their_shapes(tiny):
+    _, ours = tiny
+    lengths = [3, 5, 9, 12, 20, 30, 31, 70]
+    reqs = [model.Request(p, params=model.GenerationParams(max_new_tokens=5 + i)) for i, p in enumerate(prompts(lengths))]
+    reqs.append(model.Request(prompts([4])[0], params=model.GenerationParams(max_new_tokens=7, num_beams=3)))
+    order = sorted(range(len(reqs)), key=lambda i: (reqs[i].params.num_beams, len(reqs[i].input_ids)))
+    plan = model.Generator(ours, max_batch_tokens=100).plan(reqs, order)
+    assert [i for b in plan for i in b.requests] == order  # every request once, in order
+    for batch in plan:
+        members = [reqs[i] for i in batch.requests]
+        assert {r.params.num_beams for r in members} == {batch.beams}
+        assert batch.rows == len(members) * batch.beams
+        assert batch.encoder_length == max(len(r.input_ids) for r in members)
+        assert batch.rows * batch.encoder_length <= 100 or len(members) == 1
+        assert batch.steps == max(r.params.max_new_tokens for r in members)
+    assert plan[-1].beams == 3 and plan[-1].rows == 3
+    # Compiled, the sampling micro-batches run at bucketed shapes: a handful of graphs per job.
+    compiled = model.Generator(ours, max_batch_tokens=100, compile=True, compile_options={"backend": "eager"})
+    for batch in compiled.plan(reqs, order)[:-1]:
+        assert batch.rows in model.generate.ROW_BUCKETS
+        assert batch.encoder_length % 64 == 0 and batch.steps % 32 == 0

@@ -1,0 +1,166 @@
+"""`make bench-gpu`: the one-shot device check of the decode engine against transformers.
+
+For each workload (270m summarize, translate and caption by default) it builds random weights at
+the real shape, runs our Generator and transformers' generate() (its best batching: sorted by
+length, the largest batch that fits) on the same requests in the same process, and prints
+
+    our output tokens/s and HF's, and the ratio
+    the share of greedy rows whose tokens equal HF's (in bfloat16 on a GPU, where the two
+      implementations round differently, so this is a health figure, not a parity test)
+    peak device memory
+    kernels per decode step (torch.profiler: the kernel count of a run with more steps minus
+      one with fewer, divided by the extra steps), and on CUDA the launches per step
+      (cudaLaunchKernel + cudaGraphLaunch: a replayed CUDA graph is one launch)
+    whether our compiled step fell back to eager, and why
+
+It needs only torch and transformers (plus what they import) and the project's model/ and
+jobs/bench.py: no network (the weights are random, the "checkpoint" HF reads is written
+locally by our save_pretrained), no Ray, no package index, so it runs on a bare GPU box.
+Sized to finish in a few minutes on one H100 (compiles included). On CPU it runs too (the
+test runs it on the tiny shape so that it cannot rot), but the numbers mean little there.
+
+Not here: the general benchmark with its options (jobs/bench.py), correctness (tests/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+
+import torch
+
+import model
+from jobs.bench import SHAPES, WORKLOADS, make_requests, peak_memory_gb, run_hf, shape_config, sync
+
+# workload -> rows on a GPU (caption is bound by the 896 px vision tower: fewer rows)
+GPU_ROWS = {"summarize": 512, "translate": 512, "caption": 128}
+
+
+def kernels_per_step(m, requests, device, compile) -> tuple[float, float]:
+    """(kernels, launches) per decode step: profile 4 rows at two lengths, divide the difference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def count(new_tokens: int) -> tuple[int, int]:
+        params = model.GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        reqs = [model.Request(r.input_ids, r.pixel_values, params) for r in requests[:4]]
+        gen = model.Generator(m, device=device, compile=compile)
+        gen.generate(reqs)  # compiles / captures outside the profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            gen.generate(reqs)
+            sync(device)
+        events = prof.events()
+        if device.type == "cuda":
+            kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+            launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cudaGraphLaunch", "cuLaunchKernel"))
+        else:  # CPU: top-level ATen calls are the kernels
+            kernels = launches = sum(1 for e in events if e.cpu_parent is None and e.name.startswith("aten::"))
+        return kernels, launches
+
+    few, many = 8, 24
+    k1, l1 = count(few)
+    k2, l2 = count(many)
+    return (k2 - k1) / (many - few), (l2 - l1) / (many - few)
+
+
+def build(args, device: torch.device, ref_cls):
+    """Random weights at the shape, and transformers' model from the same weights (written and
+    read locally: no network)."""
+    cfg = shape_config(args.shape)
+    m = model.random_model(cfg, seed=args.seed, dtype=args.dtype, device=device)
+    with tempfile.TemporaryDirectory() as scratch:
+        model.save_pretrained(m, scratch)
+        ref = ref_cls.from_pretrained(scratch, dtype=model.weights.resolve_dtype(args.dtype),
+                                      attn_implementation="sdpa").to(device).eval()
+    return cfg, m, ref
+
+
+def run_workload(workload: str, args, device: torch.device, cfg, m, ref) -> dict:
+    on_gpu = device.type == "cuda"
+    rows = args.rows or (GPU_ROWS[workload] if on_gpu else 8)
+    scale = args.scale if args.scale is not None else (1.0 if on_gpu else 0.1)
+    requests = make_requests(cfg, workload, rows, scale, args.seed)
+    budget = args.max_batch_tokens or (262_144 if on_gpu else 65_536)
+    compile = {"auto": None, "on": True, "off": False}[args.compile]
+
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    gen = model.Generator(m, max_batch_tokens=budget, device=device, compile=compile)
+    sync(device)
+    start = time.perf_counter()
+    gen.generate(requests)  # the first run compiles and captures: timed apart
+    sync(device)
+    first = time.perf_counter() - start
+    best = math.inf
+    ours = None
+    for _ in range(args.repeats):
+        gen = model.Generator(m, max_batch_tokens=budget, device=device, compile=compile)
+        sync(device)
+        start = time.perf_counter()
+        ours = [r.token_ids for r in gen.generate(requests)]
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    peak_ours = peak_memory_gb(device)
+
+    run_hf(ref, requests[:4], 4, device, cfg.pad_token_id, list(cfg.eos_token_ids))  # warm-up
+    hf_best, hf = math.inf, None
+    for _ in range(args.hf_repeats):
+        seconds, hf, hf_batch, _ = run_hf(ref, requests, args.hf_batch, device, cfg.pad_token_id,
+                                          list(cfg.eos_token_ids))
+        hf_best = min(hf_best, seconds)
+    kernels, launches = kernels_per_step(m, requests, device, compile)
+    out_tokens = sum(len(t) for t in ours)
+    hf_tokens = sum(len(t) for t in hf)
+    return dict(
+        workload=workload, rows=rows, new_tokens=requests[0].params.max_new_tokens,
+        ours_tps=out_tokens / best, hf_tps=hf_tokens / hf_best, hf_batch=hf_batch,
+        same=sum(a == b for a, b in zip(ours, hf)), first_s=first, best_s=best, peak_gb=peak_ours,
+        kernels=kernels, launches=launches, compiled=gen.stats.compiled, fallback=gen.stats.compile_fallback,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench-gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="270m")
+    parser.add_argument("--workloads", default="summarize,translate,caption",
+                        help=f"comma-separated, from {sorted(WORKLOADS)}")
+    parser.add_argument("--rows", type=int, default=None, help=f"rows per workload (GPU default {GPU_ROWS}, CPU 8)")
+    parser.add_argument("--scale", type=float, default=None, help="input lengths and new tokens (GPU 1, CPU 0.1)")
+    parser.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument("--hf-batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2, help="our timed runs after the first (best kept)")
+    parser.add_argument("--hf-repeats", type=int, default=1, help="HF's timed runs after a warm-up (best kept)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    try:
+        from transformers import T5Gemma2ForConditionalGeneration  # the yardstick only
+    except ImportError:
+        parser.error("bench-gpu compares with transformers: install it (pip install transformers)")
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"bench-gpu: shape={args.shape} dtype={args.dtype} device={name} torch={torch.__version__} "
+          f"date={time.strftime('%Y-%m-%d')}")
+    start = time.perf_counter()
+    cfg, m, ref = build(args, device, T5Gemma2ForConditionalGeneration)
+    print(f"bench-gpu: weights ready in {time.perf_counter() - start:.0f} s", flush=True)
+    for workload in args.workloads.split(","):
+        r = run_workload(workload.strip(), args, device, cfg, m, ref)
+        print(f"{r['workload']:<10} rows {r['rows']:4d} x {r['new_tokens']:3d} new  "
+              f"ours {r['ours_tps']:10.1f} tok/s  hf {r['hf_tps']:10.1f} tok/s (batch {r['hf_batch']})  "
+              f"ratio {r['ours_tps'] / r['hf_tps']:6.2f}x  same greedy rows {r['same']}/{r['rows']}  "
+              f"peak {r['peak_gb']:.2f} GiB  kernels/step {r['kernels']:.0f}  launches/step {r['launches']:.0f}  "
+              f"first run {r['first_s']:.1f} s  best {r['best_s']:.2f} s  "
+              f"compiled {'yes' if r['compiled'] else 'no'}  fallback {r['fallback'] or 'none'}", flush=True)
+    print(f"bench-gpu: done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""The compiled decode step: one graph for all steps of a micro-batch, shared by micro-batches of
+one bucket, the same tokens as eager decoding, and a fallback to eager when compiling fails.
+
+Kept few and small: a real (inductor) compile takes tens of seconds on a 2-core machine, so only
+one test pays for it; the others trace with dynamo and run the captured graph as is
+(torch._dynamo.testing.CompileCounter), which is what recompilation is about.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounter
+
+import model
+from helpers.checkpoints import SHAPES, SPECIAL, build_reference, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    ref = build_reference(SHAPES["A"], seed=42)
+    return model.load_pretrained(save_checkpoint(ref, tmp_path_factory.mktemp("tiny")))
+
+
+def prompts(lengths, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, 512, (n,), generator=gen).tolist() for n in lengths]
+
+
+def fixed_length(ids, n):
+    """Requests that generate exactly n tokens each (EOS banned until then): no row leaves early."""
+    params = model.GenerationParams(max_new_tokens=n, min_new_tokens=n)
+    return [model.Request(p, params=params) for p in ids]
+
+
+def tokens(results):
+    return [(r.token_ids, r.finish_reason) for r in results]
+
+
+def test_one_graph_for_every_step_and_for_micro_batches_of_one_bucket(tiny):
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    gen = model.Generator(tiny, compile=True, compile_options={"backend": counter})
+    first = fixed_length(prompts([5, 9, 20], seed=1), 20)  # 3 rows -> bucket 4, widths -> 64, steps -> 32
+    got = gen.generate(first)
+    assert counter.frame_count == 1, "recompiled across the steps of one micro-batch"
+    assert gen.compile_fallback is None
+    assert tokens(got) == tokens(model.Generator(tiny).generate(first))
+    # Another micro-batch of the same bucket: other rows, lengths and max_new_tokens, same graph.
+    second = fixed_length(prompts([7, 30, 12, 44], seed=2), 28)
+    got = gen.generate(second)
+    assert counter.frame_count == 1, "recompiled for a micro-batch of the same bucket"
+    assert tokens(got) == tokens(model.Generator(tiny).generate(second))
+
+
+def test_rows_leaving_shrink_to_smaller_buckets_with_few_graphs(tiny):
+    """Rows finishing at different steps leave the batch bucket by bucket; results stay eager's."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    ids = prompts([3, 8, 5, 12, 6, 9, 4, 10, 7], seed=3)  # 9 rows -> bucket 16
+    reqs = [model.Request(p, params=model.GenerationParams(max_new_tokens=4 + 5 * i, min_new_tokens=4 + 5 * i))
+            for i, p in enumerate(ids)]
+    gen = model.Generator(tiny, compile=True, compile_options={"backend": counter}, check_every=4)
+    got = gen.generate(reqs)
+    assert tokens(got) == tokens(model.Generator(tiny).generate(reqs))
+    assert [len(r.token_ids) for r in got] == [4 + 5 * i for i in range(9)]
+    assert gen.stats.decode_row_steps < 16 * 44, "rows never left the batch"
+    assert counter.frame_count <= 3  # buckets 16 -> 8 -> 4 -> 2 -> 1: dynamo turns the row count dynamic
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(tiny):
+    torch._dynamo.reset()
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no compiler here (injected)")
+
+    reqs = fixed_length(prompts([4, 11], seed=4), 6)
+    gen = model.Generator(tiny, compile=True, compile_options={"backend": broken})
+    with pytest.warns(RuntimeWarning, match="decoding eagerly") as caught:
+        got = gen.generate(reqs) + gen.generate(reqs)
+    assert len([w for w in caught if "decoding eagerly" in str(w.message)]) == 1
+    assert "injected" in gen.compile_fallback
+    assert tokens(got) == tokens(model.Generator(tiny).generate(reqs)) * 2
+
+
+def test_inductor_step_gives_eager_and_reference_tokens(tmp_path):
+    """The real compiler (inductor, C++ on CPU) on the soft-capped shape: greedy and beam rows equal
+    transformers', sampled rows equal eager decoding's, EOS rules included."""
+    torch._dynamo.reset()
+    ref = build_reference(SHAPES["B"], seed=7)
+    ours = model.load_pretrained(save_checkpoint(ref, tmp_path))
+    ids = prompts([6, 17, 3, 11], seed=5)
+    params = [model.GenerationParams(max_new_tokens=10),
+              model.GenerationParams(max_new_tokens=14, min_new_tokens=9),
+              model.GenerationParams(max_new_tokens=12, temperature=0.8, top_k=30, top_p=0.9, seed=3),
+              model.GenerationParams(max_new_tokens=9, temperature=1.2, seed=4)]
+    reqs = [model.Request(p, params=q) for p, q in zip(ids, params)]
+    gen = model.Generator(ours, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback would hide what this test is for
+        got = gen.generate(reqs)
+    assert gen.compile_fallback is None
+    assert tokens(got) == tokens(model.Generator(ours).generate(reqs))
+    for req, res in zip(reqs[:2], got[:2]):
+        p = req.params
+        out = ref.generate(input_ids=torch.tensor([req.input_ids]), attention_mask=torch.ones(1, len(req.input_ids)),
+                           max_new_tokens=p.max_new_tokens, min_new_tokens=p.min_new_tokens, do_sample=False,
+                           num_beams=1, eos_token_id=[SPECIAL["eos"]])[0, 1:].tolist()
+        want = out[: out.index(SPECIAL["eos"]) + 1] if SPECIAL["eos"] in out else out
+        assert res.token_ids == want
+    # Beam search: its step compiled too (the cache reorder stays eager: see generate._beam_step).
+    beam = model.GenerationParams(max_new_tokens=8, num_beams=3, length_penalty=0.6)
+    reqs = [model.Request(p, params=beam) for p in prompts([5, 13, 2], seed=6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = model.Generator(ours, compile=True).generate(reqs)
+    for req, res in zip(reqs, got):
+        out = ref.generate(input_ids=torch.tensor([req.input_ids]), attention_mask=torch.ones(1, len(req.input_ids)),
+                           max_new_tokens=8, do_sample=False, num_beams=3, length_penalty=0.6,
+                           eos_token_id=[SPECIAL["eos"]])[0, 1:].tolist()
+        want = out[: out.index(SPECIAL["eos"]) + 1] if SPECIAL["eos"] in out else out
+        assert res.token_ids == want
