@@ -10,11 +10,11 @@ Not here: rows, columns, Ray or storage of outputs (operators/, pipeline/).
 """
 
 from .config import ConfigError, T5Gemma2Config
-from .source import CheckpointError, CheckpointSource
-from .t5gemma2 import T5Gemma2
 from .generate import GenerationParams, Generator, Request, Result
 from .images import ImageError, ImageProcessor
 from .inspect import CheckpointSummary, inspect_checkpoint
+from .source import CheckpointError, CheckpointSource
+from .t5gemma2 import T5Gemma2
 from .tokenizer import PromptError, Tokenizer
 from .weights import load_config, load_pretrained, random_model, save_pretrained
 

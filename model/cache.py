@@ -32,7 +32,7 @@ Not here: the decoding loop (generate.py), the layer math (layers.py, t5gemma2.p
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 

@@ -171,7 +171,7 @@ class T5Gemma2Config:
     # ---- parsing -----------------------------------------------------------------------------
 
     @classmethod
-    def from_json_text(cls, text: str | bytes, where: str = "config.json") -> "T5Gemma2Config":
+    def from_json_text(cls, text: str | bytes, where: str = "config.json") -> T5Gemma2Config:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -181,7 +181,7 @@ class T5Gemma2Config:
         return cls.from_dict(raw, where=where)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "config.json") -> "T5Gemma2Config":
+    def from_dict(cls, raw: dict[str, Any], where: str = "config.json") -> T5Gemma2Config:
         architectures = raw.get("architectures") or []
         model_type = raw.get("model_type")
         if model_type != MODEL_TYPE and ARCHITECTURE not in architectures:
@@ -360,7 +360,8 @@ def _text_to_hf(cfg: TextConfig, model_type: str, ids: dict) -> dict:
         "layer_types": list(cfg.layer_types),
         "sliding_window": cfg.sliding_window,
         "rope_parameters": {
-            kind: {"rope_type": r.scaling, "rope_theta": r.theta, **({"factor": r.factor} if r.scaling == "linear" else {})}
+            kind: {"rope_type": r.scaling, "rope_theta": r.theta,
+                   **({"factor": r.factor} if r.scaling == "linear" else {})}
             for kind, r in cfg.rope.items()
         },
         "query_pre_attn_scalar": int(cfg.query_pre_attn_scalar) if float(cfg.query_pre_attn_scalar).is_integer()

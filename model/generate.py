@@ -219,7 +219,8 @@ class Generator:
             beams = req.params.num_beams
             length = len(req.input_ids)
             same_kind = not current or _kind(requests[current[0]]) == _kind(req)
-            fits = (rows + beams) * max(longest, length) <= self.max_batch_tokens and rows + beams <= self.max_batch_size
+            fits = ((rows + beams) * max(longest, length) <= self.max_batch_tokens
+                    and rows + beams <= self.max_batch_size)
             if current and (not same_kind or not fits):
                 batches.append(self._micro_batch(requests, current))
                 current, rows, longest = [], 0, 0
@@ -387,7 +388,8 @@ class Generator:
             kept = set(keep)
             leaving = [i for i in range(len(done)) if i not in kept and alive[i] >= 0]
             if leaving:
-                saved[torch.tensor([alive[i] for i in leaving], device=dev)] = rows.out[torch.tensor(leaving, device=dev)]
+                into = torch.tensor([alive[i] for i in leaving], device=dev)
+                saved[into] = rows.out[torch.tensor(leaving, device=dev)]
             index = torch.tensor(keep, device=dev)
             cache.keep(keep, multiple=WIDTH_MULTIPLE if self.compile else 1)
             rows.keep(index)
@@ -473,7 +475,7 @@ class _Beams:
     source_rows: torch.Tensor  # [R * K] long: cache row each beam continues after the last step
 
     @classmethod
-    def start(cls, reqs: list[Request], K: int, steps: int, eos_lists: list[list[int]], cfg, device) -> "_Beams":
+    def start(cls, reqs: list[Request], K: int, steps: int, eos_lists: list[list[int]], cfg, device) -> _Beams:
         R = len(reqs)
         eos = torch.tensor(eos_lists, device=device)
         keep_k = max(2, 1 + eos.shape[1]) * K
@@ -573,7 +575,7 @@ def _pad_batch(memory: torch.Tensor, mask: torch.Tensor, rows: int) -> tuple[tor
     return memory, mask, rows - real
 
 
-def _mark_static(cache: DecoderCache, rows: "_Rows") -> None:
+def _mark_static(cache: DecoderCache, rows: _Rows) -> None:
     """CUDA graphs: the tensors a step writes in place keep their addresses across replays, so they
     are marked static (not copied into the graph's own buffers, which would lose the writes' point).
     guard=False: a new micro-batch's buffers do not force a recompile, only a new recording."""
@@ -595,7 +597,7 @@ class _Rows:
     eos: torch.Tensor  # [B, E] long: EOS ids (repeats pad short lists)
 
     @classmethod
-    def start(cls, reqs: list[Request], rows: int, steps: int, eos: list[list[int]], bos: int, device) -> "_Rows":
+    def start(cls, reqs: list[Request], rows: int, steps: int, eos: list[list[int]], bos: int, device) -> _Rows:
         pad = rows - len(reqs)  # padding rows: done from the start, limit 1, any EOS list
         return cls(
             tokens=torch.full((rows,), bos, dtype=torch.long, device=device),
@@ -611,7 +613,7 @@ class _Rows:
             setattr(self, name, getattr(self, name).index_select(0, index))
 
 
-def _sampling_step(model: T5Gemma2, cache: DecoderCache, rows: _Rows, sampler: "_Sampler") -> None:
+def _sampling_step(model: T5Gemma2, cache: DecoderCache, rows: _Rows, sampler: _Sampler) -> None:
     """One decode step of every present row, in place, on the device, with no read back:
     embed -> decoder layers -> final norm -> LM head -> EOS ban -> token choice -> flags.
 

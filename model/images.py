@@ -177,7 +177,7 @@ class ImageProcessor:
         self._std = np.asarray(c.image_std, dtype=np.float32)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], **overrides) -> "ImageProcessor":
+    def from_dict(cls, raw: dict[str, Any], **overrides) -> ImageProcessor:
         """From a preprocessor_config.json dict; `overrides` set ImageProcessorConfig fields."""
         return cls(config_from_dict(raw, **overrides))
 
@@ -187,7 +187,7 @@ class ImageProcessor:
         source: str | os.PathLike | CheckpointSource,
         storage_options: dict | None = None,
         **overrides,
-    ) -> "ImageProcessor":
+    ) -> ImageProcessor:
         """From the checkpoint's preprocessor_config.json; when the file is absent, Gemma 3's defaults
         at the side the checkpoint's vision tower takes (config.json), or 896 without a config."""
         src = source if isinstance(source, CheckpointSource) else CheckpointSource.open(source, storage_options)

@@ -18,7 +18,7 @@ Not here: how layers are stacked (t5gemma2.py), caches and the per-step attentio
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -158,7 +158,8 @@ def padded_widths(mask: torch.Tensor) -> list[int]:
     return (torch.arange(1, mask.shape[1] + 1, device=mask.device) * mask).amax(1).tolist()
 
 
-def length_groups(widths: list[int], row_cost: Callable[[int], int], waste: float, min_cost: int) -> list[tuple[int, int, int]]:
+def length_groups(widths: list[int], row_cost: Callable[[int], int], waste: float,
+                  min_cost: int) -> list[tuple[int, int, int]]:
     """Cut consecutive rows into groups padded to their own widest row: [(first row, end row, width)].
 
     `widths[i]` is the padded width row i needs and `row_cost(w)` what one row costs at width w
@@ -211,7 +212,8 @@ class AttentionProjections(nn.Module):
         return apply_rotary(qk, cos, sin), qkv[:, :, split:]
 
     def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder output [B, S, H] -> k, v [B, Hkv, S, D]: k normed, not rotated (encoder keys have no position here)."""
+        """Encoder output [B, S, H] -> k, v [B, Hkv, S, D]: k normed, not rotated (encoder keys have no
+        position here)."""
         batch, steps, _ = memory.shape
         q_width = self.num_heads * self.head_dim
         kv = F.linear(memory, self.qkv_proj.weight[q_width:]).view(batch, steps, 2 * self.num_kv_heads, self.head_dim)

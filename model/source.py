@@ -37,7 +37,7 @@ class CheckpointSource:
     _listing: list[str] | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, source: str | os.PathLike, storage_options: dict | None = None) -> "CheckpointSource":
+    def open(cls, source: str | os.PathLike, storage_options: dict | None = None) -> CheckpointSource:
         """Resolve `source` (local dir, fsspec URI of a dir, or hub id) to a readable directory."""
         text = os.fspath(source)
         if "://" in text:
@@ -63,7 +63,7 @@ class CheckpointSource:
         )
 
     @classmethod
-    def _from_hub(cls, repo_id: str) -> "CheckpointSource":
+    def _from_hub(cls, repo_id: str) -> CheckpointSource:
         # Only the file kinds we can use are fetched: safetensors, never pickles or remote code.
         try:
             import huggingface_hub

@@ -17,7 +17,7 @@ Not here: loading weights (weights.py), caches and decoding loops (cache.py, gen
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,11 +28,11 @@ from .config import T5Gemma2Config, TextConfig
 from .layers import (
     AttentionProjections,
     GeGLU,
+    LocalAttention,
     RMSNorm,
     Rotary,
     attention,
     decoder_self_masks,
-    LocalAttention,
     key_padding_mask,
     length_groups,
     padded_widths,
@@ -205,7 +205,8 @@ class TextStack(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_types)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = nn.ModuleDict({kind: Rotary(cfg.head_dim, cfg.rope[kind]) for kind in sorted(set(cfg.layer_types))})
+        kinds = sorted(set(cfg.layer_types))
+        self.rotary = nn.ModuleDict({kind: Rotary(cfg.head_dim, cfg.rope[kind]) for kind in kinds})
 
     def angles(self, positions: torch.Tensor, dtype: torch.dtype) -> dict:
         return {kind: rot.cos_sin(positions, dtype) for kind, rot in self.rotary.items()}
@@ -352,5 +353,5 @@ class T5Gemma2(nn.Module):
         """
         device = self.embed_tokens.weight.device
         for stack in (self.encoder, self.decoder):
-            for kind, rot in stack.rotary.items():
+            for kind in list(stack.rotary):
                 stack.rotary[kind] = Rotary(stack.cfg.head_dim, stack.cfg.rope[kind]).to(device)

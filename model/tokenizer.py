@@ -34,8 +34,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import sentencepiece
 
@@ -185,7 +186,7 @@ class Tokenizer:
     @classmethod
     def from_pretrained(
         cls, source: str | os.PathLike | CheckpointSource, storage_options: dict | None = None
-    ) -> "Tokenizer":
+    ) -> Tokenizer:
         """From a checkpoint (local dir, fsspec URI or hub id): tokenizer.model and config.json."""
         src = source if isinstance(source, CheckpointSource) else CheckpointSource.open(source, storage_options)
         if not src.exists(TOKENIZER_FILE):

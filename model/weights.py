@@ -207,7 +207,8 @@ def checkpoint_key(name: str) -> str:
         (r"^vision_tower\.layers\.(\d+)\.([qkv]_proj|out_proj)\.(.+)$",
          r"model.encoder.vision_tower.encoder.layers.\1.self_attn.\2.\3"),
         (r"^vision_tower\.layers\.(\d+)\.(fc[12])\.(.+)$", r"model.encoder.vision_tower.encoder.layers.\1.mlp.\2.\3"),
-        (r"^vision_tower\.layers\.(\d+)\.(layer_norm[12])\.(.+)$", r"model.encoder.vision_tower.encoder.layers.\1.\2.\3"),
+        (r"^vision_tower\.layers\.(\d+)\.(layer_norm[12])\.(.+)$",
+         r"model.encoder.vision_tower.encoder.layers.\1.\2.\3"),
         (r"^vision_tower\.post_layernorm\.(.+)$", r"model.encoder.vision_tower.post_layernorm.\1"),
         (r"^projector\.(.+)$", r"model.encoder.multi_modal_projector.\1"),
     ]

@@ -64,7 +64,8 @@ def test_bfloat16_logits_as_close_to_float32_as_transformers_own(trio, images_pe
         theirs_dev = reduce((theirs - exact).abs()).item()
         ours_dev = reduce((ours - exact).abs()).item()
         limit = RATIO[reduce.__name__]
-        assert ours_dev <= limit * theirs_dev, f"{reduce.__name__}: ours {ours_dev:.4g} vs transformers {theirs_dev:.4g}"
+        assert ours_dev <= limit * theirs_dev, (f"{reduce.__name__}: ours {ours_dev:.4g} vs transformers "
+                                                f"{theirs_dev:.4g}")
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])

@@ -261,7 +261,8 @@ def test_invalid_requests_become_error_results(tiny):
 def test_plan_returns_micro_batches_with_their_shapes(tiny):
     _, ours = tiny
     lengths = [3, 5, 9, 12, 20, 30, 31, 70]
-    reqs = [model.Request(p, params=model.GenerationParams(max_new_tokens=5 + i)) for i, p in enumerate(prompts(lengths))]
+    reqs = [model.Request(p, params=model.GenerationParams(max_new_tokens=5 + i))
+            for i, p in enumerate(prompts(lengths))]
     reqs.append(model.Request(prompts([4])[0], params=model.GenerationParams(max_new_tokens=7, num_beams=3)))
     order = sorted(range(len(reqs)), key=lambda i: (reqs[i].params.num_beams, len(reqs[i].input_ids)))
     plan = model.Generator(ours, max_batch_tokens=100).plan(reqs, order)

@@ -176,7 +176,8 @@ def test_config_fields_parsed(pair):
     assert cfg.decoder.num_kv_heads == hf.decoder.num_key_value_heads
     assert cfg.mm_tokens_per_image == MM
     assert cfg.eos_token_ids == (SPECIAL["eos"],)
-    assert (cfg.boi_token_id, cfg.eoi_token_id, cfg.image_token_id) == (SPECIAL["boi"], SPECIAL["eoi"], SPECIAL["image"])
+    ids = (cfg.boi_token_id, cfg.eoi_token_id, cfg.image_token_id)
+    assert ids == (SPECIAL["boi"], SPECIAL["eoi"], SPECIAL["image"])
     if name == "B":
         assert cfg.decoder.final_logit_softcapping == 3.0
         assert cfg.decoder.rope["full_attention"].scaling == "linear"

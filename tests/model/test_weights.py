@@ -103,7 +103,8 @@ def test_missing_tensor_is_named(checkpoint, tmp_path):
 
 
 def test_unexpected_tensor_is_named(checkpoint, tmp_path):
-    bad = copy_checkpoint(checkpoint, tmp_path / "bad", lambda t: t.update({"model.encoder.extra.weight": torch.ones(3)}))
+    bad = copy_checkpoint(checkpoint, tmp_path / "bad",
+                          lambda t: t.update({"model.encoder.extra.weight": torch.ones(3)}))
     with pytest.raises(model.CheckpointError, match=r"unexpected tensors: model\.encoder\.extra\.weight"):
         model.load_pretrained(bad)
 
@@ -149,7 +150,8 @@ def test_malformed_config_json(checkpoint, tmp_path, text, message):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda c: c["decoder"].update(hidden_activation="relu"), r"decoder\.hidden_activation 'relu' is not supported"),
+        (lambda c: c["decoder"].update(hidden_activation="relu"),
+         r"decoder\.hidden_activation 'relu' is not supported"),
         (lambda c: c["decoder"].update(attn_logit_softcapping=50.0), r"decoder\.attn_logit_softcapping"),
         (lambda c: c["decoder"].update(num_key_value_heads=3), r"must be a multiple of num_key_value_heads"),
         (lambda c: c["encoder"]["text_config"].update(layer_types=["sliding_attention"]), r"layer_types has 1 entries"),
@@ -183,7 +185,8 @@ def test_missing_directory_and_hub_id_offline(tmp_path):
     with pytest.raises(model.CheckpointError, match="not found"):
         model.load_pretrained(tmp_path / "nope")
     # This machine cannot reach the hub: the id must fail fast, saying what to do instead.
-    with pytest.raises(model.CheckpointError, match=r"(?s)cannot fetch hub checkpoint 'google/t5gemma-2-270m-270m'.*offline"):
+    with pytest.raises(model.CheckpointError,
+                       match=r"(?s)cannot fetch hub checkpoint 'google/t5gemma-2-270m-270m'.*offline"):
         model.load_pretrained("google/t5gemma-2-270m-270m")
 
 
