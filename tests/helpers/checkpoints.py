@@ -81,3 +81,17 @@ def save_checkpoint(ref_model, directory: Path, max_shard_size: str | None = Non
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     ref_model.save_pretrained(directory, **kwargs)
     return directory
+
+
+def random_prompts(lengths, seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of the given lengths (ids 10..511, clear of the special ids), reproducible."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, 512, (n,), generator=gen).tolist() for n in lengths]
+
+
+def tiny_pair(directory: Path):
+    """(transformers reference, our model loaded from its saved checkpoint) at shape A, seed 42."""
+    import model
+
+    ref = build_reference(SHAPES["A"], seed=42)
+    return ref, model.load_pretrained(save_checkpoint(ref, directory))

@@ -16,18 +16,15 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounter
 
 import model
-from helpers.checkpoints import SHAPES, SPECIAL, build_reference, save_checkpoint
+from helpers.checkpoints import SHAPES, SPECIAL, build_reference, random_prompts, save_checkpoint, tiny_pair
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    ref = build_reference(SHAPES["A"], seed=42)
-    return model.load_pretrained(save_checkpoint(ref, tmp_path_factory.mktemp("tiny")))
+    return tiny_pair(tmp_path_factory.mktemp("tiny"))[1]
 
 
-def prompts(lengths, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 512, (n,), generator=gen).tolist() for n in lengths]
+prompts = random_prompts
 
 
 def fixed_length(ids, n):

@@ -12,18 +12,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model
-from helpers.checkpoints import SHAPES, SPECIAL, build_reference, save_checkpoint
+from helpers.checkpoints import SPECIAL, random_prompts, tiny_pair
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    ref = build_reference(SHAPES["A"], seed=42)
-    return model.load_pretrained(save_checkpoint(ref, tmp_path_factory.mktemp("tiny")))
+    return tiny_pair(tmp_path_factory.mktemp("tiny"))[1]
 
 
-def prompts(lengths, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 512, (n,), generator=gen).tolist() for n in lengths]
+prompts = random_prompts
 
 
 # Ops whose result the host must wait for (dispatch level: item/bool/int all land on _local_scalar_dense).

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import model
-from helpers.checkpoints import SHAPES, SPECIAL, build_reference, save_checkpoint
+from helpers.checkpoints import SHAPES, SPECIAL, build_reference, random_prompts, save_checkpoint, tiny_pair
 
 MM = 4
 
@@ -65,13 +65,10 @@ def pair(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    ref = build_reference(SHAPES["A"], seed=42)
-    return ref, model.load_pretrained(save_checkpoint(ref, tmp_path_factory.mktemp("tiny")))
+    return tiny_pair(tmp_path_factory.mktemp("tiny"))
 
 
-def prompts(lengths, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, 512, (n,), generator=gen).tolist() for n in lengths]
+prompts = random_prompts
 
 
 def image_request(n_text, n_images, seed, params):
