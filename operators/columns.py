@@ -56,6 +56,13 @@ ID_ERROR_MESSAGE = "__id_error_message"
 INTERNAL_PREFIX = "__"
 
 
+def require(batch: pa.Table, names: list[str], stage: str) -> None:
+    """Fail loudly when a stage gets a batch without the columns it reads (a plan wired wrong)."""
+    missing = [c for c in names if c not in batch.column_names]
+    if missing:
+        raise KeyError(f"{stage} needs columns {missing}; got {batch.column_names}")
+
+
 def pixels_to_bytes(pixels: np.ndarray) -> bytes:
     """A preprocessed image [C, S, S] as it travels in PIXELS between prepare and infer: float32,
     C order, no header (its shape is the checkpoint's, known to both sides)."""

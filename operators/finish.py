@@ -28,7 +28,17 @@ class Finish:
         self.output_columns = list(output_columns)
         self.provenance = dict(provenance)
 
+    @staticmethod
+    def required_columns(output_columns: list[str]) -> list[str]:
+        """The columns a batch must have: from infer, per task its ids, finish reason and errors."""
+        per_task = []
+        for name in output_columns:
+            cols = C.TaskColumns.of(name)
+            per_task += [cols.prompt_ids, cols.output_ids, cols.finish_reason, cols.error_kind, cols.error_message]
+        return [C.UNIT, C.ROW, C.ID] + per_task
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        C.require(batch, self.required_columns(self.output_columns), "finish")
         n = batch.num_rows
         out = {C.UNIT: batch.column(C.UNIT), C.ROW: batch.column(C.ROW), C.ID: batch.column(C.ID)}
         row_kind: list[str | None] = [None] * n

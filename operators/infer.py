@@ -60,7 +60,16 @@ class Infer:
         size = self.config.vision.image_size
         self.pixel_shape = (self.config.vision.num_channels, size, size)
 
+    @staticmethod
+    def required_columns(tasks: list[InferTask]) -> list[str]:
+        """The columns a batch must have: from prepare, per task its prompt ids and error columns."""
+        per_task = [name for t in tasks for name in (C.TaskColumns.of(t.output_column).prompt_ids,
+                                                     C.TaskColumns.of(t.output_column).error_kind,
+                                                     C.TaskColumns.of(t.output_column).error_message)]
+        return [C.UNIT, C.ROW, C.ID] + [C.PIXELS] * any(t.uses_image for t in tasks) + per_task
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        C.require(batch, self.required_columns(self.tasks), "infer")
         n = batch.num_rows
         needs_pixels = any(t.uses_image for t in self.tasks)
         pixels = batch.column(C.PIXELS).to_pylist() if needs_pixels else [None] * n

@@ -88,13 +88,16 @@ class Prepare:
         self.needs_text = any(t.uses_text for t in self.tasks)
         self.needs_image = any(t.uses_image for t in self.tasks)
 
+    @staticmethod
+    def required_columns(tasks: list[PromptTask]) -> list[str]:
+        """The columns a batch must have: the unit, row and id, and the text / image the tasks read."""
+        return ([C.UNIT, C.ROW, C.ID] + [C.TEXT] * any(t.uses_text for t in tasks)
+                + [C.IMAGE] * any(t.uses_image for t in tasks))
+
     # ---- one batch ---------------------------------------------------------------------------
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        required = [C.UNIT, C.ROW, C.ID] + [C.TEXT] * self.needs_text + [C.IMAGE] * self.needs_image
-        missing = [c for c in required if c not in batch.column_names]
-        if missing:
-            raise KeyError(f"prepare needs columns {missing}; got {batch.column_names}")
+        C.require(batch, self.required_columns(self.tasks), "prepare")
         n = batch.num_rows
         texts = batch.column(C.TEXT).to_pylist() if self.needs_text else [None] * n
         images = batch.column(C.IMAGE).to_pylist() if self.needs_image else [None] * n

@@ -42,11 +42,12 @@ import pyarrow as pa
 import ray
 import ray.data
 
+from operators import columns as C
 from operators.finish import Finish
 from operators.infer import Infer, InferTask
 from operators.prepare import Prepare, PromptTask
 
-from .inputs import Unit, read_unit
+from .inputs import UNIT_ITEM_FIELDS, Unit, read_unit
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ def _cached(settings, factory):
 
 
 def read_stage(batch: pa.Table, *, settings: ReadSettings) -> Iterator[pa.Table]:
+    C.require(batch, list(UNIT_ITEM_FIELDS), "read")
     for item in batch.to_pylist():
         yield from read_unit(Unit.from_item(item), settings.columns, settings.storage_options, settings.block_rows)
 
@@ -291,6 +293,7 @@ class Stage:
     fn: object  # a function over one pyarrow batch, or a callable class (an actor pool)
     settings: object  # its settings dataclass: fn_kwargs["settings"], or the class's constructor argument
     batch_size: int | None  # rows per call; None = whole blocks
+    requires: tuple[str, ...] = ()  # the columns it reads (the operator checks them on every batch)
     pool: tuple[int, int] | None = None  # (min, max) actors for a class; None for a task
     remote_args: dict = field(default_factory=dict)  # Ray resources and retry options
 
@@ -317,11 +320,14 @@ def stages(plan: Plan, actor_cls: type = InferActor) -> list[Stage]:
     """
     infer = plan.infer
     return [
-        Stage("read", read_stage, plan.read, batch_size=1),
-        Stage("prepare", prepare_stage, plan.prepare, batch_size=None),
-        Stage("infer", actor_cls, infer, batch_size=plan.rows_per_call, pool=(plan.min_actors, plan.max_actors),
+        Stage("read", read_stage, plan.read, batch_size=1, requires=UNIT_ITEM_FIELDS),
+        Stage("prepare", prepare_stage, plan.prepare, batch_size=None,
+              requires=tuple(Prepare.required_columns(list(plan.prepare.tasks)))),
+        Stage("infer", actor_cls, infer, batch_size=plan.rows_per_call,
+              requires=tuple(Infer.required_columns(list(infer.tasks))), pool=(plan.min_actors, plan.max_actors),
               remote_args=model_actor_options(infer.gpus_per_actor, plan.cpus_per_actor, plan.actor_memory_bytes)),
-        Stage("finish", finish_stage, plan.finish, batch_size=None),
+        Stage("finish", finish_stage, plan.finish, batch_size=None,
+              requires=tuple(Finish.required_columns(list(plan.finish.output_columns)))),
     ]
 
 

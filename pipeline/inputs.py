@@ -46,6 +46,9 @@ class InputFile:
     identity: str = ""  # the file as stored: size plus ETag or mtime (file_identity); part of unit keys
 
 
+UNIT_ITEM_FIELDS = ("key", "uri", "start", "stop", "identity", "duplicates")  # Unit.to_item's columns
+
+
 @dataclass(frozen=True)
 class Unit:
     """A fixed row range of one input file: the unit of work and of commit."""
