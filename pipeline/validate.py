@@ -48,13 +48,13 @@ log = logging.getLogger(__name__)
 class Validated:
     """What validation learned: the units, the model facts, the store."""
 
-    spec: JobSpec
-    files: tuple[InputFile, ...]
-    units: tuple[Unit, ...]
-    id_type: pa.DataType
+    spec: JobSpec  # the job as parsed
+    files: tuple[InputFile, ...]  # the input files, with footers and identities
+    units: tuple[Unit, ...]  # every unit of work of the current input (done or not)
+    id_type: pa.DataType  # the output's id column type
     model_revision: str | None  # the checkpoint's hub revision (provenance)
-    run_hash: str
-    store: OutputStore
+    run_hash: str  # hash of the run config: keys the units and the output directory
+    store: OutputStore  # the output directory, probed writable
     weight_bytes: int  # size of the checkpoint's weight files
     drift: tuple[str, ...] = ()  # warnings: input files whose rows get column_missing / column_type errors
     duplicate_rows: int = 0  # rows whose id appeared earlier in the input (duplicate_id error rows)
