@@ -154,6 +154,10 @@ def row_bucket(rows: int) -> int:
 class Generator:
     """Bucketed, batch-invariant decoding for a T5Gemma2 model."""
 
+    # A refill run takes requests down to 1/RUN_WIDTH_RATIO of its widest: padded encoder keys cost a
+    # step some attention reads, while every extra run ends in a tail where its slots drain.
+    RUN_WIDTH_RATIO = 4
+
     def __init__(
         self,
         model: T5Gemma2,
@@ -162,6 +166,7 @@ class Generator:
         device: str | torch.device | None = None,
         compact_fraction: float = 0.25,
         check_every: int = 8,
+        refill_fraction: float = 1 / 16,
         compile: bool | None = None,
         compile_options: dict | None = None,
     ):
@@ -182,6 +187,9 @@ class Generator:
         # them copies the caches, so it is done in bulk rather than at every finish.
         self.compact_fraction = compact_fraction
         self.check_every = check_every
+        # Between two checks, rows known to be at their max_new_tokens (host-side, no device read) are
+        # refilled once they are this share of the slots: one encoder call per group, not per row.
+        self.refill_fraction = refill_fraction
         self.compile = self.device.type == "cuda" if compile is None else bool(compile)
         options = {"fullgraph": True}
         if self.device.type == "cuda":
@@ -241,9 +249,9 @@ class Generator:
     def refill_runs(self, requests: list[Request], order: list[int]) -> list[list[int]]:
         """Greedy/sampling request indices (sorted by encoder length) -> refill runs: each run decodes
         through one fixed set of slots (see _run_sampling) at the width of its widest request, so a
-        run takes the requests longer than half that width (padding at most doubles a row's encoder
-        keys; prompts up to WIDTH_MULTIPLE tokens share one run); its slot count follows from the
-        token budget at that width (_slots)."""
+        run takes the requests longer than 1/RUN_WIDTH_RATIO of that width (prompts up to
+        WIDTH_MULTIPLE tokens share one run); its slot count follows from the token budget at that
+        width (_slots)."""
         runs: list[list[int]] = []
         for i in reversed(order):
             length = len(requests[i].input_ids)
@@ -251,7 +259,7 @@ class Generator:
                 width = max(WIDTH_MULTIPLE, len(requests[runs[-1][0]].input_ids))  # short prompts: one class
                 if self.compile:
                     width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
-                if 2 * length > width or width == WIDTH_MULTIPLE:
+                if self.RUN_WIDTH_RATIO * length > width or width == WIDTH_MULTIPLE:
                     runs[-1].append(i)
                     continue
             runs.append([i])
@@ -367,8 +375,14 @@ class Generator:
         width = max(len(r.input_ids) for r in reqs)
         if self.compile:
             width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
-        slots = max(1, min(self.max_batch_size, self.max_batch_tokens // width, len(reqs)))
+        slots = min(self._slot_cap(width), len(reqs))
         return (row_bucket(slots) if self.compile else slots), width
+
+    def _slot_cap(self, width: int) -> int:
+        """The most slots the token budget allows at an encoder width."""
+        if self.compile:
+            width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+        return max(1, min(self.max_batch_size, self.max_batch_tokens // width))
 
     def _run_sampling(self, reqs: list[Request]) -> list[Result]:
         """Greedy and sampled requests, one row each, through a fixed number of slots (continuous refill).
@@ -391,7 +405,9 @@ class Generator:
         """
         dev = self.device
         n = len(reqs)
-        order = sorted(range(n), key=lambda i: -len(reqs[i].input_ids))  # widest first: the first group sets no width
+        # Longest max_new_tokens first: the run's tail, when nothing waits and slots drain, is then
+        # made of short requests (the width is the run's widest request whatever the order).
+        order = sorted(range(n), key=lambda i: (-reqs[i].params.max_new_tokens, -len(reqs[i].input_ids)))
         slots, width = self._slots(reqs)
         eos = self._eos_lists(reqs)  # one EOS width for every request of the run
         room = max(r.params.max_new_tokens for r in reqs) + 1  # + the parking slot of finished rows
@@ -419,10 +435,18 @@ class Generator:
             step += 1
             self.stats.decode_row_steps += len(alive)
             self.stats.slot_steps += len(alive)
-            if step % self.check_every and step < max(ends):
-                continue
-            done = rows.done.tolist()  # the loop's one device read, every check_every steps
-            finished = [s for s, d in enumerate(done) if d and alive[s] >= 0]
+            check = step % self.check_every == 0 or step >= max(ends)
+            if not check:
+                # Between checks the host still knows which rows reached their max_new_tokens (no
+                # device read): once they are a refill group, waiting requests take their slots.
+                due = [s for s, a in enumerate(alive) if a >= 0 and ends[s] <= step] if waiting else []
+                if len(due) < max(1, int(self.refill_fraction * len(alive))):
+                    continue
+                done = None
+                finished = due
+            else:
+                done = rows.done.tolist()  # the loop's one device read, every check_every steps
+                finished = [s for s, d in enumerate(done) if d and alive[s] >= 0]
             if finished:  # save their tokens (a device copy) and free their slots
                 into = torch.tensor([alive[s] for s in finished], device=dev)
                 saved[into] = rows.out[torch.tensor(finished, device=dev)]
@@ -431,13 +455,15 @@ class Generator:
             if all(a < 0 for a in alive) and not waiting:
                 break
             if waiting:
-                free = [s for s, d in enumerate(done) if d][: len(waiting)]
+                free = [s for s, a in enumerate(alive) if a < 0][: len(waiting)]  # every free slot is done
                 if free:
                     group, waiting = waiting[: len(free)], waiting[len(free):]
                     self._refill(reqs, group, free, eos, cache, rows, sampler)
                     for s, i in zip(free, group):
                         alive[s] = i
                         ends[s] = step + reqs[i].params.max_new_tokens
+                continue
+            if done is None:
                 continue
             # Nothing waits: drop finished rows in bulk once they are compact_fraction of the batch.
             if sum(done) < max(1, int(self.compact_fraction * len(done))):
@@ -464,7 +490,7 @@ class Generator:
         """Requests `group` (indices into reqs) take the slots `free`: one encoder call, their encoder
         keys/values into the slots' cache rows, their decoding state into the slots' rows."""
         members = [reqs[i] for i in group]
-        memory, mask = self._encode(members)
+        memory, mask = self._encode(members)  # the encoder packs its tokens: the group needs no length order
         widths = [len(r.input_ids) for r in members]
         cache.refill(free, self.model.cross_kv(memory), mask, widths)
         index = torch.tensor(free, device=self.device)
