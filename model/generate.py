@@ -2,21 +2,32 @@
 
 `Generator(model).generate(requests)`:
 1. checks each request (a malformed one becomes that request's error result);
-2. sorts by encoder length and packs micro-batches under a token budget
-   (`max_batch_tokens` counts padded encoder tokens, image tokens included, times rows;
-   beam requests count one row per beam), so padding stays small;
-3. per micro-batch: runs the encoder once (vision tower for the images), computes the
-   encoder's keys/values once per request and layer into preallocated decoder buffers
-   (cache.py), then decodes one token per row per step;
-4. a micro-batch that runs out of device memory is split in half and retried, down to one
-   request, which then becomes an "out_of_memory" error result instead of a crash.
+2. sorts by encoder length; greedy and sampled requests go into refill runs (`refill_runs`:
+   requests within RUN_WIDTH_RATIO of the run's widest encoder length), beam requests into
+   static micro-batches under a token budget (`plan`: `max_batch_tokens` counts padded encoder
+   tokens, image tokens included, times rows, one row per beam);
+3. a refill run decodes through a fixed number of slots (the token budget at the run's widest
+   encoder length, at most max_batch_size): the first requests fill them; when rows finish
+   (seen at a check, or known from max_new_tokens), waiting requests take their slots: one
+   encoder call per refill group, their encoder keys/values written into the slots' cache rows
+   (as wide as the run's widest request, so no shape changes), their positions starting at zero
+   (each row has its own). Once nothing waits, finished rows leave the batch in bulk. A beam
+   micro-batch runs the encoder once, computes the encoder's keys/values once per request and
+   layer into preallocated decoder buffers (cache.py), then decodes in lockstep;
+4. a run or micro-batch that runs out of device memory is split in half and retried, down to
+   one request, which then becomes an "out_of_memory" error result instead of a crash.
+
+Refill within one generate() call only: requests arrive as the call's list, and slots drain at
+its end (a Ray Data actor refills across the rows of one batch it is given, not across batches;
+streaming across calls is not built).
 
 The decode loop never waits on the device at a step. One step (`_sampling_step`: embed,
 decoder layers, final norm, LM head, EOS ban, token choice, finished flags) reads and writes
 only device tensors; the loop reads the finished flags back every `check_every` steps, and
 finished rows keep decoding harmlessly until then (a row's result is cut at its first EOS or
 its max_new_tokens, so what it computes after that is never read). At a check, finished rows
-are dropped from the running batch once they are compact_fraction of it. With `compile` on,
+take waiting requests, or, once nothing waits, are dropped from the running batch once they are
+compact_fraction of it. With `compile` on,
 that step is one torch.compile(fullgraph=True) graph (CUDA graphs on CUDA, mode
 "reduce-overhead"); rows are then padded to a few bucket sizes and the encoder length to a
 multiple of 64, so a job compiles a handful of graphs, not one per micro-batch. A failure to
@@ -413,7 +424,8 @@ class Generator:
         room = max(r.params.max_new_tokens for r in reqs) + 1  # + the parking slot of finished rows
         if self.compile:
             room = -(-room // STEP_MULTIPLE) * STEP_MULTIPLE
-        first, waiting = order[:slots], order[slots:]
+        # Each encoder call takes its group in encoder-length order (tight attention groups, little padding).
+        first, waiting = sorted(order[:slots], key=lambda i: len(reqs[i].input_ids)), order[slots:]
         memory, mask = self._encode([reqs[i] for i in first])
         pad_width = width - memory.shape[1]
         memory = torch.nn.functional.pad(memory, (0, 0, 0, pad_width, 0, slots - len(first)))
@@ -458,6 +470,7 @@ class Generator:
                 free = [s for s, a in enumerate(alive) if a < 0][: len(waiting)]  # every free slot is done
                 if free:
                     group, waiting = waiting[: len(free)], waiting[len(free):]
+                    group.sort(key=lambda i: len(reqs[i].input_ids))
                     self._refill(reqs, group, free, eos, cache, rows, sampler)
                     for s, i in zip(free, group):
                         alive[s] = i
@@ -490,7 +503,7 @@ class Generator:
         """Requests `group` (indices into reqs) take the slots `free`: one encoder call, their encoder
         keys/values into the slots' cache rows, their decoding state into the slots' rows."""
         members = [reqs[i] for i in group]
-        memory, mask = self._encode(members)  # the encoder packs its tokens: the group needs no length order
+        memory, mask = self._encode(members)
         widths = [len(r.input_ids) for r in members]
         cache.refill(free, self.model.cross_kv(memory), mask, widths)
         index = torch.tensor(free, device=self.device)
