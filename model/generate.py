@@ -261,16 +261,19 @@ class Generator:
         """Greedy/sampling request indices (sorted by encoder length) -> refill runs: each run decodes
         through one fixed set of slots (see _run_sampling) at the width of its widest request, so a
         run takes the requests longer than 1/RUN_WIDTH_RATIO of that width (prompts up to
-        WIDTH_MULTIPLE tokens share one run); its slot count follows from the token budget at that
-        width (_slots)."""
+        WIDTH_MULTIPLE tokens share one run), or all that are left when they fit its slots at once;
+        its slot count follows from the token budget at that width (_slots)."""
         runs: list[list[int]] = []
-        for i in reversed(order):
+        for left, i in enumerate(reversed(order)):
             length = len(requests[i].input_ids)
             if runs:
-                width = max(WIDTH_MULTIPLE, len(requests[runs[-1][0]].input_ids))  # short prompts: one class
+                widest = len(requests[runs[-1][0]].input_ids)
+                width = max(WIDTH_MULTIPLE, widest)  # short prompts: one class
                 if self.compile:
                     width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
-                if self.RUN_WIDTH_RATIO * length > width or width == WIDTH_MULTIPLE:
+                # Everything left fits the run's slots at once: one decode loop, not two that each drain.
+                fits = len(runs[-1]) + len(order) - left <= self._slot_cap(widest)
+                if fits or self.RUN_WIDTH_RATIO * length > width or width == WIDTH_MULTIPLE:
                     runs[-1].append(i)
                     continue
             runs.append([i])
