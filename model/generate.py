@@ -180,11 +180,15 @@ class Generator:
         refill_fraction: float = 1 / 16,
         compile: bool | None = None,
         compile_options: dict | None = None,
+        memory_budget: int | None = None,
     ):
         """check_every: steps between two reads of the finished flags (the loop's only device reads);
         compile: torch.compile the decode step (None = on for CUDA, off on CPU, where eager measured
         faster on the bench workloads once compile time is counted: docs/perf.md); compile_options:
-        keyword arguments for torch.compile (default: fullgraph, and mode "reduce-overhead" on CUDA)."""
+        keyword arguments for torch.compile (default: fullgraph, and mode "reduce-overhead" on CUDA);
+        memory_budget: bytes the slots of a greedy/sampling run may hold (None: on CUDA the free device
+        memory less MEMORY_MARGIN, on CPU no limit); max_batch_tokens and max_batch_size stay caps, and
+        the out-of-memory split stays the last resort."""
         if max_batch_tokens < 1 or max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
         if check_every < 1:
@@ -194,6 +198,7 @@ class Generator:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
+        self.memory_budget = memory_budget
         # Finished rows stay in the running batch until they are this share of it: dropping
         # them copies the caches, so it is done in bulk rather than at every finish.
         self.compact_fraction = compact_fraction
@@ -389,8 +394,37 @@ class Generator:
         width = max(len(r.input_ids) for r in reqs)
         if self.compile:
             width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
-        slots = min(self._slot_cap(width), len(reqs))
-        return (row_bucket(slots) if self.compile else slots), width
+        steps = max(r.params.max_new_tokens for r in reqs) + 1
+        memory = self._memory_cap(width, steps)
+        slots = min(self._slot_cap(width), len(reqs), memory or len(reqs))
+        if self.compile:
+            slots = row_bucket(slots)
+            if memory is not None and slots > memory:  # the bucket below instead of one over the budget
+                slots = max([b for b in ROW_BUCKETS if b <= memory] or [1])
+        return slots, width
+
+    MEMORY_MARGIN = 0.2  # CUDA: share of the free device memory left out of the slots' budget
+
+    def _slot_bytes(self, width: int, steps: int) -> int:
+        """What one slot holds on the device: per decoder layer its own keys/values (sliding layers
+        at most a window) and the encoder's at `width`, plus a step's logits and their float32 scores."""
+        dec = self.config.decoder
+        elem = self.model.embed_tokens.weight.element_size()
+        own = sum(min(dec.sliding_window, steps) if kind == "sliding_attention" else steps for kind in dec.layer_types)
+        keys = own + len(dec.layer_types) * width  # [Hkv, D] key and value vectors per slot
+        return 2 * dec.num_kv_heads * dec.head_dim * keys * elem + self.config.vocab_size * (elem + 4)
+
+    def _memory_cap(self, width: int, steps: int) -> int | None:
+        """The most slots the memory budget holds (None: no budget): `memory_budget` bytes when set,
+        else on CUDA the free device memory (weights are already loaded) less MEMORY_MARGIN."""
+        budget = self.memory_budget
+        if budget is None and self.device.type == "cuda":
+            # Blocks PyTorch's allocator caches (freed by an earlier run) are free to us, not to the driver.
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            budget = int((torch.cuda.mem_get_info(self.device)[0] + cached) * (1 - self.MEMORY_MARGIN))
+        if budget is None:
+            return None
+        return max(1, budget // self._slot_bytes(width, steps))
 
     def _slot_cap(self, width: int) -> int:
         """The most slots the token budget allows at an encoder width."""

@@ -109,3 +109,27 @@ def test_refill_writes_the_new_request_over_the_old_one(tiny):
             assert torch.equal(old.values[:, :, old.size:], new.values[:, :, new.size:])
         assert torch.equal(ours.decode_step(torch.tensor([SPECIAL["bos"]]), cache),
                            ours.decode_step(torch.tensor([SPECIAL["bos"]]), fresh))
+
+
+def test_memory_budget_sets_the_slots(tiny, pool, monkeypatch):
+    """A memory budget of three slots' bytes: runs decode through three slots (not the token budget's
+    eight), refill the rest, and every request still equals its run alone."""
+    reqs = [request(pool, i, max_new=4 + i, stop=None, min_new=0, sampled=False, seed=0) for i in range(len(pool))]
+    probe = model.Generator(tiny)
+    width, steps = max(len(r.input_ids) for r in reqs), max(r.params.max_new_tokens for r in reqs) + 1
+    budget = 3 * probe._slot_bytes(width, steps) + 1
+    batch_rows = []
+    start = type(tiny).start_decoding
+
+    def recording(self, memory, *args, **kwargs):
+        batch_rows.append(memory.shape[0])
+        return start(self, memory, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny), "start_decoding", recording)
+    gen = model.Generator(tiny, memory_budget=budget)
+    got = gen.generate(reqs)
+    assert batch_rows == [3]
+    assert outcome(got) == outcome(alone(tiny, reqs))
+    batch_rows.clear()
+    model.Generator(tiny).generate(reqs)
+    assert batch_rows == [len(reqs)]  # no budget on CPU: the token budget alone
