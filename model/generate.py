@@ -115,7 +115,7 @@ class GeneratorStats:
     """Counters over the generator's lifetime (the benchmark prints them)."""
 
     requests: int = 0
-    micro_batches: int = 0
+    micro_batches: int = 0  # encoder calls: one per beam micro-batch, per refill run's first group and per refill group
     real_encoder_tokens: int = 0  # tokens of the prompts themselves
     padded_encoder_tokens: int = 0  # rows x longest prompt, summed over micro-batches
     generated_tokens: int = 0
