@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     out_tokens = sum(len(t) for t in ours_tokens)
     print(f"ours: {rows / best_ours:10.1f} rows/s  {out_tokens / best_ours:12.1f} output tokens/s  "
           f"padding efficiency {stats.padding_efficiency:.2f} (micro-batch layout; projections and MLP run "
-          f"packed, encoder attention in length groups)  micro-batches {stats.micro_batches}  "
+          f"packed, encoder attention in length groups)  encoder calls {stats.micro_batches}  "
+          f"slot occupancy {stats.slot_occupancy:.2f} (slot-steps that produced a kept token)  "
           f"peak memory {peak_memory_gb(device):.2f} GiB")
     print(f"ours: compile={'on' if stats.compiled else 'off'}  first run {cold:.2f} s (with compiling, when on)  "
           f"best run {best_ours:.2f} s  compile fallback: {cold_stats.compile_fallback or 'none'}")

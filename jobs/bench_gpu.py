@@ -1,12 +1,15 @@
 """`make bench-gpu`: the one-shot device check of the decode engine against transformers.
 
-For each workload (270m summarize, translate and caption by default) it builds random weights at
+For each workload (270m summarize, translate, caption and longtail by default) it builds random weights at
 the real shape, runs our Generator and transformers' generate() (its best batching: sorted by
 length, the largest batch that fits) on the same requests in the same process, and prints
 
     our output tokens/s and HF's, and the ratio
     the share of greedy rows whose tokens equal HF's (in bfloat16 on a GPU, where the two
       implementations round differently, so this is a health figure, not a parity test)
+    rows per second (captions per second on the caption workload) and the slot occupancy
+      (share of greedy slot-steps that produced a kept token: GeneratorStats.slot_occupancy;
+      longtail, whose rows each ask for their own max_new_tokens, is where refill shows)
     peak device memory
     kernels per decode step (torch.profiler: the kernel count of a run with more steps minus
       one with fewer, divided by the extra steps), and on CUDA the launches per step
@@ -118,13 +121,14 @@ def run_workload(workload: str, args, device: torch.device, cfg, m, ref) -> dict
         ours_tps=out_tokens / best, hf_tps=hf_tokens / hf_best, hf_batch=hf_batch,
         same=sum(a == b for a, b in zip(ours, hf)), first_s=first, best_s=best, peak_gb=peak_ours,
         kernels=kernels, launches=launches, compiled=gen.stats.compiled, fallback=gen.stats.compile_fallback,
+        occupancy=gen.stats.slot_occupancy, rows_per_s=rows / best,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench-gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="270m")
-    parser.add_argument("--workloads", default="summarize,translate,caption",
+    parser.add_argument("--workloads", default="summarize,translate,caption,longtail",
                         help=f"comma-separated, from {sorted(WORKLOADS)}")
     parser.add_argument("--rows", type=int, default=None, help=f"rows per workload (GPU default {GPU_ROWS}, CPU 8)")
     parser.add_argument("--scale", type=float, default=None, help="input lengths and new tokens (GPU 1, CPU 0.1)")
@@ -155,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['workload']:<10} rows {r['rows']:4d} x {r['new_tokens']:3d} new  "
               f"ours {r['ours_tps']:10.1f} tok/s  hf {r['hf_tps']:10.1f} tok/s (batch {r['hf_batch']})  "
               f"ratio {r['ours_tps'] / r['hf_tps']:6.2f}x  same greedy rows {r['same']}/{r['rows']}  "
+              f"rows/s {r['rows_per_s']:.1f}  slot occupancy {r['occupancy']:.2f}  "
               f"peak {r['peak_gb']:.2f} GiB  kernels/step {r['kernels']:.0f}  launches/step {r['launches']:.0f}  "
               f"first run {r['first_s']:.1f} s  best {r['best_s']:.2f} s  "
               f"compiled {'yes' if r['compiled'] else 'no'}  fallback {r['fallback'] or 'none'}", flush=True)

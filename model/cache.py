@@ -1,7 +1,9 @@
 """Preallocated decoder state for one micro-batch: per layer, its own keys then the encoder's.
 
-Every row of a micro-batch decodes in lockstep (step t is position t for all rows). Each
-decoder layer owns one key buffer and one value buffer [B, Hkv, size + S, D]:
+Rows decode either in lockstep (beam search: step t is position t for all rows, one [1]
+position) or each at its own position (`per_row`: a [B] position, so that a finished row's slot
+can take in a new request, `refill`, which starts at position zero). Each decoder layer owns
+one key buffer and one value buffer [B, Hkv, size + S, D]:
 
     slots [0, size)        the layer's own keys/values: full-attention layers keep max_steps
                            slots, sliding-window layers only `window` (a ring, slot t % window:
@@ -54,9 +56,15 @@ class LayerCache:
         self.values[:, :, size:] = v_cross
 
     def store(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's k, v [B, Hkv, D] at `slot` ([1] long tensor); returns the whole buffers."""
-        self.keys.index_copy_(2, slot, k[:, :, None])
-        self.values.index_copy_(2, slot, v[:, :, None])
+        """Write this step's k, v [B, Hkv, D] at `slot` ([1] long tensor: every row's, or [B]: one per
+        row); returns the whole buffers."""
+        if slot.shape[0] == 1:
+            self.keys.index_copy_(2, slot, k[:, :, None])
+            self.values.index_copy_(2, slot, v[:, :, None])
+        else:  # rows at their own positions (refilled rows start at zero)
+            index = slot.view(-1, 1, 1, 1).expand(k.shape[0], k.shape[1], 1, k.shape[2])  # [B, Hkv, 1, D]
+            self.keys.scatter_(2, index, k[:, :, None])
+            self.values.scatter_(2, index, v[:, :, None])
         return self.keys, self.values
 
 
@@ -75,13 +83,16 @@ class DecoderCache:
         angles: dict[str, tuple[torch.Tensor, torch.Tensor]],
         widths: Sequence[int] | None = None,
         split: bool = True,
+        per_row: bool = False,
     ):
         """cross: per layer (k, v) [B, Hkv, S, D] (consumed one layer at a time, so an iterator keeps
         one layer's copy alive at most); cross_mask [B, S] True = real encoder token; angles:
         layer type -> (cos, signed sin) [max_steps, 1, D] for positions 0..max_steps-1; widths:
         per row, the encoder width it needs (last real token + 1), known to the caller (read from
         cross_mask when None, one device read); split: allow attention in length groups (off for
-        a compiled step, whose graph must not depend on the rows' lengths)."""
+        a compiled step, whose graph must not depend on the rows' lengths); per_row: each row has its
+        own position (a [B] tensor, so rows can be refilled with new requests that start at zero),
+        instead of one shared [1] position (beam search, whose rows decode in lockstep)."""
         self.sizes = {kind: min(cfg.sliding_window, max_steps) if kind == "sliding_attention" else max_steps
                       for kind in set(cfg.layer_types)}
         self.layers = [LayerCache(self.sizes[kind], kv) for kind, kv in zip(cfg.layer_types, cross)]
@@ -97,7 +108,10 @@ class DecoderCache:
             for kind, size in self.sizes.items()
         }  # [B, 1, 1, size + S]
         self.angles = angles
-        self.position = torch.zeros(1, dtype=torch.long, device=device)  # [1]: the step being decoded
+        self.max_steps = max_steps
+        # [1] (lockstep) or [B] (per row): the position each row decodes next.
+        self.per_row = per_row
+        self.position = torch.zeros(cross_mask.shape[0] if per_row else 1, dtype=torch.long, device=device)
         self._group()
 
     def _group(self) -> None:
@@ -111,19 +125,26 @@ class DecoderCache:
 
     def begin_step(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
         """Open this step's own slot in the masks; returns per layer type the (cos, sin) [1, 1, D] of
-        the step and its slot ([1] long tensor) in that type's own slots.
+        the step ([P, 1, 1, D], P = 1 or B rows) and its slot ([P] long tensor) in that type's own slots.
 
         Opening a slot of a ring that is already full writes 0 over 0: no branch on the position.
         """
         slots = {kind: self.position % size for kind, size in self.sizes.items()}
         for kind, mask in self.masks.items():
-            mask.index_fill_(-1, slots[kind], 0.0)
-        angles = {kind: (cos.index_select(0, self.position), sin.index_select(0, self.position))
+            if self.position.shape[0] == 1:
+                mask.index_fill_(-1, slots[kind], 0.0)
+            else:
+                mask.scatter_(-1, slots[kind].view(-1, 1, 1, 1), 0.0)
+        angles = {kind: (cos.index_select(0, self.position)[:, None], sin.index_select(0, self.position)[:, None])
                   for kind, (cos, sin) in self.angles.items()}
         return angles, slots
 
     def advance(self) -> None:
         self.position.add_(1)
+        if self.per_row:
+            # A finished row waiting for a refill keeps decoding; it stays on the last slot (the caller
+            # keeps one slot past every row's max_new_tokens) rather than running off the tables.
+            self.position.clamp_(max=self.max_steps - 1)
 
     def keep(self, rows: Sequence[int], multiple: int = 1) -> None:
         """Keep only the batch rows at `rows` (host indices; drops finished rows) and trim the encoder
@@ -138,6 +159,37 @@ class DecoderCache:
             layer.keys = layer.keys[:, :, :end].index_select(0, index)
             layer.values = layer.values[:, :, :end].index_select(0, index)
         self.masks = {kind: m[..., : self.sizes[kind] + width].index_select(0, index) for kind, m in self.masks.items()}
+        if self.per_row:
+            self.position = self.position.index_select(0, index)
+        self._group()
+
+    def refill(self, rows: Sequence[int], cross: Iterable[tuple[torch.Tensor, torch.Tensor]],
+               cross_mask: torch.Tensor, widths: Sequence[int]) -> None:
+        """Start new requests in the batch rows at `rows` (host indices, per_row caches only): their
+        encoder keys/values (per layer [n, Hkv, S', D], S' <= the encoder length held) go into the
+        rows' encoder slots, the rest of those slots masked out; their own slots are all masked
+        (the old request's keys stay, unread) and their positions start at zero. In place, so no
+        shape and no buffer address changes (a compiled step, CUDA graphs included, replays as is)."""
+        if not self.per_row:
+            raise ValueError("refill needs a cache built with per_row=True")
+        encoder = self.layers[0].keys.shape[2] - self.layers[0].size  # the encoder length held now
+        width = cross_mask.shape[1]
+        if width > encoder:
+            raise ValueError(f"refilled rows need {width} encoder slots, the cache holds {encoder}")
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.position.device)
+        pad = (0, 0, 0, encoder - width)  # [n, Hkv, S', D] -> [n, Hkv, encoder, D], zeros past S'
+        for layer, (k, v) in zip(self.layers, cross):
+            layer.keys[:, :, layer.size:].index_copy_(0, index, torch.nn.functional.pad(k, pad))
+            layer.values[:, :, layer.size:].index_copy_(0, index, torch.nn.functional.pad(v, pad))
+        dtype = self.layers[0].keys.dtype
+        visible = torch.nn.functional.pad(cross_mask, (0, encoder - width), value=False)  # [n, encoder]
+        enc = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+        for kind, mask in self.masks.items():
+            own = enc.new_full((len(rows), self.sizes[kind]), float("-inf"))
+            mask.index_copy_(0, index, torch.cat((own, enc), 1)[:, None, None])
+        self.position.index_fill_(0, index, 0)
+        for row, w in zip(rows, widths):
+            self.widths[row] = max(1, w)
         self._group()
 
     def follow_beams(self, rows: torch.Tensor) -> None:

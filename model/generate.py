@@ -2,21 +2,32 @@
 
 `Generator(model).generate(requests)`:
 1. checks each request (a malformed one becomes that request's error result);
-2. sorts by encoder length and packs micro-batches under a token budget
-   (`max_batch_tokens` counts padded encoder tokens, image tokens included, times rows;
-   beam requests count one row per beam), so padding stays small;
-3. per micro-batch: runs the encoder once (vision tower for the images), computes the
-   encoder's keys/values once per request and layer into preallocated decoder buffers
-   (cache.py), then decodes one token per row per step;
-4. a micro-batch that runs out of device memory is split in half and retried, down to one
-   request, which then becomes an "out_of_memory" error result instead of a crash.
+2. sorts by encoder length; greedy and sampled requests go into refill runs (`refill_runs`:
+   requests within RUN_WIDTH_RATIO of the run's widest encoder length), beam requests into
+   static micro-batches under a token budget (`plan`: `max_batch_tokens` counts padded encoder
+   tokens, image tokens included, times rows, one row per beam);
+3. a refill run decodes through a fixed number of slots (the token budget at the run's widest
+   encoder length, at most max_batch_size): the first requests fill them; when rows finish
+   (seen at a check, or known from max_new_tokens), waiting requests take their slots: one
+   encoder call per refill group, their encoder keys/values written into the slots' cache rows
+   (as wide as the run's widest request, so no shape changes), their positions starting at zero
+   (each row has its own). Once nothing waits, finished rows leave the batch in bulk. A beam
+   micro-batch runs the encoder once, computes the encoder's keys/values once per request and
+   layer into preallocated decoder buffers (cache.py), then decodes in lockstep;
+4. a run or micro-batch that runs out of device memory is split in half and retried, down to
+   one request, which then becomes an "out_of_memory" error result instead of a crash.
+
+Refill within one generate() call only: requests arrive as the call's list, and slots drain at
+its end (a Ray Data actor refills across the rows of one batch it is given, not across batches;
+streaming across calls is not built).
 
 The decode loop never waits on the device at a step. One step (`_sampling_step`: embed,
 decoder layers, final norm, LM head, EOS ban, token choice, finished flags) reads and writes
 only device tensors; the loop reads the finished flags back every `check_every` steps, and
 finished rows keep decoding harmlessly until then (a row's result is cut at its first EOS or
 its max_new_tokens, so what it computes after that is never read). At a check, finished rows
-are dropped from the running batch once they are compact_fraction of it. With `compile` on,
+take waiting requests, or, once nothing waits, are dropped from the running batch once they are
+compact_fraction of it. With `compile` on,
 that step is one torch.compile(fullgraph=True) graph (CUDA graphs on CUDA, mode
 "reduce-overhead"); rows are then padded to a few bucket sizes and the encoder length to a
 multiple of 64, so a job compiles a handful of graphs, not one per micro-batch. A failure to
@@ -104,11 +115,13 @@ class GeneratorStats:
     """Counters over the generator's lifetime (the benchmark prints them)."""
 
     requests: int = 0
-    micro_batches: int = 0
+    micro_batches: int = 0  # encoder calls: one per beam micro-batch, per refill run's first group and per refill group
     real_encoder_tokens: int = 0  # tokens of the prompts themselves
     padded_encoder_tokens: int = 0  # rows x longest prompt, summed over micro-batches
     generated_tokens: int = 0
     decode_row_steps: int = 0  # rows present in the running batch, summed over steps
+    slot_steps: int = 0  # greedy/sampling: decode slots present (padding and finished rows included), summed over steps
+    slot_tokens: int = 0  # greedy/sampling: kept tokens those slot-steps produced
     oom_splits: int = 0
     seconds: float = 0.0
     compiled: bool = False  # the decode step ran compiled (False: eager, by choice or after a fallback)
@@ -117,6 +130,11 @@ class GeneratorStats:
     @property
     def padding_efficiency(self) -> float:
         return self.real_encoder_tokens / max(1, self.padded_encoder_tokens)
+
+    @property
+    def slot_occupancy(self) -> float:
+        """Share of greedy/sampling slot-steps that produced a kept token (beam search not counted)."""
+        return self.slot_tokens / max(1, self.slot_steps)
 
 
 @dataclass(frozen=True)
@@ -147,6 +165,10 @@ def row_bucket(rows: int) -> int:
 class Generator:
     """Bucketed, batch-invariant decoding for a T5Gemma2 model."""
 
+    # A refill run takes requests down to 1/RUN_WIDTH_RATIO of its widest: padded encoder keys cost a
+    # step some attention reads, while every extra run ends in a tail where its slots drain.
+    RUN_WIDTH_RATIO = 4
+
     def __init__(
         self,
         model: T5Gemma2,
@@ -155,13 +177,18 @@ class Generator:
         device: str | torch.device | None = None,
         compact_fraction: float = 0.25,
         check_every: int = 8,
+        refill_fraction: float = 1 / 16,
         compile: bool | None = None,
         compile_options: dict | None = None,
+        memory_budget: int | None = None,
     ):
         """check_every: steps between two reads of the finished flags (the loop's only device reads);
         compile: torch.compile the decode step (None = on for CUDA, off on CPU, where eager measured
         faster on the bench workloads once compile time is counted: docs/perf.md); compile_options:
-        keyword arguments for torch.compile (default: fullgraph, and mode "reduce-overhead" on CUDA)."""
+        keyword arguments for torch.compile (default: fullgraph, and mode "reduce-overhead" on CUDA);
+        memory_budget: bytes the slots of a greedy/sampling run may hold (None: on CUDA the free device
+        memory less MEMORY_MARGIN, on CPU no limit); max_batch_tokens and max_batch_size stay caps, and
+        the out-of-memory split stays the last resort."""
         if max_batch_tokens < 1 or max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
         if check_every < 1:
@@ -171,10 +198,14 @@ class Generator:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
+        self.memory_budget = memory_budget
         # Finished rows stay in the running batch until they are this share of it: dropping
         # them copies the caches, so it is done in bulk rather than at every finish.
         self.compact_fraction = compact_fraction
         self.check_every = check_every
+        # Between two checks, rows known to be at their max_new_tokens (host-side, no device read) are
+        # refilled once they are this share of the slots: one encoder call per group, not per row.
+        self.refill_fraction = refill_fraction
         self.compile = self.device.type == "cuda" if compile is None else bool(compile)
         options = {"fullgraph": True}
         if self.device.type == "cuda":
@@ -231,6 +262,28 @@ class Generator:
             batches.append(self._micro_batch(requests, current))
         return batches
 
+    def refill_runs(self, requests: list[Request], order: list[int]) -> list[list[int]]:
+        """Greedy/sampling request indices (sorted by encoder length) -> refill runs: each run decodes
+        through one fixed set of slots (see _run_sampling) at the width of its widest request, so a
+        run takes the requests longer than 1/RUN_WIDTH_RATIO of that width (prompts up to
+        WIDTH_MULTIPLE tokens share one run), or all that are left when they fit its slots at once;
+        its slot count follows from the token budget at that width (_slots)."""
+        runs: list[list[int]] = []
+        for left, i in enumerate(reversed(order)):
+            length = len(requests[i].input_ids)
+            if runs:
+                widest = len(requests[runs[-1][0]].input_ids)
+                width = max(WIDTH_MULTIPLE, widest)  # short prompts: one class
+                if self.compile:
+                    width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+                # Everything left fits the run's slots at once: one decode loop, not two that each drain.
+                fits = len(runs[-1]) + len(order) - left <= self._slot_cap(widest)
+                if fits or self.RUN_WIDTH_RATIO * length > width or width == WIDTH_MULTIPLE:
+                    runs[-1].append(i)
+                    continue
+            runs.append([i])
+        return [run[::-1] for run in runs]  # each in encoder-length order, as plan() gives them
+
     def _micro_batch(self, requests: list[Request], indices: list[int]) -> MicroBatch:
         beams = requests[indices[0]].params.num_beams
         longest = max(len(requests[i].input_ids) for i in indices)
@@ -254,8 +307,12 @@ class Generator:
                 runnable.append(i)
         # Beam requests first grouped by width, then every group sorted by encoder length.
         runnable.sort(key=lambda i: (_kind(requests[i]), len(requests[i].input_ids)))
+        sampling = [i for i in runnable if _kind(requests[i]) == 1]
+        beam = [i for i in runnable if _kind(requests[i]) > 1]
         with torch.inference_mode():
-            for batch in self.plan(requests, runnable):
+            for run in self.refill_runs(requests, sampling):
+                self._run_splitting(requests, run, results)
+            for batch in self.plan(requests, beam):
                 self._run_splitting(requests, list(batch.requests), results)
         self.stats.requests += len(requests)
         self.stats.seconds += time.perf_counter() - start
@@ -330,77 +387,165 @@ class Generator:
                 self.compile = False  # later micro-batches need no buckets (the one running keeps its padding rows)
         return (_sampling_step if kind == "sampling" else _beam_step)(self.model, *state)
 
-    def _run_sampling(self, reqs: list[Request]) -> list[Result]:
-        """Greedy and sampled requests, one row each.
-
-        Per step the running batch writes its tokens into `rows.out` (one row per present row)
-        and marks rows that hit an EOS id or their max_new_tokens, all on the device. Every
-        check_every steps the loop reads the flags: once all rows are done it stops; once the
-        finished rows are compact_fraction of the batch, their tokens are saved and they leave
-        the cache in one gather. A row's result is its tokens up to the first EOS (EOS is banned
-        before min_new_tokens, so the first one counts) or max_new_tokens.
-
-        Compiled, the running rows are padded to a bucket size (rows of no request, marked done
-        from the start) and the encoder length to a multiple of WIDTH_MULTIPLE, so micro-batches
-        of one bucket share one graph.
-        """
-        memory, mask = self._encode(reqs)
-        dev = self.device
-        limits = [r.params.max_new_tokens for r in reqs]  # host copies: the loop reads no device value for them
-        steps = max(limits)
-        widths = [len(r.input_ids) for r in reqs]
-        alive = list(range(len(reqs)))  # present row -> request index (-1: a padding row of no request)
-        room = steps  # slots of the cache and columns of the tokens
+    def _slots(self, reqs: list[Request]) -> tuple[int, int]:
+        """(slots, encoder width) a refill run of `reqs` decodes at: the widest request sets the width
+        (compiled: a multiple of WIDTH_MULTIPLE), the token budget over that width the slots (compiled:
+        padded up to a row bucket, so runs of one bucket share one graph)."""
+        width = max(len(r.input_ids) for r in reqs)
         if self.compile:
-            memory, mask, pad = _pad_batch(memory, mask, row_bucket(len(reqs)))
-            alive += [-1] * pad
-            widths += [1] * pad
-            limits += [1] * pad
-            room = -(-steps // STEP_MULTIPLE) * STEP_MULTIPLE
-        cache = self.model.start_decoding(memory, mask, room, widths=widths, split=not self.compile)
+            width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+        steps = max(r.params.max_new_tokens for r in reqs) + 1
+        memory = self._memory_cap(width, steps)
+        slots = min(self._slot_cap(width), len(reqs), memory or len(reqs))
+        if self.compile:
+            slots = row_bucket(slots)
+            if memory is not None and slots > memory:  # the bucket below instead of one over the budget
+                slots = max([b for b in ROW_BUCKETS if b <= memory] or [1])
+        return slots, width
+
+    MEMORY_MARGIN = 0.2  # CUDA: share of the free device memory left out of the slots' budget
+
+    def _slot_bytes(self, width: int, steps: int) -> int:
+        """What one slot holds on the device: per decoder layer its own keys/values (sliding layers
+        at most a window) and the encoder's at `width`, plus a step's logits and their float32 scores."""
+        dec = self.config.decoder
+        elem = self.model.embed_tokens.weight.element_size()
+        own = sum(min(dec.sliding_window, steps) if kind == "sliding_attention" else steps for kind in dec.layer_types)
+        keys = own + len(dec.layer_types) * width  # [Hkv, D] key and value vectors per slot
+        return 2 * dec.num_kv_heads * dec.head_dim * keys * elem + self.config.vocab_size * (elem + 4)
+
+    def _memory_cap(self, width: int, steps: int) -> int | None:
+        """The most slots the memory budget holds (None: no budget): `memory_budget` bytes when set,
+        else on CUDA the free device memory (weights are already loaded) less MEMORY_MARGIN."""
+        budget = self.memory_budget
+        if budget is None and self.device.type == "cuda":
+            # Blocks PyTorch's allocator caches (freed by an earlier run) are free to us, not to the driver.
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            budget = int((torch.cuda.mem_get_info(self.device)[0] + cached) * (1 - self.MEMORY_MARGIN))
+        if budget is None:
+            return None
+        return max(1, budget // self._slot_bytes(width, steps))
+
+    def _slot_cap(self, width: int) -> int:
+        """The most slots the token budget allows at an encoder width."""
+        if self.compile:
+            width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+        return max(1, min(self.max_batch_size, self.max_batch_tokens // width))
+
+    def _run_sampling(self, reqs: list[Request]) -> list[Result]:
+        """Greedy and sampled requests, one row each, through a fixed number of slots (continuous refill).
+
+        The first requests (widest first) fill the slots; per step every slot writes its token into
+        `rows.out` at its own position and marks rows that hit an EOS id or their max_new_tokens, all
+        on the device. Every check_every steps the loop reads the flags: finished rows' tokens are
+        saved, and while requests wait, they take the finished rows' slots (one encoder call per
+        refill group, in the order given; their encoder keys/values written into the slot's region
+        of the cache, which is as wide as the run's widest request, and their positions reset to
+        zero), so no shape changes and a compiled step needs no new graph. Once nothing waits, the
+        finished rows leave the cache in one gather when they are compact_fraction of the batch. A
+        row's result is its tokens up to the first EOS (EOS is banned before min_new_tokens, so the
+        first one counts) or max_new_tokens.
+
+        Rows that finished keep decoding until they are refilled or leave (their tokens past the
+        end are never read); they stay at the last own slot, which is one past every request's
+        max_new_tokens. Compiled, slots are a bucket size and the width a multiple of
+        WIDTH_MULTIPLE; slots no request holds are marked done.
+        """
+        dev = self.device
+        n = len(reqs)
+        # Longest max_new_tokens first: the run's tail, when nothing waits and slots drain, is then
+        # made of short requests (the width is the run's widest request whatever the order).
+        order = sorted(range(n), key=lambda i: (-reqs[i].params.max_new_tokens, -len(reqs[i].input_ids)))
+        slots, width = self._slots(reqs)
+        eos = self._eos_lists(reqs)  # one EOS width for every request of the run
+        room = max(r.params.max_new_tokens for r in reqs) + 1  # + the parking slot of finished rows
+        if self.compile:
+            room = -(-room // STEP_MULTIPLE) * STEP_MULTIPLE
+        # Each encoder call takes its group in encoder-length order (tight attention groups, little padding).
+        first, waiting = sorted(order[:slots], key=lambda i: len(reqs[i].input_ids)), order[slots:]
+        memory, mask = self._encode([reqs[i] for i in first])
+        pad_width = width - memory.shape[1]
+        memory = torch.nn.functional.pad(memory, (0, 0, 0, pad_width, 0, slots - len(first)))
+        mask = torch.nn.functional.pad(mask, (0, pad_width, 0, slots - len(first)), value=False)
+        alive = first + [-1] * (slots - len(first))  # slot -> request index (-1: free, or a finished row's)
+        widths = [len(reqs[i].input_ids) if i >= 0 else 1 for i in alive]
+        cache = self.model.start_decoding(memory, mask, room, widths=widths, split=not self.compile, per_row=True)
         del memory
-        rows = _Rows.start(reqs, len(alive), room, self._eos_lists(reqs), self.config.bos_token_id, dev)
-        sampler = _Sampler(reqs, len(alive), dev, self.config.decoder.final_logit_softcapping)
+        starting = [reqs[i] for i in first]
+        rows = _Rows.start(starting, slots, room, [eos[i] for i in first], self.config.bos_token_id, dev)
+        sampler = _Sampler(starting, slots, dev, self.config.decoder.final_logit_softcapping, every=reqs)
         if self.compile and self.device.type == "cuda":
             _mark_static(cache, rows)
-        saved = torch.empty((len(reqs), room), dtype=torch.long, device=dev)  # by request: rows that left
-        limit = max(limits)  # steps until every present row is at its max_new_tokens
-        for step in range(steps):
+        saved = torch.empty((n, room), dtype=torch.long, device=dev)  # by request: rows that finished
+        ends = [reqs[i].params.max_new_tokens if i >= 0 else 0 for i in alive]  # host: step each slot is surely done
+        step = 0
+        while True:
             self._step("sampling", cache, rows, sampler)
+            step += 1
             self.stats.decode_row_steps += len(alive)
-            if step + 1 >= limit:
+            self.stats.slot_steps += len(alive)
+            check = step % self.check_every == 0 or step >= max(ends)
+            if not check:
+                # Between checks the host still knows which rows reached their max_new_tokens (no
+                # device read): once they are a refill group, waiting requests take their slots.
+                due = [s for s, a in enumerate(alive) if a >= 0 and ends[s] <= step] if waiting else []
+                if len(due) < max(1, int(self.refill_fraction * len(alive))):
+                    continue
+                done = None
+                finished = due
+            else:
+                done = rows.done.tolist()  # the loop's one device read, every check_every steps
+                finished = [s for s, d in enumerate(done) if d and alive[s] >= 0]
+            if finished:  # save their tokens (a device copy) and free their slots
+                into = torch.tensor([alive[s] for s in finished], device=dev)
+                saved[into] = rows.out[torch.tensor(finished, device=dev)]
+                for s in finished:
+                    alive[s] = -1
+            if all(a < 0 for a in alive) and not waiting:
                 break
-            if (step + 1) % self.check_every:
+            if waiting:
+                free = [s for s, a in enumerate(alive) if a < 0][: len(waiting)]  # every free slot is done
+                if free:
+                    group, waiting = waiting[: len(free)], waiting[len(free):]
+                    group.sort(key=lambda i: len(reqs[i].input_ids))
+                    self._refill(reqs, group, free, eos, cache, rows, sampler)
+                    for s, i in zip(free, group):
+                        alive[s] = i
+                        ends[s] = step + reqs[i].params.max_new_tokens
                 continue
-            done = rows.done.tolist()  # the loop's one device read, every check_every steps
-            finished = sum(done)
-            if finished == len(done):
-                break
-            if finished < max(1, int(self.compact_fraction * len(done))):
+            if done is None:
                 continue
-            running = [i for i, d in enumerate(done) if not d]
+            # Nothing waits: drop finished rows in bulk once they are compact_fraction of the batch.
+            if sum(done) < max(1, int(self.compact_fraction * len(done))):
+                continue
+            running = [s for s, a in enumerate(alive) if a >= 0]
             keep = running
             if self.compile:  # shrink only to a smaller bucket, filling it with finished rows
                 size = row_bucket(len(running))
                 if size == len(done):
                     continue
-                keep = sorted(running + [i for i, d in enumerate(done) if d][: size - len(running)])
-            kept = set(keep)
-            leaving = [i for i in range(len(done)) if i not in kept and alive[i] >= 0]
-            if leaving:
-                into = torch.tensor([alive[i] for i in leaving], device=dev)
-                saved[into] = rows.out[torch.tensor(leaving, device=dev)]
+                keep = sorted(running + [s for s, a in enumerate(alive) if a < 0][: size - len(running)])
             index = torch.tensor(keep, device=dev)
             cache.keep(keep, multiple=WIDTH_MULTIPLE if self.compile else 1)
             rows.keep(index)
             sampler.keep(index)
             if self.compile and self.device.type == "cuda":
                 _mark_static(cache, rows)
-            alive = [alive[i] for i in keep]
-            limit = max(limits[i] if i >= 0 else 1 for i in alive)
-        real = [i for i, a in enumerate(alive) if a >= 0]
-        saved[torch.tensor([alive[i] for i in real], device=dev)] = rows.out[torch.tensor(real, device=dev)]
+            alive = [alive[s] for s in keep]
+            ends = [ends[s] for s in keep]
         return self._sampling_results(reqs, saved)
+
+    def _refill(self, reqs, group: list[int], free: list[int], eos, cache: DecoderCache, rows: _Rows,
+                sampler: _Sampler) -> None:
+        """Requests `group` (indices into reqs) take the slots `free`: one encoder call, their encoder
+        keys/values into the slots' cache rows, their decoding state into the slots' rows."""
+        members = [reqs[i] for i in group]
+        memory, mask = self._encode(members)
+        widths = [len(r.input_ids) for r in members]
+        cache.refill(free, self.model.cross_kv(memory), mask, widths)
+        index = torch.tensor(free, device=self.device)
+        rows.fill(index, members, [eos[i] for i in group], self.config.bos_token_id)
+        sampler.fill(index, members)
 
     def _sampling_results(self, reqs: list[Request], tokens: torch.Tensor) -> list[Result]:
         """Cut each request's row of tokens [R, steps] at its first EOS or its max_new_tokens."""
@@ -411,6 +556,7 @@ class Generator:
             end = next((i + 1 for i, t in enumerate(row[:limit]) if t in eos), None)
             results.append(Result(row[:end], "eos") if end is not None else Result(row[:limit], "length"))
             self.stats.generated_tokens += len(results[-1].token_ids)
+            self.stats.slot_tokens += len(results[-1].token_ids)
         return results
 
     def _run_beam(self, reqs: list[Request], beams: int) -> list[Result]:
@@ -608,6 +754,15 @@ class _Rows:
             eos=torch.tensor(eos + [eos[0]] * pad, device=device),
         )
 
+    def fill(self, index: torch.Tensor, reqs: list[Request], eos: list[list[int]], bos: int) -> None:
+        """Rows at `index` start the requests `reqs` (in place: a compiled step's buffers stay)."""
+        dev = self.tokens.device
+        self.tokens.index_fill_(0, index, bos)
+        self.done.index_fill_(0, index, False)
+        self.max_new.index_copy_(0, index, torch.tensor([r.params.max_new_tokens for r in reqs], device=dev))
+        self.min_new.index_copy_(0, index, torch.tensor([r.params.min_new_tokens for r in reqs], device=dev))
+        self.eos.index_copy_(0, index, torch.tensor(eos, device=dev))
+
     def keep(self, index: torch.Tensor) -> None:
         for name in ("tokens", "out", "done", "max_new", "min_new", "eos"):
             setattr(self, name, getattr(self, name).index_select(0, index))
@@ -627,7 +782,7 @@ def _sampling_step(model: T5Gemma2, cache: DecoderCache, rows: _Rows, sampler: _
     banned = (step < rows.min_new)[:, None]  # [B, 1]
     logits.scatter_(1, rows.eos, logits.gather(1, rows.eos).masked_fill(banned, float("-inf")))
     tokens = sampler.choose(logits, step)  # [B]
-    rows.out.index_copy_(1, step, tokens[:, None])
+    rows.out.scatter_(1, step[:, None], tokens[:, None])  # each row at its own position
     rows.done.logical_or_((tokens[:, None] == rows.eos).any(1) | (rows.max_new <= step + 1))
     rows.tokens.copy_(tokens)
 
@@ -641,12 +796,16 @@ class _Sampler:
     the noise is drawn at those token ids only; the result is the same as over the whole vocabulary.
     """
 
-    def __init__(self, reqs: list[Request], rows: int, device, softcap: float | None):
+    def __init__(self, reqs: list[Request], rows: int, device, softcap: float | None,
+                 every: list[Request] | None = None):
+        """reqs: the requests of the first rows (the rest pad, decoding greedily); every: all requests
+        these rows will ever hold (refill), which set the sampler's static choices (default: reqs)."""
         pad = [GenerationParams()] * (rows - len(reqs))  # padding rows decode greedily
         params = [r.params for r in reqs] + pad
-        self.any_sampled = any(not p.greedy for p in params)
+        every_params = [r.params for r in (reqs if every is None else every)]
+        self.any_sampled = any(not p.greedy for p in every_params)
         self.softcap = softcap
-        sampled = [p for p in params if not p.greedy]
+        sampled = [p for p in every_params if not p.greedy]
         # Candidates per row when every sampled row bounds them with top_k (0 = the whole vocabulary).
         # Rounded up to a power of two (the result does not depend on it) so that a compiled step
         # sees few distinct values.
@@ -659,6 +818,16 @@ class _Sampler:
         self.top_p = torch.tensor([p.top_p for p in params], device=device)
         seeds = [_seed32(r) for r in reqs] + [0] * len(pad)
         self.seed = torch.tensor(seeds, device=device, dtype=torch.long)
+
+    def fill(self, index: torch.Tensor, reqs: list[Request]) -> None:
+        """Rows at `index` start the requests `reqs` (in place)."""
+        dev = self.seed.device
+        params = [r.params for r in reqs]
+        self.sampled.index_copy_(0, index, torch.tensor([not p.greedy for p in params], device=dev))
+        self.temperature.index_copy_(0, index, torch.tensor([max(p.temperature, 1e-6) for p in params], device=dev))
+        self.top_k.index_copy_(0, index, torch.tensor([p.top_k for p in params], device=dev))
+        self.top_p.index_copy_(0, index, torch.tensor([p.top_p for p in params], device=dev))
+        self.seed.index_copy_(0, index, torch.tensor([_seed32(r) for r in reqs], device=dev, dtype=torch.long))
 
     def keep(self, index: torch.Tensor) -> None:
         for name in ("sampled", "temperature", "top_k", "top_p", "seed"):
@@ -722,6 +891,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def _gumbel(seeds: torch.Tensor, step: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """Gumbel noise [B, n] at token ids token [B or 1, n] that depends only on (seed, step, token id):
     batch-independent sampling. step is a [1] tensor (no host value per step)."""
+    step = step.view(-1, 1)  # [1, 1] or [B, 1]: rows at their own positions
     key = _mix32((seeds[:, None] ^ _mix32((step * 0x9E3779B1) & _MASK32)) & _MASK32)  # [B, 1]
     bits = _mix32((key + token * 0x85EBCA77) & _MASK32)
     uniform = (bits.double() + 0.5) / 2.0**32  # in (0, 1)

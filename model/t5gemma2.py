@@ -175,8 +175,9 @@ class Block(nn.Module):
 
     def decode_step(self, x: torch.Tensor, cos, sin, cache: LayerCache, slot: torch.Tensor, mask: torch.Tensor,
                     groups: list[tuple[int, int, int]]) -> torch.Tensor:
-        """One cached decoder step. x [B, 1, H]; cos, sin [1, 1, D]; slot [1] (long: where this step's
-        key goes); mask [B, 1, 1, size + S] -> [B, 1, H].
+        """One cached decoder step. x [B, 1, H]; cos, sin [P, 1, 1, D]; slot [P] (long: where this
+        step's key goes; P = 1 for rows in lockstep, B for rows at their own positions);
+        mask [B, 1, 1, size + S] -> [B, 1, H].
 
         groups: (first row, end row, keys to read) runs that attend separately (see cache.py).
         """
@@ -289,13 +290,15 @@ class T5Gemma2(nn.Module):
         return self.decoder.norm(x)
 
     def start_decoding(self, memory: torch.Tensor, attention_mask: torch.Tensor, max_steps: int,
-                       repeat: int = 1, widths: list[int] | None = None, split: bool = True) -> DecoderCache:
+                       repeat: int = 1, widths: list[int] | None = None, split: bool = True,
+                       per_row: bool = False) -> DecoderCache:
         """The decoder state for generating up to max_steps tokens from memory [B, S, H].
 
         The encoder's keys/values are computed here, once per request and layer, each row
         repeated `repeat` times (beam search) -> a cache of B * repeat rows. widths: each row's
         encoder width (last real token + 1) if the caller knows it (saves a device read); split:
-        whether a step may attend in row groups of similar length (see cache.py). The rotary
+        whether a step may attend in row groups of similar length (see cache.py); per_row: a position
+        per row, so rows can be refilled (DecoderCache.refill). The rotary
         tables of all max_steps positions are built here, before the first step.
         """
         cross = self.cross_kv(memory)
@@ -306,7 +309,7 @@ class T5Gemma2(nn.Module):
             widths = None if widths is None else [w for w in widths for _ in range(repeat)]
         positions = torch.arange(max_steps, device=memory.device)
         return DecoderCache(self.config.decoder, cross, mask, max_steps, self.decoder.angles(positions, memory.dtype),
-                            widths=widths, split=split)
+                            widths=widths, split=split, per_row=per_row)
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """tokens [B] at position cache.position -> final hidden states [B, H]; the cache then holds the step.

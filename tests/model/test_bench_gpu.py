@@ -25,16 +25,18 @@ runpy.run_module("jobs.bench_gpu", run_name="__main__")
 
 
 def test_bench_gpu_runs_on_cpu_without_ray_or_network():
-    args = ["--shape", "tiny", "--rows", "4", "--repeats", "1", "--workloads", "summarize,caption"]
+    args = ["--shape", "tiny", "--rows", "4", "--repeats", "1", "--workloads", "summarize,caption,longtail"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, "-c", PRELUDE, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()}
-    for workload in ("summarize", "caption"):
+    for workload in ("summarize", "caption", "longtail"):
         line = lines[workload]
         assert re.search(r"ours +[\d.]+ tok/s +hf +[\d.]+ tok/s", line), line
         assert "same greedy rows 4/4" in line, line  # float32 on CPU: our tokens are transformers'
         assert int(re.search(r"kernels/step (\d+)", line).group(1)) > 0, line
         assert "fallback none" in line, line
+        assert 0 < float(re.search(r"slot occupancy ([\d.]+)", line).group(1)) <= 1, line
+        assert float(re.search(r"rows/s ([\d.]+)", line).group(1)) > 0, line
     assert "bench-gpu: done" in proc.stdout

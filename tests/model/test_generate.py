@@ -124,7 +124,8 @@ def test_decode_attention_in_length_groups_equals_reference(pair, monkeypatch):
 
     monkeypatch.setattr(type(ours), "start_decoding", recording)
     params = model.GenerationParams(max_new_tokens=16)
-    reqs = [model.Request(ids, params=params) for ids in prompts([3, 29, 8, 15, 1, 22, 11], seed=5)]
+    # Lengths within a factor of two: one refill run (widths of one run may differ by up to 2x).
+    reqs = [model.Request(ids, params=params) for ids in prompts([16, 29, 18, 25, 15, 22, 19], seed=5)]
     results = model.Generator(ours).generate(reqs)
     assert max(len(g) for c in caches for g in c.groups.values()) >= 4  # really split, even after compaction
     for req, res in zip(reqs, results):

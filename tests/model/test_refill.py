@@ -1,0 +1,135 @@
+"""Continuous refill (generate.py): finished slots take waiting requests, and no request can tell.
+
+A request's greedy tokens and seeded samples must equal those of the request run alone, whatever
+it arrives with, how many slots the run has, when the others finish (max_new_tokens, EOS lists,
+min_new_tokens) and how often the loop checks. Tiny model, float32, CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import model
+from helpers.checkpoints import SPECIAL, random_prompts, tiny_pair
+
+LENGTHS = [3, 11, 6, 17, 9, 24, 5, 14]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_pair(tmp_path_factory.mktemp("tiny"))[1]
+
+
+@pytest.fixture(scope="module")
+def pool(tiny):
+    """(prompt, its free greedy run of 16 tokens): EOS ids are picked from a prompt's own run, so
+    rows end early at steps the test chooses."""
+    ids = random_prompts(LENGTHS, seed=11)
+    free = model.Generator(tiny).generate(
+        [model.Request(p, params=model.GenerationParams(max_new_tokens=16, min_new_tokens=16)) for p in ids])
+    return list(zip(ids, [r.token_ids for r in free]))
+
+
+def request(pool, which: int, max_new: int, stop: int | None, min_new: int, sampled: bool, seed: int):
+    prompt, run = pool[which]
+    eos = (SPECIAL["eos"], run[stop]) if stop is not None else None
+    if sampled:
+        params = model.GenerationParams(max_new_tokens=max_new, min_new_tokens=min(min_new, max_new),
+                                        temperature=1.1, top_k=40, top_p=0.9, seed=seed, eos_token_ids=eos)
+    else:
+        params = model.GenerationParams(max_new_tokens=max_new, min_new_tokens=min(min_new, max_new),
+                                        eos_token_ids=eos)
+    return model.Request(prompt, params=params)
+
+
+def alone(tiny, reqs):
+    gen = model.Generator(tiny)
+    return [gen.generate([r])[0] for r in reqs]
+
+
+def outcome(results):
+    return [(r.token_ids, r.finish_reason) for r in results]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_refilled_requests_equal_the_request_alone(tiny, pool, data):
+    n = data.draw(st.integers(2, 9), label="requests")
+    reqs = [request(pool, data.draw(st.integers(0, len(pool) - 1)), data.draw(st.integers(1, 14)),
+                    data.draw(st.none() | st.integers(0, 15)), data.draw(st.integers(0, 4)),
+                    data.draw(st.booleans()), data.draw(st.integers(0, 2**40)))
+            for _ in range(n)]
+    slots = data.draw(st.integers(1, 4), label="slots")
+    check_every = data.draw(st.sampled_from([1, 3, 8]), label="check_every")
+    gen = model.Generator(tiny, max_batch_size=slots, check_every=check_every)
+    got = gen.generate(reqs)
+    assert outcome(got) == outcome(alone(tiny, reqs))
+    assert gen.stats.slot_tokens == sum(len(r.token_ids) for r in got)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_slots_refill_and_stay_full(tiny, pool, compiled):
+    """Two slots, eight requests of different lengths: requests enter as others finish (several encoder
+    calls, one run), the slots stay busy, and every request equals its run alone."""
+    reqs = [request(pool, i, max_new=3 + 2 * i, stop=None, min_new=0, sampled=i % 3 == 1, seed=i)
+            for i in range(len(pool))]
+    options = {"compile": True, "compile_options": {"backend": "eager"}} if compiled else {}
+    if compiled:
+        torch._dynamo.reset()  # earlier tests' graphs count towards the recompile limit of the shared step
+    gen = model.Generator(tiny, max_batch_size=2, check_every=1, **options)
+    got = gen.generate(reqs)
+    assert outcome(got) == outcome(alone(tiny, reqs))
+    assert gen.stats.micro_batches >= 4, "waiting requests never took a finished row's slot"
+    assert gen.compile_fallback is None
+    if not compiled:  # compiled, the 2 slots are a bucket of 2; eager, checked every step: no idle slot-step
+        assert gen.stats.slot_occupancy > 0.8, gen.stats
+
+
+def test_refill_writes_the_new_request_over_the_old_one(tiny):
+    """A cache row refilled with a request holds exactly what a fresh cache of that request holds."""
+    ours = tiny
+    a, b = random_prompts([20, 7], seed=4)
+    with torch.inference_mode():
+        mem_a = ours.encode(torch.tensor([a]), torch.ones(1, 20, dtype=torch.bool))
+        mem_b = ours.encode(torch.tensor([b]), torch.ones(1, 7, dtype=torch.bool))
+        cache = ours.start_decoding(mem_a, torch.ones(1, 20, dtype=torch.bool), 8, widths=[20], per_row=True)
+        for _ in range(3):
+            ours.decode_step(torch.tensor([SPECIAL["bos"]]), cache)
+        cache.refill([0], ours.cross_kv(mem_b), torch.ones(1, 7, dtype=torch.bool), [7])
+        fresh = ours.start_decoding(torch.nn.functional.pad(mem_b, (0, 0, 0, 13)),
+                                    torch.arange(20)[None] < 7, 8, widths=[7], per_row=True)
+        assert cache.position.tolist() == [0]
+        for kind in cache.masks:
+            assert torch.equal(cache.masks[kind], fresh.masks[kind])
+        for old, new in zip(cache.layers, fresh.layers):
+            assert torch.equal(old.keys[:, :, old.size:], new.keys[:, :, new.size:])
+            assert torch.equal(old.values[:, :, old.size:], new.values[:, :, new.size:])
+        assert torch.equal(ours.decode_step(torch.tensor([SPECIAL["bos"]]), cache),
+                           ours.decode_step(torch.tensor([SPECIAL["bos"]]), fresh))
+
+
+def test_memory_budget_sets_the_slots(tiny, pool, monkeypatch):
+    """A memory budget of three slots' bytes: runs decode through three slots (not the token budget's
+    eight), refill the rest, and every request still equals its run alone."""
+    reqs = [request(pool, i, max_new=4 + i, stop=None, min_new=0, sampled=False, seed=0) for i in range(len(pool))]
+    probe = model.Generator(tiny)
+    width, steps = max(len(r.input_ids) for r in reqs), max(r.params.max_new_tokens for r in reqs) + 1
+    budget = 3 * probe._slot_bytes(width, steps) + 1
+    batch_rows = []
+    start = type(tiny).start_decoding
+
+    def recording(self, memory, *args, **kwargs):
+        batch_rows.append(memory.shape[0])
+        return start(self, memory, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny), "start_decoding", recording)
+    gen = model.Generator(tiny, memory_budget=budget)
+    got = gen.generate(reqs)
+    assert batch_rows == [3]
+    assert outcome(got) == outcome(alone(tiny, reqs))
+    batch_rows.clear()
+    model.Generator(tiny).generate(reqs)
+    assert batch_rows == [len(reqs)]  # no budget on CPU: the token budget alone
