@@ -25,7 +25,8 @@ present; `Tokenizer.file` says which was read. With tokenizer.model:
 With tokenizer.json, the `tokenizers` library encodes and decodes the text itself, exactly as
 transformers does with that file (its added tokens matched in raw text, its normalizer, byte
 fallback and decoder; its truncation and padding settings off); pad/eos/bos/unk are the tokens
-tokenizer_config.json names (special_tokens_map.json, then Gemma's names, where it names none).
+tokenizer_config.json names (special_tokens_map.json over it, as transformers reads it when
+tokenizer_config.json has no added_tokens_decoder; Gemma's names for tokens neither names).
 Prompts, image expansion and `add_bos` / `add_eos` are the same code for both files, so a
 tokenizer.json converted from a tokenizer.model gives identical prompt ids.
 
@@ -398,8 +399,11 @@ class Tokenizer:
         config = _read_json(src, CONFIG_FILE)
         if src.exists(TOKENIZER_FILE):
             return cls(src.read_bytes(TOKENIZER_FILE), config, description=f"{src.description}/{TOKENIZER_FILE}")
-        names = dict(_read_json(src, SPECIAL_TOKENS_MAP) or {})
-        names.update(_read_json(src, TOKENIZER_CONFIG) or {})  # tokenizer_config.json wins, as in transformers
+        names = dict(_read_json(src, TOKENIZER_CONFIG) or {})
+        if "added_tokens_decoder" not in names:
+            # transformers' legacy rule: without added_tokens_decoder in tokenizer_config.json, the
+            # names in special_tokens_map.json are read over it; with one, that file is not read.
+            names.update(_read_json(src, SPECIAL_TOKENS_MAP) or {})
         return cls.from_tokenizer_json(src.read_bytes(TOKENIZER_JSON), names, config,
                                        description=f"{src.description}/{TOKENIZER_JSON}")
 
