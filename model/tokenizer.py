@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sentencepiece
+import tokenizers
 
 from .source import CheckpointError, CheckpointSource
 
@@ -237,9 +238,7 @@ class _TokenizersVocab:
     file = TOKENIZER_JSON
 
     def __init__(self, tokenizer_json: str | bytes, special_names: dict[str, Any], description: str):
-        """`special_names`: tokenizer_config.json (special_tokens_map.json under it) as one dict."""
-        import tokenizers
-
+        """`special_names`: the special token names of tokenizer_config.json (and special_tokens_map.json)."""
         self.description = description
         text = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
         try:

@@ -1,6 +1,7 @@
 """Model stage: prepared rows -> generated token ids, one Generator call per batch.
 
-`Infer(source, dtype, device, tasks, ...)` loads the model once (in `__init__`, so once per actor)
+`Infer(source, dtype, device, tasks, ...)` loads the model once (in `__init__`, so once per actor;
+with `adapter`, a PEFT LoRA adapter merged into its weights)
 and on each call turns every task's prompt ids (and the row's PIXELS) into a `model.Request`, runs
 all requests of the batch, every task together, through one `Generator.generate` call (which
 sorts and packs them by a token budget itself) and writes each task's output ids and finish
@@ -49,11 +50,14 @@ class Infer:
         max_batch_tokens: int = 65536,
         storage_options: dict | None = None,
         model=None,
+        adapter: str | None = None,
+        adapter_storage_options: dict | None = None,
     ):
         """`model` lets a caller pass an already loaded T5Gemma2 (tests); otherwise it is loaded here."""
         self.tasks = list(tasks)
         self.model = model if model is not None else load_pretrained(
-            source, dtype=dtype, device=device, storage_options=storage_options
+            source, dtype=dtype, device=device, storage_options=storage_options, adapter=adapter,
+            adapter_storage_options=adapter_storage_options,
         )
         self.config = self.model.config
         self.generator = Generator(self.model, max_batch_tokens=max_batch_tokens, device=device)

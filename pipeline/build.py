@@ -84,6 +84,8 @@ class InferSettings:
     gpus_per_actor: float  # GPUs Ray reserved for the actor; 0 runs on CPU
     cpus: float  # CPUs Ray reserved for the actor (torch threads on CPU)
     call_timeout_s: float  # the hang guard's limit on one call
+    adapter: str | None = None  # PEFT LoRA adapter merged into the weights at load (model.adapter)
+    adapter_storage_options: dict = field(default_factory=dict)  # fsspec options for the adapter
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,8 @@ class InferActor(Infer):
         if device == "cpu":
             torch.set_num_threads(max(1, int(settings.cpus)))
         super().__init__(source=settings.source, dtype=settings.dtype, device=device, tasks=list(settings.tasks),
-                         max_batch_tokens=settings.max_batch_tokens, storage_options=settings.storage_options)
+                         max_batch_tokens=settings.max_batch_tokens, storage_options=settings.storage_options,
+                         adapter=settings.adapter, adapter_storage_options=settings.adapter_storage_options)
         self.watchdog = CallWatchdog(settings.call_timeout_s)
 
     @staticmethod

@@ -152,7 +152,10 @@ def make_plan(v: Validated, todo: list[Unit]) -> build.Plan:
         infer=build.InferSettings(source=spec.model.source, dtype=spec.model.dtype,
                                   tasks=build.infer_tasks(spec.tasks), max_batch_tokens=r.max_batch_tokens,
                                   storage_options=model_options, gpus_per_actor=r.gpus_per_actor,
-                                  cpus=r.cpus_per_actor, call_timeout_s=r.call_timeout_s),
+                                  cpus=r.cpus_per_actor, call_timeout_s=r.call_timeout_s,
+                                  adapter=spec.model.adapter,
+                                  adapter_storage_options=spec.storage_options(spec.model.adapter)
+                                  if spec.model.adapter else {}),
         min_actors=r.min_actors,
         max_actors=r.max_actors,
         cpus_per_actor=r.cpus_per_actor,
@@ -267,6 +270,7 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
     except Interrupted as stop:
         log.error(f"stopped by {stop.name} during validation, before any work; nothing was written")
         raise
+    spec = v.spec  # with what validation resolved (the adapter's identity, part of the run config)
     store = v.store
     done = store.done()
     skipped = reports.RunStats()

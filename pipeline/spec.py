@@ -8,7 +8,8 @@ Only the file itself is checked here; whether the input columns, the model and t
 are really usable is checked against storage by `pipeline.run.validate` before any GPU work.
 
 Schema (README.md shows a whole job; jobs/examples/ holds commented ones):
-  [model]      source (required), dtype = "bfloat16" | "float16" | "float32"
+  [model]      source (required), dtype = "bfloat16" | "float16" | "float32", adapter (a PEFT LoRA
+               adapter directory, local or fsspec URI or hub id, merged into the weights at load)
   [input]      path (required; string or list; fsspec paths or globs), id_column, text_column,
                image_column, max_input_tokens (8192), long_input = "error" | "truncate",
                unique_ids (false: a repeated id is a duplicate_id error row; true: the job fails
@@ -98,6 +99,10 @@ class JobError(ValueError):
 class ModelSpec:
     source: str  # hub id, local directory or fsspec URI of the checkpoint directory
     dtype: str  # weights and compute dtype on the device
+    adapter: str | None = None  # PEFT LoRA adapter directory (local, fsspec URI or hub id) merged at load
+    # the adapter's files as stored (size plus ETag or mtime, per file), filled in by validation:
+    # a rewritten adapter at the same path is a different output
+    adapter_identity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,10 @@ class JobSpec:
         """Everything that decides the output rows' content and layout (no paths, no resources)."""
         return {
             "format_version": FORMAT_VERSION,
-            "model": {"source": self.model.source, "dtype": self.model.dtype},
+            "model": {"source": self.model.source, "dtype": self.model.dtype,
+                      # only with an adapter, so that jobs without one keep their run config hash
+                      **({"adapter": self.model.adapter, "adapter_identity": self.model.adapter_identity}
+                         if self.model.adapter else {})},
             "input": {
                 "id_column": self.input.id_column,
                 "text_column": self.input.text_column,
@@ -272,7 +280,7 @@ def _set_path(table: dict, parts: list[str], value: Any, key: str) -> None:
 # ---- validation ----------------------------------------------------------------------------
 
 _SECTIONS = {"model", "input", "output", "task", "resources", "storage"}
-_MODEL_KEYS = {"source", "dtype"}
+_MODEL_KEYS = {"source", "dtype", "adapter"}
 _INPUT_KEYS = {"path", "id_column", "text_column", "image_column", "max_input_tokens", "long_input", "unique_ids"}
 _OUTPUT_KEYS = {"path", "rows_per_file", "compression"}
 _TASK_KEYS = {"kind", "output_column", "prompt", "source_language", "target_language", *GENERATION_FIELDS}
@@ -376,8 +384,11 @@ def parse_job(raw: dict, origin: str = "<job>") -> JobSpec:
     model = ModelSpec(
         source=_str(m, "source", "model", required=True),
         dtype=_choice(m, "dtype", "model", "bfloat16", DTYPES),
+        adapter=_str(m, "adapter", "model"),
     )
     _check_path_text(model.source, "model.source")
+    if model.adapter:
+        _check_path_text(model.adapter, "model.adapter")
 
     i = _table(raw, "input")
     _unknown(i, _INPUT_KEYS, "input")
