@@ -65,7 +65,7 @@ class ReadSettings:
 class PrepareSettings:
     """What the prepare stage takes (operators.prepare.Prepare is built from it once per worker)."""
 
-    source: str  # checkpoint (for tokenizer.model and preprocessor_config.json)
+    source: str  # checkpoint (for tokenizer.model or tokenizer.json, and preprocessor_config.json)
     storage_options: dict  # fsspec options for the checkpoint
     tasks: tuple  # PromptTask per task
     max_input_tokens: int  # longest prompt, image tokens included (input.max_input_tokens)
