@@ -48,7 +48,7 @@ import hashlib
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -69,6 +69,7 @@ class GenerationParams:
     num_beams: int = 1  # > 1 = beam search
     length_penalty: float = 1.0  # beam score = sum of log-probs / length ** length_penalty
     eos_token_ids: tuple[int, ...] | None = None  # None = the checkpoint's
+    num_return_sequences: int = 1  # outputs per request: n samples (sample j seeded apart) or the n best beams
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -85,6 +86,11 @@ class GenerationParams:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.temperature > 0:
             raise ValueError("beam search with sampling is not supported: set temperature = 0 or num_beams = 1")
+        if self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.num_return_sequences > max(1, self.num_beams) and self.temperature == 0:
+            raise ValueError(f"num_return_sequences = {self.num_return_sequences} needs sampling (temperature > 0) or "
+                             f"at least as many beams (num_beams = {self.num_beams}): greedy decoding has one result")
         if self.eos_token_ids is not None and not self.eos_token_ids:
             raise ValueError("eos_token_ids must be None (the checkpoint's) or a non-empty tuple")
 
@@ -108,6 +114,9 @@ class Result:
     finish_reason: str  # "eos" | "length" | "error"
     error: str | None = None  # what went wrong when finish_reason == "error"
     error_kind: str | None = None  # "out_of_memory" | "invalid_request"
+    # num_return_sequences > 1: every (token ids, finish reason), best beam or sample 0 first (token_ids
+    # and finish_reason repeat the first); None for a single result
+    sequences: list[tuple[list[int], str]] | None = None
 
 
 @dataclass
@@ -310,15 +319,30 @@ class Generator:
                 results[i] = Result([], "error", problem, "invalid_request")
             else:
                 runnable.append(i)
+        # n samples of a request decode as n requests (sample j seeded apart), adjacent in every order
+        # below, so that one encoder call encodes their prompt once (_encode).
+        work = [_sample_request(requests[i], j) for i in runnable for j in range(_samples(requests[i]))]
+        origin = [i for i in runnable for _ in range(_samples(requests[i]))]
+        done: list[Result | None] = [None] * len(work)
         # Beam requests first grouped by width, then every group sorted by encoder length.
-        runnable.sort(key=lambda i: (_kind(requests[i]), len(requests[i].input_ids)))
-        sampling = [i for i in runnable if _kind(requests[i]) == 1]
-        beam = [i for i in runnable if _kind(requests[i]) > 1]
+        order = sorted(range(len(work)), key=lambda k: (_kind(work[k]), len(work[k].input_ids)))
+        sampling = [k for k in order if _kind(work[k]) == 1]
+        beam = [k for k in order if _kind(work[k]) > 1]
         with torch.inference_mode():
-            for run in self.refill_runs(requests, sampling):
-                self._run_splitting(requests, run, results)
-            for batch in self.plan(requests, beam):
-                self._run_splitting(requests, list(batch.requests), results)
+            for run in self.refill_runs(work, sampling):
+                self._run_splitting(work, run, done)
+            for batch in self.plan(work, beam):
+                self._run_splitting(work, list(batch.requests), done)
+        samples: dict[int, list[Result]] = {}
+        for i, result in zip(origin, done):
+            samples.setdefault(i, []).append(result)  # type: ignore[arg-type]
+        for i, got in samples.items():
+            failed = [r for r in got if r.finish_reason == "error"]
+            if len(got) == 1 or failed:  # one failed sample fails the request (its rows are retried whole)
+                results[i] = (failed or got)[0]
+            else:
+                results[i] = Result(got[0].token_ids, got[0].finish_reason,
+                                    sequences=[(r.token_ids, r.finish_reason) for r in got])
         self.stats.requests += len(requests)
         self.stats.seconds += time.perf_counter() - start
         self.stats.compiled = self._compiled is not None
@@ -345,21 +369,28 @@ class Generator:
     # ---- one micro-batch ---------------------------------------------------------------------
 
     def _encode(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder once per request -> memory [R, S, H] and its padding mask [R, S]."""
+        """Encoder once per prompt -> memory [R, S, H] and its padding mask [R, S]. Requests that share
+        their prompt objects (the samples of one request, see _sample_request) share one encoding."""
         cfg = self.config
-        longest = max(len(r.input_ids) for r in reqs)
-        ids = torch.full((len(reqs), longest), cfg.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(reqs), longest), dtype=torch.bool)
-        for row, req in enumerate(reqs):
+        keys: dict[tuple[int, int], int] = {}
+        index = [keys.setdefault((id(r.input_ids), id(r.pixel_values)), len(keys)) for r in reqs]
+        firsts = list({k: r for r, k in zip(reqs, index)}.values())  # one request per prompt, in order
+        longest = max(len(r.input_ids) for r in firsts)
+        ids = torch.full((len(firsts), longest), cfg.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(firsts), longest), dtype=torch.bool)
+        for row, req in enumerate(firsts):
             ids[row, : len(req.input_ids)] = torch.tensor(req.input_ids)
             mask[row, : len(req.input_ids)] = True
         ids, mask = ids.to(self.device), mask.to(self.device)
-        images = [r.pixel_values for r in reqs if r.pixel_values is not None]
+        images = [r.pixel_values for r in firsts if r.pixel_values is not None]
         pixels = torch.cat(images).to(self.device, self.model.embed_tokens.weight.dtype) if images else None
-        memory = self.model.encode(ids, mask, pixel_values=pixels)  # [R, S, H]
+        memory = self.model.encode(ids, mask, pixel_values=pixels)  # [P, S, H], P prompts
         self.stats.micro_batches += 1
-        self.stats.real_encoder_tokens += sum(len(r.input_ids) for r in reqs)
+        self.stats.real_encoder_tokens += sum(len(r.input_ids) for r in firsts)
         self.stats.padded_encoder_tokens += ids.numel()
+        if len(firsts) < len(reqs):  # [P, ...] -> [R, ...]: each request its prompt's row
+            rows = torch.tensor(index, device=self.device)
+            memory, mask = memory.index_select(0, rows), mask.index_select(0, rows)
         return memory, mask
 
     def _eos_lists(self, reqs: list[Request]) -> list[list[int]]:
@@ -585,14 +616,38 @@ class Generator:
             self.stats.decode_row_steps += len(reqs) * beams
             if (step + 1) % self.check_every == 0 and bool(state.stop):  # one read per check
                 break
-        best = torch.cat((state.fin_len[:, :1], state.fin_seqs[:, 0]), 1).tolist()  # one read per micro-batch
+        # [R, K, 1 + steps]: length then tokens of each finished hypothesis, best first; one read per micro-batch
+        best = torch.cat((state.fin_len[:, :, None], state.fin_seqs), 2).tolist()
         results = []
-        for r in range(len(reqs)):
-            length, ids = best[r][0], best[r][1 : 1 + best[r][0]]
-            ended = bool(length) and ids[-1] in set(eos_lists[r])
-            results.append(Result(ids, "eos" if ended else "length"))
-            self.stats.generated_tokens += length
+        for r, req in enumerate(reqs):
+            returned = []
+            for length, *tokens in best[r][: req.params.num_return_sequences]:
+                ids = tokens[:length]
+                ended = bool(length) and ids[-1] in set(eos_lists[r])
+                returned.append((ids, "eos" if ended else "length"))
+                self.stats.generated_tokens += length
+            ids, reason = returned[0]
+            results.append(Result(ids, reason, sequences=returned if len(returned) > 1 else None))
         return results
+
+
+def _samples(request: Request) -> int:
+    """Decode rows a request takes as separate requests: its n samples (beams return n from one search)."""
+    return request.params.num_return_sequences if request.params.num_beams == 1 else 1
+
+
+def _sample_request(request: Request, sample: int) -> Request:
+    """Sample `sample` of a request: sample 0 is the request as it would run alone with n = 1; the
+    others are seeded apart, from its seed and their number. The prompt objects are shared (not
+    copied), which is how _encode knows to encode them once."""
+    if _samples(request) == 1:  # one sample, or beam search (which returns its n best itself)
+        return request
+    seed = request.params.seed
+    if sample > 0:
+        digest = hashlib.blake2b(f"{_seed32(request)}:{sample}".encode(), digest_size=4).digest()
+        seed = int.from_bytes(digest, "little")
+    params = replace(request.params, seed=seed, num_return_sequences=1)
+    return Request(request.input_ids, pixel_values=request.pixel_values, params=params)
 
 
 def _kind(request: Request) -> int:
