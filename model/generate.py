@@ -48,6 +48,7 @@ import hashlib
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -104,7 +105,9 @@ class Request:
     """One prompt: token ids with image placeholders already expanded, and its images."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None = None  # [N, 3, S, S] for the N images of the prompt, or None
+    # [N, 3, S, S] for the N images of the prompt, or None: float pixel values, or uint8 before rescale and
+    # normalize (the Generator's pixel_normalizer finishes them on its device: a quarter of the bytes to move)
+    pixel_values: torch.Tensor | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
 
 
@@ -194,6 +197,7 @@ class Generator:
         compile: bool | None = None,
         compile_options: dict | None = None,
         memory_budget: int | None = None,
+        pixel_normalizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         """check_every: steps between two reads of the finished flags (the loop's only device reads);
         compile: torch.compile the decode step (None = on for CUDA, off on CPU, where eager measured
@@ -201,7 +205,8 @@ class Generator:
         keyword arguments for torch.compile (default: fullgraph, and mode "reduce-overhead" on CUDA);
         memory_budget: bytes the slots of a greedy/sampling run may hold (None: on CUDA the free device
         memory less MEMORY_MARGIN, on CPU no limit); max_batch_tokens and max_batch_size stay caps, and
-        the out-of-memory split stays the last resort."""
+        the out-of-memory split stays the last resort; pixel_normalizer: uint8 [N, 3, S, S] -> float pixel
+        values on the device (ImageProcessor.normalizer()), for requests whose pixel_values are uint8."""
         if max_batch_tokens < 1 or max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
         if check_every < 1:
@@ -212,6 +217,7 @@ class Generator:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.memory_budget = memory_budget
+        self.pixel_normalizer = pixel_normalizer
         # Finished rows stay in the running batch until they are this share of it: dropping
         # them copies the caches, so it is done in bulk rather than at every finish.
         self.compact_fraction = compact_fraction
@@ -251,6 +257,8 @@ class Generator:
             size = cfg.vision.image_size
             if tuple(request.pixel_values.shape[1:]) != (cfg.vision.num_channels, size, size):
                 return f"pixel_values must be [N, {cfg.vision.num_channels}, {size}, {size}]"
+            if request.pixel_values.dtype == torch.uint8 and self.pixel_normalizer is None:
+                return "uint8 pixel_values need a Generator built with pixel_normalizer (ImageProcessor.normalizer())"
         return None
 
     def plan(self, requests: list[Request], order: list[int]) -> list[MicroBatch]:
@@ -383,7 +391,13 @@ class Generator:
             mask[row, : len(req.input_ids)] = True
         ids, mask = ids.to(self.device), mask.to(self.device)
         images = [r.pixel_values for r in firsts if r.pixel_values is not None]
-        pixels = torch.cat(images).to(self.device, self.model.embed_tokens.weight.dtype) if images else None
+        pixels = None
+        if images:
+            dtype = self.model.embed_tokens.weight.dtype
+            # uint8 images travel as such and are rescaled and normalized on the device; float ones as given.
+            kinds = {image.dtype == torch.uint8 for image in images}
+            parts = [torch.cat(images)] if len(kinds) == 1 else images  # one copy and one lookup when all alike
+            pixels = torch.cat([self._pixels(part) for part in parts]).to(dtype)
         memory = self.model.encode(ids, mask, pixel_values=pixels)  # [P, S, H], P prompts
         self.stats.micro_batches += 1
         self.stats.real_encoder_tokens += sum(len(r.input_ids) for r in firsts)
@@ -392,6 +406,10 @@ class Generator:
             rows = torch.tensor(index, device=self.device)
             memory, mask = memory.index_select(0, rows), mask.index_select(0, rows)
         return memory, mask
+
+    def _pixels(self, image: torch.Tensor) -> torch.Tensor:
+        image = image.to(self.device)
+        return self.pixel_normalizer(image) if image.dtype == torch.uint8 else image
 
     def _eos_lists(self, reqs: list[Request]) -> list[list[int]]:
         """[R][E] EOS ids per request; short lists padded with their own first id (harmless repeats)."""
