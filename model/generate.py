@@ -138,6 +138,7 @@ class GeneratorStats:
     seconds: float = 0.0
     compiled: bool = False  # the decode step ran compiled (False: eager, by choice or after a fallback)
     compile_fallback: str | None = None  # why compiling failed, when it did
+    attention: str = "sdpa"  # how decode steps attended last: "flex" or "sdpa" (Generator(attention=...))
 
     @property
     def padding_efficiency(self) -> float:
@@ -362,6 +363,7 @@ class Generator:
         self.stats.seconds += time.perf_counter() - start
         self.stats.compiled = self._compiled is not None
         self.stats.compile_fallback = self.compile_fallback
+        self.stats.attention = self.attention
         return results  # type: ignore[return-value]
 
     def _run_splitting(self, requests, batch: list[int], results) -> None:
