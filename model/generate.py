@@ -3,7 +3,7 @@
 `Generator(model).generate(requests)`:
 1. checks each request (a malformed one becomes that request's error result);
 2. sorts by encoder length; greedy and sampled requests go into refill runs (`refill_runs`:
-   requests within RUN_WIDTH_RATIO of the run's widest encoder length), beam requests into
+   requests that a run at its widest width still gives enough slots: RUN_SLOT_RATIO), beam requests into
    static micro-batches under a token budget (`plan`: `max_batch_tokens` counts padded encoder
    tokens, image tokens included, times rows, one row per beam);
 3. a refill run decodes through a fixed number of slots (the token budget at the run's widest
@@ -48,7 +48,8 @@ import hashlib
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -69,6 +70,7 @@ class GenerationParams:
     num_beams: int = 1  # > 1 = beam search
     length_penalty: float = 1.0  # beam score = sum of log-probs / length ** length_penalty
     eos_token_ids: tuple[int, ...] | None = None  # None = the checkpoint's
+    num_return_sequences: int = 1  # outputs per request: n samples (sample j seeded apart) or the n best beams
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -85,6 +87,11 @@ class GenerationParams:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.temperature > 0:
             raise ValueError("beam search with sampling is not supported: set temperature = 0 or num_beams = 1")
+        if self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.num_return_sequences > max(1, self.num_beams) and self.temperature == 0:
+            raise ValueError(f"num_return_sequences = {self.num_return_sequences} needs sampling (temperature > 0) or "
+                             f"at least as many beams (num_beams = {self.num_beams}): greedy decoding has one result")
         if self.eos_token_ids is not None and not self.eos_token_ids:
             raise ValueError("eos_token_ids must be None (the checkpoint's) or a non-empty tuple")
 
@@ -98,7 +105,9 @@ class Request:
     """One prompt: token ids with image placeholders already expanded, and its images."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None = None  # [N, 3, S, S] for the N images of the prompt, or None
+    # [N, 3, S, S] for the N images of the prompt, or None: float pixel values, or uint8 before rescale and
+    # normalize (the Generator's pixel_normalizer finishes them on its device: a quarter of the bytes to move)
+    pixel_values: torch.Tensor | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
 
 
@@ -108,6 +117,9 @@ class Result:
     finish_reason: str  # "eos" | "length" | "error"
     error: str | None = None  # what went wrong when finish_reason == "error"
     error_kind: str | None = None  # "out_of_memory" | "invalid_request"
+    # num_return_sequences > 1: every (token ids, finish reason), best beam or sample 0 first (token_ids
+    # and finish_reason repeat the first); None for a single result
+    sequences: list[tuple[list[int], str]] | None = None
 
 
 @dataclass
@@ -126,6 +138,7 @@ class GeneratorStats:
     seconds: float = 0.0
     compiled: bool = False  # the decode step ran compiled (False: eager, by choice or after a fallback)
     compile_fallback: str | None = None  # why compiling failed, when it did
+    attention: str = "sdpa"  # how decode steps attended last: "flex" or "sdpa" (Generator(attention=...))
 
     @property
     def padding_efficiency(self) -> float:
@@ -165,9 +178,13 @@ def row_bucket(rows: int) -> int:
 class Generator:
     """Bucketed, batch-invariant decoding for a T5Gemma2 model."""
 
-    # A refill run takes requests down to 1/RUN_WIDTH_RATIO of its widest: padded encoder keys cost a
-    # step some attention reads, while every extra run ends in a tail where its slots drain.
-    RUN_WIDTH_RATIO = 4
+    # A refill run takes a request while it gives it at least 1/RUN_SLOT_RATIO of the slots a run at the
+    # request's own width would (a run's slots are the token budget over its widest request): every extra
+    # run ends in a tail where its slots drain and costs its steps again, while a narrow request in a wide
+    # run costs only the padded keys its step reads. Where max_batch_size binds rather than the budget,
+    # width costs no slots, so one run takes all (measured on CPU: 600 longtail rows 1.16 s in one run
+    # against 1.48 s in two, occupancy 0.93 against 0.88; docs/perf.md).
+    RUN_SLOT_RATIO = 4
 
     def __init__(
         self,
@@ -181,6 +198,8 @@ class Generator:
         compile: bool | None = None,
         compile_options: dict | None = None,
         memory_budget: int | None = None,
+        pixel_normalizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        attention: str | None = None,
     ):
         """check_every: steps between two reads of the finished flags (the loop's only device reads);
         compile: torch.compile the decode step (None = on for CUDA, off on CPU, where eager measured
@@ -188,7 +207,11 @@ class Generator:
         keyword arguments for torch.compile (default: fullgraph, and mode "reduce-overhead" on CUDA);
         memory_budget: bytes the slots of a greedy/sampling run may hold (None: on CUDA the free device
         memory less MEMORY_MARGIN, on CPU no limit); max_batch_tokens and max_batch_size stay caps, and
-        the out-of-memory split stays the last resort."""
+        the out-of-memory split stays the last resort; pixel_normalizer: uint8 [N, 3, S, S] -> float pixel
+        values on the device (ImageProcessor.normalizer()), for requests whose pixel_values are uint8;
+        attention: how a decode step attends, "flex" (FlexAttention: only real keys, no mask; fast only
+        compiled) or "sdpa" (a float mask, rows in length groups when eager); None = flex where the step is
+        compiled on CUDA, sdpa elsewhere (eager FlexAttention is a slow reference implementation)."""
         if max_batch_tokens < 1 or max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
         if check_every < 1:
@@ -199,6 +222,7 @@ class Generator:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.memory_budget = memory_budget
+        self.pixel_normalizer = pixel_normalizer
         # Finished rows stay in the running batch until they are this share of it: dropping
         # them copies the caches, so it is done in bulk rather than at every finish.
         self.compact_fraction = compact_fraction
@@ -207,6 +231,9 @@ class Generator:
         # refilled once they are this share of the slots: one encoder call per group, not per row.
         self.refill_fraction = refill_fraction
         self.compile = self.device.type == "cuda" if compile is None else bool(compile)
+        if attention not in (None, "flex", "sdpa"):
+            raise ValueError(f"attention must be 'flex', 'sdpa' or None (the device default), got {attention!r}")
+        self.attention = attention or ("flex" if self.compile and self.device.type == "cuda" else "sdpa")
         options = {"fullgraph": True}
         if self.device.type == "cuda":
             options["mode"] = "reduce-overhead"  # CUDA graphs: one replay per step instead of ~1,000 launches
@@ -217,6 +244,10 @@ class Generator:
         self._compiled = {"sampling": _compiled_step(_sampling_step, options),
                           "beam": _compiled_step(_beam_step, beam_options)} if self.compile else None
         self.compile_fallback: str | None = None  # why compiling failed, when it did
+        # Compiled: the decode state of the last run's shape, reused by the next run of that shape so that
+        # a CUDA graph recorded over its buffers replays instead of being recorded again (every run would
+        # otherwise add a graph to the tree). One shape at a time, so it holds no memory beyond a run's.
+        self._state: tuple[tuple, DecoderCache, _Rows] | None = None
         self.stats = GeneratorStats()
 
     # ---- planning ----------------------------------------------------------------------------
@@ -238,6 +269,8 @@ class Generator:
             size = cfg.vision.image_size
             if tuple(request.pixel_values.shape[1:]) != (cfg.vision.num_channels, size, size):
                 return f"pixel_values must be [N, {cfg.vision.num_channels}, {size}, {size}]"
+            if request.pixel_values.dtype == torch.uint8 and self.pixel_normalizer is None:
+                return "uint8 pixel_values need a Generator built with pixel_normalizer (ImageProcessor.normalizer())"
         return None
 
     def plan(self, requests: list[Request], order: list[int]) -> list[MicroBatch]:
@@ -265,9 +298,9 @@ class Generator:
     def refill_runs(self, requests: list[Request], order: list[int]) -> list[list[int]]:
         """Greedy/sampling request indices (sorted by encoder length) -> refill runs: each run decodes
         through one fixed set of slots (see _run_sampling) at the width of its widest request, so a
-        run takes the requests longer than 1/RUN_WIDTH_RATIO of that width (prompts up to
-        WIDTH_MULTIPLE tokens share one run), or all that are left when they fit its slots at once;
-        its slot count follows from the token budget at that width (_slots)."""
+        run takes the requests that it gives at least 1/RUN_SLOT_RATIO of the slots they would have in a
+        run of their own width (prompts up to WIDTH_MULTIPLE tokens share one run), or all that are left
+        when they fit its slots at once; its slot count follows from the token budget at that width (_slots)."""
         runs: list[list[int]] = []
         for left, i in enumerate(reversed(order)):
             length = len(requests[i].input_ids)
@@ -278,7 +311,8 @@ class Generator:
                     width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
                 # Everything left fits the run's slots at once: one decode loop, not two that each drain.
                 fits = len(runs[-1]) + len(order) - left <= self._slot_cap(widest)
-                if fits or self.RUN_WIDTH_RATIO * length > width or width == WIDTH_MULTIPLE:
+                enough = self.RUN_SLOT_RATIO * self._slot_cap(width) >= self._slot_cap(max(WIDTH_MULTIPLE, length))
+                if fits or enough or width == WIDTH_MULTIPLE:
                     runs[-1].append(i)
                     continue
             runs.append([i])
@@ -305,19 +339,35 @@ class Generator:
                 results[i] = Result([], "error", problem, "invalid_request")
             else:
                 runnable.append(i)
+        # n samples of a request decode as n requests (sample j seeded apart), adjacent in every order
+        # below, so that one encoder call encodes their prompt once (_encode).
+        work = [_sample_request(requests[i], j) for i in runnable for j in range(_samples(requests[i]))]
+        origin = [i for i in runnable for _ in range(_samples(requests[i]))]
+        done: list[Result | None] = [None] * len(work)
         # Beam requests first grouped by width, then every group sorted by encoder length.
-        runnable.sort(key=lambda i: (_kind(requests[i]), len(requests[i].input_ids)))
-        sampling = [i for i in runnable if _kind(requests[i]) == 1]
-        beam = [i for i in runnable if _kind(requests[i]) > 1]
+        order = sorted(range(len(work)), key=lambda k: (_kind(work[k]), len(work[k].input_ids)))
+        sampling = [k for k in order if _kind(work[k]) == 1]
+        beam = [k for k in order if _kind(work[k]) > 1]
         with torch.inference_mode():
-            for run in self.refill_runs(requests, sampling):
-                self._run_splitting(requests, run, results)
-            for batch in self.plan(requests, beam):
-                self._run_splitting(requests, list(batch.requests), results)
+            for run in self.refill_runs(work, sampling):
+                self._run_splitting(work, run, done)
+            for batch in self.plan(work, beam):
+                self._run_splitting(work, list(batch.requests), done)
+        samples: dict[int, list[Result]] = {}
+        for i, result in zip(origin, done):
+            samples.setdefault(i, []).append(result)  # type: ignore[arg-type]
+        for i, got in samples.items():
+            failed = [r for r in got if r.finish_reason == "error"]
+            if len(got) == 1 or failed:  # one failed sample fails the request (its rows are retried whole)
+                results[i] = (failed or got)[0]
+            else:
+                results[i] = Result(got[0].token_ids, got[0].finish_reason,
+                                    sequences=[(r.token_ids, r.finish_reason) for r in got])
         self.stats.requests += len(requests)
         self.stats.seconds += time.perf_counter() - start
         self.stats.compiled = self._compiled is not None
         self.stats.compile_fallback = self.compile_fallback
+        self.stats.attention = self.attention
         return results  # type: ignore[return-value]
 
     def _run_splitting(self, requests, batch: list[int], results) -> None:
@@ -340,22 +390,39 @@ class Generator:
     # ---- one micro-batch ---------------------------------------------------------------------
 
     def _encode(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder once per request -> memory [R, S, H] and its padding mask [R, S]."""
+        """Encoder once per prompt -> memory [R, S, H] and its padding mask [R, S]. Requests that share
+        their prompt objects (the samples of one request, see _sample_request) share one encoding."""
         cfg = self.config
-        longest = max(len(r.input_ids) for r in reqs)
-        ids = torch.full((len(reqs), longest), cfg.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(reqs), longest), dtype=torch.bool)
-        for row, req in enumerate(reqs):
+        keys: dict[tuple[int, int], int] = {}
+        index = [keys.setdefault((id(r.input_ids), id(r.pixel_values)), len(keys)) for r in reqs]
+        firsts = list({k: r for r, k in zip(reqs, index)}.values())  # one request per prompt, in order
+        longest = max(len(r.input_ids) for r in firsts)
+        ids = torch.full((len(firsts), longest), cfg.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(firsts), longest), dtype=torch.bool)
+        for row, req in enumerate(firsts):
             ids[row, : len(req.input_ids)] = torch.tensor(req.input_ids)
             mask[row, : len(req.input_ids)] = True
         ids, mask = ids.to(self.device), mask.to(self.device)
-        images = [r.pixel_values for r in reqs if r.pixel_values is not None]
-        pixels = torch.cat(images).to(self.device, self.model.embed_tokens.weight.dtype) if images else None
-        memory = self.model.encode(ids, mask, pixel_values=pixels)  # [R, S, H]
+        images = [r.pixel_values for r in firsts if r.pixel_values is not None]
+        pixels = None
+        if images:
+            dtype = self.model.embed_tokens.weight.dtype
+            # uint8 images travel as such and are rescaled and normalized on the device; float ones as given.
+            kinds = {image.dtype == torch.uint8 for image in images}
+            parts = [torch.cat(images)] if len(kinds) == 1 else images  # one copy and one lookup when all alike
+            pixels = torch.cat([self._pixels(part) for part in parts]).to(dtype)
+        memory = self.model.encode(ids, mask, pixel_values=pixels)  # [P, S, H], P prompts
         self.stats.micro_batches += 1
-        self.stats.real_encoder_tokens += sum(len(r.input_ids) for r in reqs)
+        self.stats.real_encoder_tokens += sum(len(r.input_ids) for r in firsts)
         self.stats.padded_encoder_tokens += ids.numel()
+        if len(firsts) < len(reqs):  # [P, ...] -> [R, ...]: each request its prompt's row
+            rows = torch.tensor(index, device=self.device)
+            memory, mask = memory.index_select(0, rows), mask.index_select(0, rows)
         return memory, mask
+
+    def _pixels(self, image: torch.Tensor) -> torch.Tensor:
+        image = image.to(self.device)
+        return self.pixel_normalizer(image) if image.dtype == torch.uint8 else image
 
     def _eos_lists(self, reqs: list[Request]) -> list[list[int]]:
         """[R][E] EOS ids per request; short lists padded with their own first id (harmless repeats)."""
@@ -385,6 +452,8 @@ class Generator:
                               f"decoding eagerly from here on", RuntimeWarning, stacklevel=2)
                 self._compiled = None
                 self.compile = False  # later micro-batches need no buckets (the one running keeps its padding rows)
+                state[0].flex = False  # eager steps attend with SDPA over the masks the cache kept
+                self.attention = "sdpa"
         return (_sampling_step if kind == "sampling" else _beam_step)(self.model, *state)
 
     def _slots(self, reqs: list[Request]) -> tuple[int, int]:
@@ -421,7 +490,10 @@ class Generator:
         if budget is None and self.device.type == "cuda":
             # Blocks PyTorch's allocator caches (freed by an earlier run) are free to us, not to the driver.
             cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            budget = int((torch.cuda.mem_get_info(self.device)[0] + cached) * (1 - self.MEMORY_MARGIN))
+            # The held decode state is ours to reuse or free: counted as free, or the next run would get
+            # fewer slots, another shape, and a new state (back and forth).
+            held = 0 if self._state is None else _state_bytes(*self._state[1:])
+            budget = int((torch.cuda.mem_get_info(self.device)[0] + cached + held) * (1 - self.MEMORY_MARGIN))
         if budget is None:
             return None
         return max(1, budget // self._slot_bytes(width, steps))
@@ -469,10 +541,21 @@ class Generator:
         mask = torch.nn.functional.pad(mask, (0, pad_width, 0, slots - len(first)), value=False)
         alive = first + [-1] * (slots - len(first))  # slot -> request index (-1: free, or a finished row's)
         widths = [len(reqs[i].input_ids) if i >= 0 else 1 for i in alive]
-        cache = self.model.start_decoding(memory, mask, room, widths=widths, split=not self.compile, per_row=True)
-        del memory
         starting = [reqs[i] for i in first]
-        rows = _Rows.start(starting, slots, room, [eos[i] for i in first], self.config.bos_token_id, dev)
+        key = (slots, width, room, len(eos[0]), self.attention, self.model.embed_tokens.weight.dtype)
+        if self.compile and self._state is not None and self._state[0] == key:
+            _, cache, rows = self._state  # the last run's buffers, at the same addresses
+            cache.restore()
+            cache.refill(range(slots), self.model.cross_kv(memory), mask, widths)
+            rows.reset(starting, [eos[i] for i in first], self.config.bos_token_id)
+        else:
+            self._state = None  # freed before the new state is allocated
+            cache = self.model.start_decoding(memory, mask, room, widths=widths, split=not self.compile,
+                                              per_row=True, flex=self.attention == "flex")
+            rows = _Rows.start(starting, slots, room, [eos[i] for i in first], self.config.bos_token_id, dev)
+            if self.compile:
+                self._state = (key, cache, rows)
+        del memory
         sampler = _Sampler(starting, slots, dev, self.config.decoder.final_logit_softcapping, every=reqs)
         if self.compile and self.device.type == "cuda":
             _mark_static(cache, rows)
@@ -526,8 +609,9 @@ class Generator:
                     continue
                 keep = sorted(running + [s for s, a in enumerate(alive) if a < 0][: size - len(running)])
             index = torch.tensor(keep, device=dev)
-            cache.keep(keep, multiple=WIDTH_MULTIPLE if self.compile else 1)
-            rows.keep(index)
+            # Compiled: in place, into the front of the same buffers (the addresses a CUDA graph recorded).
+            cache.keep(keep, multiple=WIDTH_MULTIPLE if self.compile else 1, in_place=self.compile)
+            rows.keep(index, in_place=self.compile)
             sampler.keep(index)
             if self.compile and self.device.type == "cuda":
                 _mark_static(cache, rows)
@@ -571,7 +655,8 @@ class Generator:
         memory, mask = self._encode(reqs)
         eos_lists = self._eos_lists(reqs)
         steps = max(r.params.max_new_tokens for r in reqs)
-        cache = self.model.start_decoding(memory, mask, steps, repeat=beams, widths=[len(r.input_ids) for r in reqs])
+        cache = self.model.start_decoding(memory, mask, steps, repeat=beams, widths=[len(r.input_ids) for r in reqs],
+                                          flex=self.attention == "flex")
         del memory
         state = _Beams.start(reqs, beams, steps, eos_lists, self.config, self.device)
         for step in range(steps):
@@ -580,14 +665,38 @@ class Generator:
             self.stats.decode_row_steps += len(reqs) * beams
             if (step + 1) % self.check_every == 0 and bool(state.stop):  # one read per check
                 break
-        best = torch.cat((state.fin_len[:, :1], state.fin_seqs[:, 0]), 1).tolist()  # one read per micro-batch
+        # [R, K, 1 + steps]: length then tokens of each finished hypothesis, best first; one read per micro-batch
+        best = torch.cat((state.fin_len[:, :, None], state.fin_seqs), 2).tolist()
         results = []
-        for r in range(len(reqs)):
-            length, ids = best[r][0], best[r][1 : 1 + best[r][0]]
-            ended = bool(length) and ids[-1] in set(eos_lists[r])
-            results.append(Result(ids, "eos" if ended else "length"))
-            self.stats.generated_tokens += length
+        for r, req in enumerate(reqs):
+            returned = []
+            for length, *tokens in best[r][: req.params.num_return_sequences]:
+                ids = tokens[:length]
+                ended = bool(length) and ids[-1] in set(eos_lists[r])
+                returned.append((ids, "eos" if ended else "length"))
+                self.stats.generated_tokens += length
+            ids, reason = returned[0]
+            results.append(Result(ids, reason, sequences=returned if len(returned) > 1 else None))
         return results
+
+
+def _samples(request: Request) -> int:
+    """Decode rows a request takes as separate requests: its n samples (beams return n from one search)."""
+    return request.params.num_return_sequences if request.params.num_beams == 1 else 1
+
+
+def _sample_request(request: Request, sample: int) -> Request:
+    """Sample `sample` of a request: sample 0 is the request as it would run alone with n = 1; the
+    others are seeded apart, from its seed and their number. The prompt objects are shared (not
+    copied), which is how _encode knows to encode them once."""
+    if _samples(request) == 1:  # one sample, or beam search (which returns its n best itself)
+        return request
+    seed = request.params.seed
+    if sample > 0:
+        digest = hashlib.blake2b(f"{_seed32(request)}:{sample}".encode(), digest_size=4).digest()
+        seed = int.from_bytes(digest, "little")
+    params = replace(request.params, seed=seed, num_return_sequences=1)
+    return Request(request.input_ids, pixel_values=request.pixel_values, params=params)
 
 
 def _kind(request: Request) -> int:
@@ -721,11 +830,17 @@ def _pad_batch(memory: torch.Tensor, mask: torch.Tensor, rows: int) -> tuple[tor
     return memory, mask, rows - real
 
 
+def _state_bytes(cache: DecoderCache, rows: _Rows) -> int:
+    """Device bytes of a decode state as allocated (its keys and values dominate)."""
+    tensors = [t for layer in cache.layers for t in layer.full] + list(rows.full.values())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _mark_static(cache: DecoderCache, rows: _Rows) -> None:
     """CUDA graphs: the tensors a step writes in place keep their addresses across replays, so they
     are marked static (not copied into the graph's own buffers, which would lose the writes' point).
     guard=False: a new micro-batch's buffers do not force a recompile, only a new recording."""
-    tensors = [cache.position, rows.tokens, rows.out, rows.done, *cache.masks.values()]
+    tensors = [cache.position, cache.lengths, rows.tokens, rows.out, rows.done, *cache.masks.values()]
     tensors += [t for layer in cache.layers for t in (layer.keys, layer.values)]
     for t in tensors:
         torch._dynamo.mark_static_address(t, guard=False)
@@ -741,11 +856,14 @@ class _Rows:
     max_new: torch.Tensor  # [B] long
     min_new: torch.Tensor  # [B] long: EOS is banned at steps < min_new
     eos: torch.Tensor  # [B, E] long: EOS ids (repeats pad short lists)
+    full: dict | None = None  # the tensors as allocated (keep(in_place) leaves views of them: see reset)
+
+    FIELDS = ("tokens", "out", "done", "max_new", "min_new", "eos")
 
     @classmethod
     def start(cls, reqs: list[Request], rows: int, steps: int, eos: list[list[int]], bos: int, device) -> _Rows:
         pad = rows - len(reqs)  # padding rows: done from the start, limit 1, any EOS list
-        return cls(
+        state = cls(
             tokens=torch.full((rows,), bos, dtype=torch.long, device=device),
             out=torch.zeros((rows, steps), dtype=torch.long, device=device),
             done=torch.tensor([False] * len(reqs) + [True] * pad, device=device),
@@ -753,6 +871,20 @@ class _Rows:
             min_new=torch.tensor([r.params.min_new_tokens for r in reqs] + [0] * pad, device=device),
             eos=torch.tensor(eos + [eos[0]] * pad, device=device),
         )
+        state.full = {name: getattr(state, name) for name in cls.FIELDS}
+        return state
+
+    def reset(self, reqs: list[Request], eos: list[list[int]], bos: int) -> None:
+        """Start a new run in the tensors as allocated (in place: a captured graph's addresses stay):
+        the first rows take `reqs`, the rest pad (done, limit 1)."""
+        for name, tensor in self.full.items():
+            setattr(self, name, tensor)
+        n = len(reqs)
+        self.fill(torch.arange(n, device=self.tokens.device), reqs, eos, bos)
+        self.done[n:] = True
+        self.max_new[n:] = 1
+        self.min_new[n:] = 0
+        self.eos[n:] = self.eos[0]
 
     def fill(self, index: torch.Tensor, reqs: list[Request], eos: list[list[int]], bos: int) -> None:
         """Rows at `index` start the requests `reqs` (in place: a compiled step's buffers stay)."""
@@ -763,9 +895,12 @@ class _Rows:
         self.min_new.index_copy_(0, index, torch.tensor([r.params.min_new_tokens for r in reqs], device=dev))
         self.eos.index_copy_(0, index, torch.tensor(eos, device=dev))
 
-    def keep(self, index: torch.Tensor) -> None:
-        for name in ("tokens", "out", "done", "max_new", "min_new", "eos"):
-            setattr(self, name, getattr(self, name).index_select(0, index))
+    def keep(self, index: torch.Tensor, in_place: bool = False) -> None:
+        """Keep the rows at `index`: new tensors, or (in_place) moved to the front of these and viewed."""
+        for name in self.FIELDS:
+            tensor = getattr(self, name)
+            picked = tensor.index_select(0, index)
+            setattr(self, name, tensor[: index.shape[0]].copy_(picked) if in_place else picked)
 
 
 def _sampling_step(model: T5Gemma2, cache: DecoderCache, rows: _Rows, sampler: _Sampler) -> None:

@@ -1,8 +1,9 @@
 """Model stage: prepared rows -> generated token ids, one Generator call per batch.
 
 `Infer(source, dtype, device, tasks, ...)` loads the model once (in `__init__`, so once per actor;
-with `adapter`, a PEFT LoRA adapter merged into its weights)
-and on each call turns every task's prompt ids (and the row's PIXELS) into a `model.Request`, runs
+with `adapter`, a PEFT LoRA adapter merged into its weights) and on each call turns every task's
+prompt ids (and the row's PIXELS, uint8, rescaled and normalized on the model's device by the
+generator) into a `model.Request`, runs
 all requests of the batch, every task together, through one `Generator.generate` call (which
 sorts and packs them by a token budget itself) and writes each task's output ids and finish
 reason. Rows that prepare already marked as errors are passed through untouched. A request the
@@ -22,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from model.generate import GenerationParams, Generator, Request, Result
+from model.images import ImageProcessor
 from model.weights import load_pretrained
 
 from . import columns as C
@@ -50,17 +52,25 @@ class Infer:
         max_batch_tokens: int = 65536,
         storage_options: dict | None = None,
         model=None,
+        image_processor: ImageProcessor | None = None,
         adapter: str | None = None,
         adapter_storage_options: dict | None = None,
     ):
-        """`model` lets a caller pass an already loaded T5Gemma2 (tests); otherwise it is loaded here."""
+        """`model` and `image_processor` let a caller pass them ready (tests); otherwise they are loaded
+        here from the checkpoint (the processor only when a task reads images: it finishes the uint8
+        pixels prepare ships, on the model's device)."""
         self.tasks = list(tasks)
         self.model = model if model is not None else load_pretrained(
             source, dtype=dtype, device=device, storage_options=storage_options, adapter=adapter,
             adapter_storage_options=adapter_storage_options,
         )
         self.config = self.model.config
-        self.generator = Generator(self.model, max_batch_tokens=max_batch_tokens, device=device)
+        normalizer = None
+        if any(t.uses_image for t in self.tasks):
+            processor = image_processor or ImageProcessor.from_pretrained(source, storage_options)
+            normalizer = processor.normalizer()
+        self.generator = Generator(self.model, max_batch_tokens=max_batch_tokens, device=device,
+                                   pixel_normalizer=normalizer)
         size = self.config.vision.image_size
         self.pixel_shape = (self.config.vision.num_channels, size, size)
 
