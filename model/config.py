@@ -391,8 +391,11 @@ def _vision_config(raw: dict, where: str, warnings: list[str]) -> VisionConfig:
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 _GENERATION_ID_KEYS = ("eos_token_id", "decoder_start_token_id", "bos_token_id", "pad_token_id")
-# Bookkeeping keys transformers writes that say nothing about decoding.
-_GENERATION_BOOKKEEPING = frozenset({"transformers_version", "_from_model_config"})
+# Keys transformers writes that say nothing about which tokens are decoded (bookkeeping, what
+# generate() returns, its cache): not worth showing beside the sampling settings.
+_GENERATION_BOOKKEEPING = frozenset({"transformers_version", "_from_model_config", "use_cache", "cache_implementation",
+                                     "return_dict_in_generate", "output_attentions", "output_hidden_states",
+                                     "output_scores", "output_logits"})
 
 
 @dataclass(frozen=True)

@@ -261,10 +261,10 @@ class _TokenizersVocab:
             content = _token_content(special_names.get(key)) or default
             token_id = tk.token_to_id(content)
             if token_id is None:
-                raise CheckpointError(
-                    f"{description} has no token {content!r}, which {TOKENIZER_CONFIG} names as {key}"
-                    f"{'' if special_names.get(key) else ' (Gemma default)'}; use the tokenizer files of one checkpoint"
-                )
+                named = (f"which {TOKENIZER_CONFIG} names as {key}" if special_names.get(key) else
+                         f"Gemma's {key} ({TOKENIZER_CONFIG} names none)")
+                raise CheckpointError(f"{description} has no token {content!r}, {named}; use the tokenizer files of "
+                                      f"one checkpoint")
             ids[name] = token_id
         self.pad, self.eos, self.bos, self.unk = ids["pad"], ids["eos"], ids["bos"], ids["unk"]
         for key, ours in (("boi_token", BOI_TOKEN), ("eoi_token", EOI_TOKEN), ("image_token", IMAGE_TOKEN)):

@@ -102,7 +102,8 @@ def test_keys_the_file_leaves_out_keep_config_json_values(base, tmp_path):
 
 def test_settings_are_kept_to_be_shown(base, tmp_path):
     directory = with_generation_config(base, tmp_path, {"eos_token_id": 1, "do_sample": True, "top_p": 0.9,
-                                                        "transformers_version": "5.0.0", "_from_model_config": True})
+                                                        "transformers_version": "5.0.0", "_from_model_config": True,
+                                                        "use_cache": True, "output_attentions": False})
     generation = model.load_config(directory).generation
     assert generation.eos_token_ids == (1,) and dict(generation.settings) == {"do_sample": True, "top_p": 0.9}
 
