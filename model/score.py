@@ -41,7 +41,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .layers import decoder_self_masks
 from .t5gemma2 import Block, T5Gemma2

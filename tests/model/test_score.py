@@ -17,7 +17,7 @@ import torch
 import model
 from helpers.checkpoints import SHAPES, SPECIAL, build_reference, random_prompts, save_checkpoint
 from model import score as score_module
-from model.score import ScoreRequest, Scorer
+from model.score import Scorer, ScoreRequest
 
 TOLERANCE = 1e-4
 MM = 4  # mm_tokens_per_image of the test checkpoints
