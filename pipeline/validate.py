@@ -179,7 +179,7 @@ def _task_columns(spec: JobSpec) -> dict[tuple[str, str], tuple[str, str, list[s
             elif column == task.prompt_column:
                 setting, fix = f"task[{n}].prompt_column", f"set task[{n}].prompt_column to"
             else:
-                setting = f"task[{n}].prompt field {{{column}}}:"
+                setting = f"task[{n}].prompt field"
                 fix = f"fix task[{n}].prompt (fields name input columns; {{{{ and }}}} write a brace) to use"
             entry = found.setdefault((column, role), (setting, fix, []))
             entry[2].append(task.output_column)
