@@ -17,6 +17,7 @@ Not here: running the job (run.py), parsing the job file (spec.py).
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from dataclasses import dataclass
@@ -136,10 +137,13 @@ def _check_column(role: str, column: str, files: list[InputFile], readers: list[
         if typed:
             raise JobError(f"no input file has a usable {setting} {column!r}: {typed[0].message}")
         first, names = files[0].uri, ", ".join(files[0].schema.names)
+        close = difflib.get_close_matches(column, sorted({n for f in files for n in f.schema.names}), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         if len(files) == 1:
-            raise JobError(f"{setting} {column!r} is not a column of {first} (columns: {names}); {fix} one of them")
+            raise JobError(f"{setting} {column!r} is not a column of {first} (columns: {names}); {fix} one of "
+                           f"them{hint}")
         raise JobError(f"{setting} {column!r} is not a column of any of the {len(files)} input files; {fix} a "
-                       f"column they have (e.g. {first} has: {names})")
+                       f"column they have (e.g. {first} has: {names}){hint}")
     if not bad or not readers:
         return []  # a column no task reads is never read, whatever the files hold
     rows = sum(f.num_rows for f, _ in bad)

@@ -67,8 +67,8 @@ CLASSIFY = '[[task]]\nkind = "classify"\nlabels_column = "cands"\n'
     ('[[task]]\nkind = "generate"\nprompt_column = "instruction"\n',
      r"task\[0\].prompt_column 'instruction' is not a column of any of the 2 input files; set task\[0\].prompt_column "
      r"to a column they have"),
-    ('[[task]]\nkind = "classify"\nlabels_column = "choices"\n',
-     r"task\[0\].labels_column 'choices' is not a column of any"),
+    ('[[task]]\nkind = "classify"\nlabels_column = "cand"\n',
+     r"task\[0\].labels_column 'cand' is not a column of any.*\(did you mean 'cands'\?\)"),
     ('[[task]]\nkind = "classify"\nlabels_column = "question"\n',
      r"no input file has a usable task\[0\].labels_column 'question': .* has type string; labels must be a list of "
      r"strings"),
