@@ -3,7 +3,7 @@
 `Generator(model).generate(requests)`:
 1. checks each request (a malformed one becomes that request's error result);
 2. sorts by encoder length; greedy and sampled requests go into refill runs (`refill_runs`:
-   requests within RUN_WIDTH_RATIO of the run's widest encoder length), beam requests into
+   requests that a run at its widest width still gives enough slots: RUN_SLOT_RATIO), beam requests into
    static micro-batches under a token budget (`plan`: `max_batch_tokens` counts padded encoder
    tokens, image tokens included, times rows, one row per beam);
 3. a refill run decodes through a fixed number of slots (the token budget at the run's widest
@@ -48,7 +48,8 @@ import hashlib
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -69,6 +70,7 @@ class GenerationParams:
     num_beams: int = 1  # > 1 = beam search
     length_penalty: float = 1.0  # beam score = sum of log-probs / length ** length_penalty
     eos_token_ids: tuple[int, ...] | None = None  # None = the checkpoint's
+    num_return_sequences: int = 1  # outputs per request: n samples (sample j seeded apart) or the n best beams
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -85,6 +87,11 @@ class GenerationParams:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.temperature > 0:
             raise ValueError("beam search with sampling is not supported: set temperature = 0 or num_beams = 1")
+        if self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if self.num_return_sequences > max(1, self.num_beams) and self.temperature == 0:
+            raise ValueError(f"num_return_sequences = {self.num_return_sequences} needs sampling (temperature > 0) or "
+                             f"at least as many beams (num_beams = {self.num_beams}): greedy decoding has one result")
         if self.eos_token_ids is not None and not self.eos_token_ids:
             raise ValueError("eos_token_ids must be None (the checkpoint's) or a non-empty tuple")
 
@@ -98,7 +105,9 @@ class Request:
     """One prompt: token ids with image placeholders already expanded, and its images."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None = None  # [N, 3, S, S] for the N images of the prompt, or None
+    # [N, 3, S, S] for the N images of the prompt, or None: float pixel values, or uint8 before rescale and
+    # normalize (the Generator's pixel_normalizer finishes them on its device: a quarter of the bytes to move)
+    pixel_values: torch.Tensor | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
 
 
@@ -108,6 +117,9 @@ class Result:
     finish_reason: str  # "eos" | "length" | "error"
     error: str | None = None  # what went wrong when finish_reason == "error"
     error_kind: str | None = None  # "out_of_memory" | "invalid_request"
+    # num_return_sequences > 1: every (token ids, finish reason), best beam or sample 0 first (token_ids
+    # and finish_reason repeat the first); None for a single result
+    sequences: list[tuple[list[int], str]] | None = None
 
 
 @dataclass
@@ -165,9 +177,13 @@ def row_bucket(rows: int) -> int:
 class Generator:
     """Bucketed, batch-invariant decoding for a T5Gemma2 model."""
 
-    # A refill run takes requests down to 1/RUN_WIDTH_RATIO of its widest: padded encoder keys cost a
-    # step some attention reads, while every extra run ends in a tail where its slots drain.
-    RUN_WIDTH_RATIO = 4
+    # A refill run takes a request while it gives it at least 1/RUN_SLOT_RATIO of the slots a run at the
+    # request's own width would (a run's slots are the token budget over its widest request): every extra
+    # run ends in a tail where its slots drain and costs its steps again, while a narrow request in a wide
+    # run costs only the padded keys its step reads. Where max_batch_size binds rather than the budget,
+    # width costs no slots, so one run takes all (measured on CPU: 600 longtail rows 1.16 s in one run
+    # against 1.48 s in two, occupancy 0.93 against 0.88; docs/perf.md).
+    RUN_SLOT_RATIO = 4
 
     def __init__(
         self,
@@ -181,6 +197,7 @@ class Generator:
         compile: bool | None = None,
         compile_options: dict | None = None,
         memory_budget: int | None = None,
+        pixel_normalizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         """check_every: steps between two reads of the finished flags (the loop's only device reads);
         compile: torch.compile the decode step (None = on for CUDA, off on CPU, where eager measured
@@ -188,7 +205,8 @@ class Generator:
         keyword arguments for torch.compile (default: fullgraph, and mode "reduce-overhead" on CUDA);
         memory_budget: bytes the slots of a greedy/sampling run may hold (None: on CUDA the free device
         memory less MEMORY_MARGIN, on CPU no limit); max_batch_tokens and max_batch_size stay caps, and
-        the out-of-memory split stays the last resort."""
+        the out-of-memory split stays the last resort; pixel_normalizer: uint8 [N, 3, S, S] -> float pixel
+        values on the device (ImageProcessor.normalizer()), for requests whose pixel_values are uint8."""
         if max_batch_tokens < 1 or max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
         if check_every < 1:
@@ -199,6 +217,7 @@ class Generator:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
         self.memory_budget = memory_budget
+        self.pixel_normalizer = pixel_normalizer
         # Finished rows stay in the running batch until they are this share of it: dropping
         # them copies the caches, so it is done in bulk rather than at every finish.
         self.compact_fraction = compact_fraction
@@ -238,6 +257,8 @@ class Generator:
             size = cfg.vision.image_size
             if tuple(request.pixel_values.shape[1:]) != (cfg.vision.num_channels, size, size):
                 return f"pixel_values must be [N, {cfg.vision.num_channels}, {size}, {size}]"
+            if request.pixel_values.dtype == torch.uint8 and self.pixel_normalizer is None:
+                return "uint8 pixel_values need a Generator built with pixel_normalizer (ImageProcessor.normalizer())"
         return None
 
     def plan(self, requests: list[Request], order: list[int]) -> list[MicroBatch]:
@@ -265,9 +286,9 @@ class Generator:
     def refill_runs(self, requests: list[Request], order: list[int]) -> list[list[int]]:
         """Greedy/sampling request indices (sorted by encoder length) -> refill runs: each run decodes
         through one fixed set of slots (see _run_sampling) at the width of its widest request, so a
-        run takes the requests longer than 1/RUN_WIDTH_RATIO of that width (prompts up to
-        WIDTH_MULTIPLE tokens share one run), or all that are left when they fit its slots at once;
-        its slot count follows from the token budget at that width (_slots)."""
+        run takes the requests that it gives at least 1/RUN_SLOT_RATIO of the slots they would have in a
+        run of their own width (prompts up to WIDTH_MULTIPLE tokens share one run), or all that are left
+        when they fit its slots at once; its slot count follows from the token budget at that width (_slots)."""
         runs: list[list[int]] = []
         for left, i in enumerate(reversed(order)):
             length = len(requests[i].input_ids)
@@ -278,7 +299,8 @@ class Generator:
                     width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
                 # Everything left fits the run's slots at once: one decode loop, not two that each drain.
                 fits = len(runs[-1]) + len(order) - left <= self._slot_cap(widest)
-                if fits or self.RUN_WIDTH_RATIO * length > width or width == WIDTH_MULTIPLE:
+                enough = self.RUN_SLOT_RATIO * self._slot_cap(width) >= self._slot_cap(max(WIDTH_MULTIPLE, length))
+                if fits or enough or width == WIDTH_MULTIPLE:
                     runs[-1].append(i)
                     continue
             runs.append([i])
@@ -305,15 +327,30 @@ class Generator:
                 results[i] = Result([], "error", problem, "invalid_request")
             else:
                 runnable.append(i)
+        # n samples of a request decode as n requests (sample j seeded apart), adjacent in every order
+        # below, so that one encoder call encodes their prompt once (_encode).
+        work = [_sample_request(requests[i], j) for i in runnable for j in range(_samples(requests[i]))]
+        origin = [i for i in runnable for _ in range(_samples(requests[i]))]
+        done: list[Result | None] = [None] * len(work)
         # Beam requests first grouped by width, then every group sorted by encoder length.
-        runnable.sort(key=lambda i: (_kind(requests[i]), len(requests[i].input_ids)))
-        sampling = [i for i in runnable if _kind(requests[i]) == 1]
-        beam = [i for i in runnable if _kind(requests[i]) > 1]
+        order = sorted(range(len(work)), key=lambda k: (_kind(work[k]), len(work[k].input_ids)))
+        sampling = [k for k in order if _kind(work[k]) == 1]
+        beam = [k for k in order if _kind(work[k]) > 1]
         with torch.inference_mode():
-            for run in self.refill_runs(requests, sampling):
-                self._run_splitting(requests, run, results)
-            for batch in self.plan(requests, beam):
-                self._run_splitting(requests, list(batch.requests), results)
+            for run in self.refill_runs(work, sampling):
+                self._run_splitting(work, run, done)
+            for batch in self.plan(work, beam):
+                self._run_splitting(work, list(batch.requests), done)
+        samples: dict[int, list[Result]] = {}
+        for i, result in zip(origin, done):
+            samples.setdefault(i, []).append(result)  # type: ignore[arg-type]
+        for i, got in samples.items():
+            failed = [r for r in got if r.finish_reason == "error"]
+            if len(got) == 1 or failed:  # one failed sample fails the request (its rows are retried whole)
+                results[i] = (failed or got)[0]
+            else:
+                results[i] = Result(got[0].token_ids, got[0].finish_reason,
+                                    sequences=[(r.token_ids, r.finish_reason) for r in got])
         self.stats.requests += len(requests)
         self.stats.seconds += time.perf_counter() - start
         self.stats.compiled = self._compiled is not None
@@ -340,22 +377,39 @@ class Generator:
     # ---- one micro-batch ---------------------------------------------------------------------
 
     def _encode(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder once per request -> memory [R, S, H] and its padding mask [R, S]."""
+        """Encoder once per prompt -> memory [R, S, H] and its padding mask [R, S]. Requests that share
+        their prompt objects (the samples of one request, see _sample_request) share one encoding."""
         cfg = self.config
-        longest = max(len(r.input_ids) for r in reqs)
-        ids = torch.full((len(reqs), longest), cfg.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(reqs), longest), dtype=torch.bool)
-        for row, req in enumerate(reqs):
+        keys: dict[tuple[int, int], int] = {}
+        index = [keys.setdefault((id(r.input_ids), id(r.pixel_values)), len(keys)) for r in reqs]
+        firsts = list({k: r for r, k in zip(reqs, index)}.values())  # one request per prompt, in order
+        longest = max(len(r.input_ids) for r in firsts)
+        ids = torch.full((len(firsts), longest), cfg.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(firsts), longest), dtype=torch.bool)
+        for row, req in enumerate(firsts):
             ids[row, : len(req.input_ids)] = torch.tensor(req.input_ids)
             mask[row, : len(req.input_ids)] = True
         ids, mask = ids.to(self.device), mask.to(self.device)
-        images = [r.pixel_values for r in reqs if r.pixel_values is not None]
-        pixels = torch.cat(images).to(self.device, self.model.embed_tokens.weight.dtype) if images else None
-        memory = self.model.encode(ids, mask, pixel_values=pixels)  # [R, S, H]
+        images = [r.pixel_values for r in firsts if r.pixel_values is not None]
+        pixels = None
+        if images:
+            dtype = self.model.embed_tokens.weight.dtype
+            # uint8 images travel as such and are rescaled and normalized on the device; float ones as given.
+            kinds = {image.dtype == torch.uint8 for image in images}
+            parts = [torch.cat(images)] if len(kinds) == 1 else images  # one copy and one lookup when all alike
+            pixels = torch.cat([self._pixels(part) for part in parts]).to(dtype)
+        memory = self.model.encode(ids, mask, pixel_values=pixels)  # [P, S, H], P prompts
         self.stats.micro_batches += 1
-        self.stats.real_encoder_tokens += sum(len(r.input_ids) for r in reqs)
+        self.stats.real_encoder_tokens += sum(len(r.input_ids) for r in firsts)
         self.stats.padded_encoder_tokens += ids.numel()
+        if len(firsts) < len(reqs):  # [P, ...] -> [R, ...]: each request its prompt's row
+            rows = torch.tensor(index, device=self.device)
+            memory, mask = memory.index_select(0, rows), mask.index_select(0, rows)
         return memory, mask
+
+    def _pixels(self, image: torch.Tensor) -> torch.Tensor:
+        image = image.to(self.device)
+        return self.pixel_normalizer(image) if image.dtype == torch.uint8 else image
 
     def _eos_lists(self, reqs: list[Request]) -> list[list[int]]:
         """[R][E] EOS ids per request; short lists padded with their own first id (harmless repeats)."""
@@ -580,14 +634,38 @@ class Generator:
             self.stats.decode_row_steps += len(reqs) * beams
             if (step + 1) % self.check_every == 0 and bool(state.stop):  # one read per check
                 break
-        best = torch.cat((state.fin_len[:, :1], state.fin_seqs[:, 0]), 1).tolist()  # one read per micro-batch
+        # [R, K, 1 + steps]: length then tokens of each finished hypothesis, best first; one read per micro-batch
+        best = torch.cat((state.fin_len[:, :, None], state.fin_seqs), 2).tolist()
         results = []
-        for r in range(len(reqs)):
-            length, ids = best[r][0], best[r][1 : 1 + best[r][0]]
-            ended = bool(length) and ids[-1] in set(eos_lists[r])
-            results.append(Result(ids, "eos" if ended else "length"))
-            self.stats.generated_tokens += length
+        for r, req in enumerate(reqs):
+            returned = []
+            for length, *tokens in best[r][: req.params.num_return_sequences]:
+                ids = tokens[:length]
+                ended = bool(length) and ids[-1] in set(eos_lists[r])
+                returned.append((ids, "eos" if ended else "length"))
+                self.stats.generated_tokens += length
+            ids, reason = returned[0]
+            results.append(Result(ids, reason, sequences=returned if len(returned) > 1 else None))
         return results
+
+
+def _samples(request: Request) -> int:
+    """Decode rows a request takes as separate requests: its n samples (beams return n from one search)."""
+    return request.params.num_return_sequences if request.params.num_beams == 1 else 1
+
+
+def _sample_request(request: Request, sample: int) -> Request:
+    """Sample `sample` of a request: sample 0 is the request as it would run alone with n = 1; the
+    others are seeded apart, from its seed and their number. The prompt objects are shared (not
+    copied), which is how _encode knows to encode them once."""
+    if _samples(request) == 1:  # one sample, or beam search (which returns its n best itself)
+        return request
+    seed = request.params.seed
+    if sample > 0:
+        digest = hashlib.blake2b(f"{_seed32(request)}:{sample}".encode(), digest_size=4).digest()
+        seed = int.from_bytes(digest, "little")
+    params = replace(request.params, seed=seed, num_return_sequences=1)
+    return Request(request.input_ids, pixel_values=request.pixel_values, params=params)
 
 
 def _kind(request: Request) -> int:

@@ -322,6 +322,23 @@ class ImageProcessor:
         exactly as the reference processor treats a PIL image it is handed.
         """
         c = self.config
+        pixels = self.resize(image).numpy().transpose(1, 2, 0)  # [H, W, 3] uint8
+        if c.do_rescale:
+            # float64 product rounded once to float32, as the reference computes it.
+            pixels = (pixels.astype(np.float64) * c.rescale_factor).astype(np.float32)
+        else:
+            pixels = pixels.astype(np.float32)
+        if c.do_normalize:
+            pixels = (pixels - self._mean) / self._std  # float32 throughout
+        # [H, W, 3] -> [3, H, W], contiguous so torch owns plain strides.
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+    def resize(self, image: Image.Image | bytes | bytearray | memoryview) -> torch.Tensor:
+        """The first half of `preprocess`: decoded (or converted to RGB) and resized -> uint8 [3, H, W].
+
+        What the pipeline ships from its CPU stage (a quarter of float32's bytes); `normalizer()`
+        finishes it on the model's device, equal to `preprocess` bit for bit."""
+        c = self.config
         if isinstance(image, Image.Image):
             image = self.to_rgb(image)
         else:
@@ -335,16 +352,19 @@ class ImageProcessor:
                 f"image is {image.size[0]}x{image.size[1]} but do_resize is false and the vision tower "
                 f"needs {c.width}x{c.height}",
             )
-        pixels = np.asarray(image)  # [H, W, 3] uint8
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1)))  # [3, H, W] uint8
+
+    def normalizer(self) -> PixelNormalizer:
+        """The second half of `preprocess` (rescale, normalize) for uint8 pixels from `resize`."""
+        c = self.config
+        values = np.arange(256, dtype=np.uint8)[:, None].repeat(3, 1)  # [256, 3]: every value, every channel
         if c.do_rescale:
-            # float64 product rounded once to float32, as the reference computes it.
-            pixels = (pixels.astype(np.float64) * c.rescale_factor).astype(np.float32)
+            table = (values.astype(np.float64) * c.rescale_factor).astype(np.float32)  # as preprocess rounds
         else:
-            pixels = pixels.astype(np.float32)
+            table = values.astype(np.float32)
         if c.do_normalize:
-            pixels = (pixels - self._mean) / self._std  # float32 throughout
-        # [H, W, 3] -> [3, H, W], contiguous so torch owns plain strides.
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+            table = (table - self._mean) / self._std
+        return PixelNormalizer(torch.from_numpy(np.ascontiguousarray(table.T)))  # [3, 256]
 
     __call__ = preprocess
 
@@ -356,11 +376,29 @@ class ImageProcessor:
         return torch.stack([self.preprocess(image) for image in images])
 
 
+class PixelNormalizer:
+    """uint8 pixels [N, 3, H, W] -> float32, by a table of what `ImageProcessor.preprocess` gives each of
+    the 256 values per channel: rescale and normalize are per-value functions, so a lookup reproduces
+    them exactly on any device, where recomputing them in float32 would round differently (preprocess
+    rounds a float64 product)."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table  # [3, 256] float32
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, C, H, W] on any device -> float32 there."""
+        table = self.table.to(pixels.device)
+        offsets = torch.arange(table.shape[0], device=pixels.device, dtype=torch.int32).mul_(256)
+        index = pixels.to(torch.int32).add_(offsets.view(1, -1, 1, 1))  # value + 256 x channel
+        return table.view(-1)[index]
+
+
 __all__ = [
     "DEFAULT_FORMATS",
     "DEFAULT_MAX_PIXELS",
     "ImageError",
     "ImageProcessor",
     "ImageProcessorConfig",
+    "PixelNormalizer",
     "config_from_dict",
 ]

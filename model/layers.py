@@ -80,19 +80,20 @@ class RMSNorm(nn.Module):
 
 
 class FusedLinear(nn.Module):
-    """Bias-free projections of one input computed as one matmul: weight rows are the parts, in order.
+    """Projections of one input computed as one matmul: weight rows (and bias entries) are the parts, in order.
 
     `parts` maps each projection's checkpoint name (a sibling of this module, e.g. "q_proj") to
     its output width; the loader fills the rows from those tensors and the writer splits them.
     """
 
-    def __init__(self, in_features: int, parts: dict[str, int]):
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool = False):
         super().__init__()
         self.parts = dict(parts)
         self.weight = nn.Parameter(torch.empty(sum(parts.values()), in_features))
+        self.bias = nn.Parameter(torch.empty(sum(parts.values()))) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class GeGLU(nn.Module):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,9 @@ class ScoreRequest:
 
     input_ids: list[int]  # prompt ids, image placeholders already expanded
     candidates: list[list[int]]  # token ids of each candidate, without EOS (the scorer appends it)
-    pixel_values: torch.Tensor | None = None  # [N, 3, S, S] for the N images of the prompt, or None
+    # [N, 3, S, S] for the N images of the prompt, or None: float pixel values, or uint8 before rescale and
+    # normalize (the Scorer's pixel_normalizer finishes them on its device, as the Generator's does)
+    pixel_values: torch.Tensor | None = None
 
 
 @dataclass
@@ -112,10 +115,13 @@ class Scorer:
         device: str | torch.device | None = None,
         max_score_elements: int = 1 << 27,
         max_logit_elements: int = 1 << 25,
+        pixel_normalizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         """max_batch_tokens bounds padded encoder tokens and padded decoder tokens of a micro-batch;
         max_score_elements its decoder attention scores (rows x heads x T x (T + S)); max_logit_elements
-        the LM-head logits computed at once (positions x vocabulary)."""
+        the LM-head logits computed at once (positions x vocabulary); pixel_normalizer: uint8 [N, 3, S, S]
+        -> float pixel values on the device (ImageProcessor.normalizer()), for requests whose
+        pixel_values are uint8."""
         if min(max_batch_tokens, max_batch_size, max_score_elements, max_logit_elements) < 1:
             raise ValueError("max_batch_tokens, max_batch_size, max_score_elements and max_logit_elements must be >= 1")
         self.model = model
@@ -125,6 +131,7 @@ class Scorer:
         self.max_batch_size = max_batch_size
         self.max_score_elements = max_score_elements
         self.max_logit_elements = max_logit_elements
+        self.pixel_normalizer = pixel_normalizer
         self.stats = ScorerStats()
 
     # ---- checks and planning -------------------------------------------------------------------
@@ -153,6 +160,8 @@ class Scorer:
             size = cfg.vision.image_size
             if tuple(request.pixel_values.shape[1:]) != (cfg.vision.num_channels, size, size):
                 return f"pixel_values must be [N, {cfg.vision.num_channels}, {size}, {size}]"
+            if request.pixel_values.dtype == torch.uint8 and self.pixel_normalizer is None:
+                return "uint8 pixel_values need a Scorer built with pixel_normalizer (ImageProcessor.normalizer())"
         return None
 
     def _fits(self, rows: int, width: int, candidates: int, steps: int) -> bool:
@@ -269,8 +278,10 @@ class Scorer:
             ids[row, : len(req.input_ids)] = torch.tensor(req.input_ids)
             mask[row, : len(req.input_ids)] = True
         ids, mask = ids.to(self.device), mask.to(self.device)
-        images = [r.pixel_values for r in reqs if r.pixel_values is not None]
-        pixels = torch.cat(images).to(self.device, self.model.embed_tokens.weight.dtype) if images else None
+        images = [r.pixel_values.to(self.device) for r in reqs if r.pixel_values is not None]
+        # uint8 images travel as such and are rescaled and normalized on the device; float ones as given.
+        images = [self.pixel_normalizer(i) if i.dtype == torch.uint8 else i for i in images]
+        pixels = torch.cat(images).to(self.model.embed_tokens.weight.dtype) if images else None
         self.stats.micro_batches += 1
         return self.model.encode(ids, mask, pixel_values=pixels), mask
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import T5Gemma2Config, VisionConfig
-from .layers import RMSNorm
+from .layers import FusedLinear, RMSNorm
 
 
 class VisionBlock(nn.Module):
@@ -24,9 +24,9 @@ class VisionBlock(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        width = cfg.hidden_size
+        # q|k|v as one matmul (checkpoints keep q_proj, k_proj, v_proj apart; the loader joins them).
+        self.qkv_proj = FusedLinear(width, {"q_proj": width, "k_proj": width, "v_proj": width}, bias=True)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
@@ -35,9 +35,9 @@ class VisionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, patches, width = x.shape
         heads = lambda t: t.view(batch, patches, self.num_heads, -1).transpose(1, 2)  # noqa: E731
-        h = self.layer_norm1(x)
+        q, k, v = self.qkv_proj(self.layer_norm1(x)).chunk(3, dim=-1)  # [N, P, C] each
         # Every patch sees every patch: no mask, so SDPA's fused kernels apply on GPU.
-        attn = F.scaled_dot_product_attention(heads(self.q_proj(h)), heads(self.k_proj(h)), heads(self.v_proj(h)))
+        attn = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
         x = x + self.out_proj(attn.transpose(1, 2).reshape(batch, patches, width))  # [N, P, C]
         h = self.fc2(F.gelu(self.fc1(self.layer_norm2(x)), approximate="tanh"))
         return x + h

@@ -70,7 +70,8 @@ def fused_parts(model: T5Gemma2) -> dict[str, tuple[str, int, int]]:
             parent = prefix.rsplit(".", 1)[0]
             start = 0
             for part, rows in module.parts.items():
-                parts[f"{parent}.{part}.weight"] = (f"{prefix}.weight", start, start + rows)
+                for tensor in ("weight", "bias") if module.bias is not None else ("weight",):
+                    parts[f"{parent}.{part}.{tensor}"] = (f"{prefix}.{tensor}", start, start + rows)
                 start += rows
     return parts
 

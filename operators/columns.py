@@ -57,7 +57,7 @@ UNIT = "__unit"  # key of the unit of work (input file + row range) the row belo
 ROW = "__row"  # row number inside its input file
 TEXT = "__text"  # input text as bytes (validated and decoded in prepare)
 IMAGE = "__image"  # encoded image bytes
-PIXELS = "__pixels"  # preprocessed image as pixels_to_bytes gives it (null when none)
+PIXELS = "__pixels"  # resized uint8 image as pixels_to_bytes gives it (null when none)
 # Present only in blocks read from a file whose text (image) column is missing or of an unusable
 # type (schema drift across input files): the error kind and message every row of that file gets
 # for the tasks that read the column; prepare turns them into task errors.
@@ -104,14 +104,17 @@ def require(batch: pa.Table, names: list[str], stage: str) -> None:
 
 
 def pixels_to_bytes(pixels: np.ndarray) -> bytes:
-    """A preprocessed image [C, S, S] as it travels in PIXELS between prepare and infer: float32,
-    C order, no header (its shape is the checkpoint's, known to both sides)."""
-    return np.ascontiguousarray(pixels, dtype=np.float32).tobytes()
+    """A resized image [C, S, S] as it travels in PIXELS between prepare and infer: uint8 (rescale and
+    normalize happen on the model's device), C order, no header (its shape is the checkpoint's, known
+    to both sides)."""
+    if pixels.dtype != np.uint8:
+        raise TypeError(f"PIXELS carries uint8 pixels (ImageProcessor.resize), got {pixels.dtype}")
+    return np.ascontiguousarray(pixels).tobytes()
 
 
 def pixels_from_bytes(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
-    """The inverse of pixels_to_bytes: a writable float32 array of `shape` ([C, S, S])."""
-    return np.frombuffer(data, dtype=np.float32).reshape(shape).copy()
+    """The inverse of pixels_to_bytes: a writable uint8 array of `shape` ([C, S, S])."""
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()
 
 # Every error kind a row can carry, with its meaning: the one vocabulary of the project. Input
 # problems are found when a file is read (column_*, duplicate_id) or on CPU in prepare; model

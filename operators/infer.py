@@ -1,8 +1,9 @@
 """Model stage: prepared rows -> generated token ids (or candidate scores), one model call per batch.
 
 `Infer(source, dtype, device, tasks, ...)` loads the model once (in `__init__`, so once per actor)
-and on each call turns every task's prompt ids (and the row's PIXELS) into a `model.Request`, runs
-all requests of the batch, every generating task together, through one `Generator.generate` call
+and on each call turns every task's prompt ids (and the row's PIXELS, uint8, rescaled and
+normalized on the model's device by the generator or scorer) into a `model.Request`, runs all
+requests of the batch, every generating task together, through one `Generator.generate` call
 (which sorts and packs them by a token budget itself) and writes each task's output ids and finish
 reason. Classify tasks go to the Scorer instead (model/score.py), all of them in one `score` call:
 a row's prompt and its candidates (prepare's token ids) make one ScoreRequest, and each
@@ -25,6 +26,7 @@ import pyarrow as pa
 import torch
 
 from model.generate import GenerationParams, Generator, Request, Result
+from model.images import ImageProcessor
 from model.score import Scorer, ScoreRequest, ScoreResult
 from model.weights import load_pretrained
 
@@ -63,18 +65,27 @@ class Infer:
         max_batch_tokens: int = 65536,
         storage_options: dict | None = None,
         model=None,
+        image_processor: ImageProcessor | None = None,
         keep: tuple[str, ...] = (),
     ):
-        """`model` lets a caller pass an already loaded T5Gemma2 (tests); otherwise it is loaded here.
-        `keep`: the job's output.keep_columns, whose KEEP columns pass through."""
+        """`model` and `image_processor` let a caller pass them ready (tests); otherwise they are loaded
+        here from the checkpoint (the processor only when a task reads images: it finishes the uint8
+        pixels prepare ships, on the model's device). `keep`: the job's output.keep_columns, whose KEEP
+        columns pass through."""
         self.tasks = list(tasks)
         self.keep = tuple(keep)
         self.model = model if model is not None else load_pretrained(
             source, dtype=dtype, device=device, storage_options=storage_options
         )
         self.config = self.model.config
-        self.generator = Generator(self.model, max_batch_tokens=max_batch_tokens, device=device)
-        self.scorer = Scorer(self.model, max_batch_tokens=max_batch_tokens, device=device)
+        normalizer = None
+        if any(t.uses_image for t in self.tasks):
+            processor = image_processor or ImageProcessor.from_pretrained(source, storage_options)
+            normalizer = processor.normalizer()
+        self.generator = Generator(self.model, max_batch_tokens=max_batch_tokens, device=device,
+                                   pixel_normalizer=normalizer)
+        self.scorer = Scorer(self.model, max_batch_tokens=max_batch_tokens, device=device,
+                             pixel_normalizer=normalizer)
         size = self.config.vision.image_size
         self.pixel_shape = (self.config.vision.num_channels, size, size)
 

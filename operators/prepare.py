@@ -306,7 +306,7 @@ class Prepare:
         if value is None:
             raise _RowError("image_missing", "the image is null (or a {bytes, path} struct without bytes)")
         try:
-            tensor = self.images.preprocess(value)
+            tensor = self.images.resize(value)  # uint8: infer rescales and normalizes on the device
         except ImageError as exc:
             raise _RowError(exc.kind, str(exc)) from None
         return C.pixels_to_bytes(tensor.numpy())

@@ -204,8 +204,10 @@ class ActorFaults:
                 self.poison_prompts += [tuple(prompts[r]) for r in rows if prompts[r] is not None]
         if any(t.uses_image for t in self.tasks):
             pixels = batch.column(C.PIXELS).to_pylist()
-            self.poison_images = [torch.from_numpy(C.pixels_from_bytes(pixels[r], self.pixel_shape))
-                                  for r in rows if pixels[r] is not None]
+            shipped = [torch.from_numpy(C.pixels_from_bytes(pixels[r], self.pixel_shape))[None]
+                       for r in rows if pixels[r] is not None]
+            # as the encoder sees them: the uint8 shipped, finished on the device
+            self.poison_images = [self.generator.pixel_normalizer(image)[0] for image in shipped]
 
     def _out_of_memory(self, encode):
         import torch

@@ -1,5 +1,5 @@
 """bfloat16 on CPU: our logits are no further from the float32 reference than transformers' own
-bfloat16 logits are, and bfloat16 generation (eager and compiled) gives valid results.
+bfloat16 logits are (mean and 99th percentile |diff|), and bfloat16 generation (eager and compiled) gives valid results.
 
 On random weights bfloat16 greedy tokens diverge from float32 within transformers itself on
 most rows, so token equality is not the measure here; the distance of the logits is.
@@ -16,11 +16,16 @@ import model
 from helpers.checkpoints import SHAPES, SPECIAL, build_reference, save_checkpoint
 
 MM = 4
-# Ours may be this much further from float32 than transformers' bfloat16 is: on the mean |diff|
-# the issue's 1.5; on the max |diff|, a single-element statistic, 2 (measured: 0.8-1.15 on five of
-# the six cases, 1.85 on shape A's text batch, where per-position ratios run 0.46-2.16 either way:
-# independent roundings of similar size, see docs/perf.md).
-RATIO = {"mean": 1.5, "amax": 2.0}
+# Ours may be this much further from float32 than transformers' bfloat16 is: the issue's 1.5 on the
+# mean and the 99th percentile of |diff|; on the max |diff|, a single-element statistic, 3. Measured
+# (shapes x text/images x 3 seeds): mean 0.87-1.14, p99 0.86-1.29 on every case; the max ran 0.64-1.65
+# except one case, shape A's text batch, at 1.85 on an Intel Xeon and 2.04 on an AMD EPYC: per-position
+# ratios there run 0.46-2.16 either way, two independent roundings of similar size (docs/perf.md).
+RATIO = {"mean": 1.5, "p99": 1.5, "amax": 3.0}
+
+
+def p99(x: torch.Tensor) -> torch.Tensor:
+    return torch.quantile(x.flatten().float(), 0.99)
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
@@ -60,7 +65,7 @@ def test_bfloat16_logits_as_close_to_float32_as_transformers_own(trio, images_pe
     extra16 = {} if pixels is None else {"pixel_values": pixels.to(torch.bfloat16)}
     theirs = ref16(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, **extra16).logits.float()
     ours = ours16(ids, mask, dec, pixel_values=None if pixels is None else pixels.to(torch.bfloat16)).float()
-    for reduce in (torch.amax, torch.mean):
+    for reduce in (torch.amax, torch.mean, p99):
         theirs_dev = reduce((theirs - exact).abs()).item()
         ours_dev = reduce((ours - exact).abs()).item()
         limit = RATIO[reduce.__name__]

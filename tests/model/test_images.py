@@ -347,3 +347,20 @@ def test_no_rgb_conversion_needs_rgb_input():
 
 def test_non_bytes_input(ours):
     assert_kind(ours, "a path is not bytes", "image_decode", "must be bytes")
+
+
+@pytest.mark.parametrize("fields", [{}, {"do_rescale": False}, {"do_normalize": False},
+                                    {"image_mean": (0.48145466, 0.4578275, 0.40821073),
+                                     "image_std": (0.26862954, 0.26130258, 0.27577711), "rescale_factor": 0.5 / 255}],
+                         ids=["default", "no_rescale", "no_normalize", "clip_stats"])
+def test_uint8_then_normalizer_equals_preprocess(fields):
+    """What the pipeline ships (resize: uint8) and finishes on the device (normalizer) equals preprocess
+    bit for bit, for every pixel value, on several images at once."""
+    ours = ImageProcessor(ImageProcessorConfig(height=HEIGHT, width=WIDTH, **fields))
+    images = [make() for _, make in CASES[:6]] + [encode(Image.fromarray(
+        np.arange(256, dtype=np.uint8).repeat(3).reshape(16, 16, 3)), "PNG")]  # every value in every channel
+    small = [ours.resize(data) for data in images]
+    assert all(s.dtype == torch.uint8 and tuple(s.shape) == (3, HEIGHT, WIDTH) for s in small)
+    got = ours.normalizer()(torch.stack(small))
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), torch.stack([ours.preprocess(data) for data in images]).numpy())

@@ -97,6 +97,22 @@ def test_image_scores_equal_the_reference(pair):
     assert max(abs(a - b) for x, y in zip(results, other) for a, b in zip(x.sums, y.sums)) > 1e-3
 
 
+def test_uint8_pixels_are_finished_on_the_device_by_the_normalizer(pair):
+    """As the pipeline ships images (uint8, ImageProcessor.resize), the scorer's pixel_normalizer makes the
+    float pixels; the scores are those of the float pixels given directly. Without one, uint8 is refused."""
+    from model.images import ImageProcessor, ImageProcessorConfig
+
+    _, ours = pair
+    normalizer = ImageProcessor(ImageProcessorConfig(height=32, width=32)).normalizer()
+    raw = torch.randint(0, 256, (1, 3, 32, 32), generator=torch.Generator().manual_seed(9), dtype=torch.uint8)
+    ids, cands = image_prompt(5, 1, seed=2), random_prompts([2, 3], seed=4)
+    (from_uint8,) = Scorer(ours, pixel_normalizer=normalizer).score([ScoreRequest(ids, cands, raw)])
+    (from_float,) = Scorer(ours).score([ScoreRequest(ids, cands, normalizer(raw))])
+    assert from_uint8.error is None and from_uint8.sums == from_float.sums
+    (refused,) = Scorer(ours).score([ScoreRequest(ids, cands, raw)])
+    assert refused.error_kind == "invalid_request" and "pixel_normalizer" in refused.error
+
+
 def test_the_cross_keys_are_the_requests_own_never_copied_per_candidate(pair, monkeypatch):
     """The cross part reads [R, Hkv, S, D] keys, the very tensors the projection made, whatever the
     number of candidates: no per-candidate copy (expand, repeat, index) exists to be read."""

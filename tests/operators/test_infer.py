@@ -29,15 +29,15 @@ def parts(tiny_checkpoint):
     prepared = prep(pa.table({C.UNIT: ["u"] * n, C.ROW: pa.array(range(n), type=pa.int64()),
                               C.ID: [str(i) for i in range(n)], C.TEXT: pa.array(texts, type=pa.binary()),
                               C.IMAGE: pa.array(imgs, type=pa.binary())}))
-    return tok, m, prepared
+    return tok, m, prepared, ImageProcessor.from_pretrained(tiny_checkpoint)
 
 
 TASKS = [InferTask("s", GenerationParams(max_new_tokens=5)), InferTask("c", GenerationParams(max_new_tokens=4), True)]
 
 
 def test_results_equal_single_requests_and_errors_pass_through(parts):
-    tok, m, prepared = parts
-    infer = Infer("unused", "float32", "cpu", TASKS, max_batch_tokens=4096, model=m)
+    tok, m, prepared, processor = parts
+    infer = Infer("unused", "float32", "cpu", TASKS, max_batch_tokens=4096, model=m, image_processor=processor)
     out = infer(prepared)
     assert C.PIXELS not in out.column_names
     s, c = C.TaskColumns.of("s"), C.TaskColumns.of("c")
@@ -49,6 +49,13 @@ def test_results_equal_single_requests_and_errors_pass_through(parts):
         want = alone.generate([Request(ids, params=TASKS[0].params)])[0]
         assert out.column(s.output_ids)[r].as_py() == want.token_ids
         assert out.column(s.finish_reason)[r].as_py() == want.finish_reason
+    # Captions: prepare shipped uint8 pixels, finished on the device; the same tokens as float pixels
+    # preprocessed on the CPU give.
+    imgs = [image_bytes("PNG", size=(30 + i, 30), color=(20 * i, 50, 90)) for i in range(7)]
+    for r, ids in enumerate(out.column(c.prompt_ids).to_pylist()[:-1]):
+        pixels = processor.preprocess(imgs[r])[None]
+        want = alone.generate([Request(ids, pixel_values=pixels, params=TASKS[1].params)])[0]
+        assert out.column(c.output_ids)[r].as_py() == want.token_ids
     # Split into other batch sizes: same ids.
     halves = pa.concat_tables([infer(prepared.slice(0, 3)), infer(prepared.slice(3))])
     assert halves.column(s.output_ids).to_pylist() == out.column(s.output_ids).to_pylist()
@@ -56,7 +63,7 @@ def test_results_equal_single_requests_and_errors_pass_through(parts):
 
 
 def test_a_failing_request_fails_only_its_row(parts, monkeypatch):
-    tok, m, prepared = parts
+    tok, m, prepared, _ = parts
     infer = Infer("unused", "float32", "cpu", TASKS[:1], max_batch_tokens=4096, model=m)
     poisoned = prepared.column(C.TaskColumns.of("s").prompt_ids)[2].as_py()
     real = infer.generator.generate

@@ -153,7 +153,9 @@ def test_infer_scores_every_classify_task_and_finish_chooses_labels(tok, net, ti
               C.keep_column("url"): pa.array([f"u{i}" for i in range(n)])}))
     infer_tasks = [InferTask("topic", None, score="mean"), InferTask("seen", None, uses_image=True, score="sum"),
                    InferTask("answer", model.GenerationParams(max_new_tokens=3))]
-    infer = Infer("unused", "float32", "cpu", infer_tasks, max_batch_tokens=4096, model=net, keep=("url",))
+    processor = ImageProcessor.from_pretrained(tiny_checkpoint)
+    infer = Infer("unused", "float32", "cpu", infer_tasks, max_batch_tokens=4096, model=net, keep=("url",),
+                  image_processor=processor)
     out = infer(prepared)
     topic, seen = C.TaskColumns.of("topic"), C.TaskColumns.of("seen")
     assert out.column(topic.error_kind).to_pylist() == [None, None, "text_missing", None, None]
@@ -166,6 +168,12 @@ def test_infer_scores_every_classify_task_and_finish_chooses_labels(tok, net, ti
         got = out.column(topic.candidate_scores)[r].as_py()
         assert max(abs(a - b) for a, b in zip(got, alone.scores("mean"))) <= 1e-5
     assert len(out.column(seen.candidate_scores)[0].as_py()) == 3 and out.column(seen.candidate_scores)[1].as_py()
+    # The image task: prepare shipped uint8 pixels, finished on the device; the scores float pixels
+    # preprocessed on the CPU give.
+    (alone,) = scorer.score([ScoreRequest(prepared.column(seen.prompt_ids)[0].as_py(),
+                                          prepared.column(seen.candidates)[0].as_py(),
+                                          processor.preprocess(image_bytes(color=(0, 200, 30)))[None])])
+    assert max(abs(a - b) for a, b in zip(out.column(seen.candidate_scores)[0].as_py(), alone.sums)) <= 1e-5
     assert out.column(C.keep_column("url")).to_pylist() == [f"u{i}" for i in range(n)]
 
     finish = Finish(tok, [FinishTask("topic", classify=True), FinishTask("seen", classify=True, multi_label=True,

@@ -92,8 +92,8 @@ def test_images_and_their_errors(tok, images):
     assert task_view(out, "summary")[1] == [None] * len(imgs)  # a bad image does not fail the text task
     pixels = out.column(C.PIXELS).to_pylist()
     assert pixels[1:] == [None] * 6
-    array = np.frombuffer(pixels[0], dtype=np.float32).reshape(3, IMAGE_SIZE, IMAGE_SIZE)
-    assert np.array_equal(array, images.preprocess(good).numpy())
+    array = np.frombuffer(pixels[0], dtype=np.uint8).reshape(3, IMAGE_SIZE, IMAGE_SIZE)  # resized, not normalized
+    assert np.array_equal(array, images.resize(good).numpy())
 
 
 def test_missing_input_column_is_a_bug_not_a_row_error(tok):

@@ -208,14 +208,16 @@ def test_classify_settings_change_the_run_config_hash():
      r"task\[1\] \(classify\) reads images, but \[input\] has no image_column"),
     ('labels = ["a"]\n', [], r"task\[0\].labels applies to classify tasks only"),
     ('threshold = 0.5\n', [], r"task\[0\].threshold applies to classify tasks only"),
-    (GENERATE, [], r"task\[1\] \(generate\) needs a prompt: a template whose fields name input columns .*prompt_column"),
+    (GENERATE, [], r"task\[1\] \(generate\) needs a prompt: a template whose fields name input columns "
+                   r".*prompt_column"),
     (GENERATE + 'prompt = "Tell me a joke."\n', [], r"task\[1\].prompt names no input column, so every row would get "
                                                     r"the same prompt"),
     (GENERATE + 'prompt = "{q}"\nprompt_column = "p"\n', [], r"task\[1\] sets both prompt and prompt_column"),
     (GENERATE + 'prompt = "Q: {question!r}"\n', [], r"format spec or conversion"),
     (GENERATE + 'prompt = "{0}"\n', [], r"placeholder \{0\} is not a name"),
     ('prompt_column = "p"\n', [], r"task\[0\].prompt_column applies to generate and classify tasks"),
-    ('prompt = "Summarize {text} with {labels}"\n', [], r"prompt uses \{labels\}, which a summarize task does not fill"),
+    ('prompt = "Summarize {text} with {labels}"\n', [],
+     r"prompt uses \{labels\}, which a summarize task does not fill"),
     (GENERATE + 'prompt = "{title}"\nsource_language = "German"\n', [], r"applies to translate tasks only"),
     ("", ['output.keep_columns=["id"]'], r"output.keep_columns names 'id', which clashes with the output's own"),
     ("", ['output.keep_columns=["error_message"]'], r"'error_message', which clashes with the output's own"),
