@@ -330,12 +330,13 @@ class Prepare:
             # their heads before tokenizing them whole (a megabyte text would take hundreds of MB as ids).
             ids = self._render(template, heads, images)
             if len(ids) > 2 * limit:  # far over even before the rest: the whole prompt is too
+                key = max((k for k, v in values.items() if isinstance(v, str)), key=lambda k: len(values[k]))
+                what = {"text": "the text's", _PROMPT_KEY: "the prompt's"}.get(key, f"the field {{{key}}}'s")
                 raise _RowError(
                     "text_too_long",
-                    f"the prompt is more than input.max_input_tokens = {limit} tokens (the first {longest} characters "
-                    f"of its longest value, of {max(len(v) for v in values.values() if isinstance(v, str))}, already "
-                    f"give {len(ids)}); set input.long_input = \"truncate\" to cut such texts, or raise "
-                    f"max_input_tokens",
+                    f"the prompt is more than input.max_input_tokens = {limit} tokens (the first {longest} of "
+                    f"{what} {len(values[key])} characters already give {len(ids)}); set input.long_input = "
+                    f"\"truncate\" to cut such texts, or raise max_input_tokens",
                 )
         ids = self._render(template, values, images)
         if len(ids) <= limit:

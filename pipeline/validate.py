@@ -135,7 +135,7 @@ def _check_column(role: str, column: str, files: list[InputFile], readers: list[
     if len(bad) == len(files):
         typed = [p for _, p in bad if p.kind == COLUMN_TYPE]
         if typed:
-            raise JobError(f"no input file has a usable {setting} {column!r}: {typed[0].message}")
+            raise JobError(f"no input file has a usable {setting}: {typed[0].message}")
         first, names = files[0].uri, ", ".join(files[0].schema.names)
         close = difflib.get_close_matches(column, sorted({n for f in files for n in f.schema.names}), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

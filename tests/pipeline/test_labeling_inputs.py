@@ -70,7 +70,8 @@ CLASSIFY = '[[task]]\nkind = "classify"\nlabels_column = "cands"\n'
     ('[[task]]\nkind = "classify"\nlabels_column = "cand"\n',
      r"task\[0\].labels_column 'cand' is not a column of any.*\(did you mean 'cands'\?\)"),
     ('[[task]]\nkind = "classify"\nlabels_column = "question"\n',
-     r"no input file has a usable task\[0\].labels_column 'question': .* has type string; labels must be a list of "
+     r"no input file has a usable task\[0\].labels_column: task\[0\].labels_column 'question' in .* has type string; "
+     r"labels must be a list of "
      r"strings"),
 ])
 def test_a_task_column_no_file_has_fails_before_any_work_naming_it(tiny_checkpoint, tmp_path, files, tasks, message):
