@@ -164,11 +164,12 @@ class Scorer:
                 return "uint8 pixel_values need a Scorer built with pixel_normalizer (ImageProcessor.normalizer())"
         return None
 
-    def _fits(self, rows: int, width: int, candidates: int, steps: int) -> bool:
+    def _fits(self, rows: int, width: int, candidates: int, steps: int, encoder: bool = True) -> bool:
         """Whether a micro-batch of `rows` requests (longest prompt `width`), each padded to `candidates`
-        candidates of `steps` decoder tokens, is within the bounds."""
+        candidates of `steps` decoder tokens, is within the bounds (`encoder`: its encoder bounds too;
+        a single request's encoder runs whatever its length, as the Generator's does)."""
         heads = self.config.decoder.num_heads
-        return (rows <= self.max_batch_size and rows * width <= self.max_batch_tokens
+        return ((not encoder or (rows <= self.max_batch_size and rows * width <= self.max_batch_tokens))
                 and rows * candidates * steps <= self.max_batch_tokens
                 and rows * candidates * heads * steps * (steps + width) <= self.max_score_elements)
 
@@ -180,12 +181,12 @@ class Scorer:
         for i in order:
             req = requests[i]
             w, n, t = len(req.input_ids), len(req.candidates), 1 + max(len(c) for c in req.candidates)
-            if not self._fits(1, w, n, t):  # alone too large: its own micro-batch, candidates in chunks
+            if not self._fits(1, w, n, t, encoder=False):  # its candidates alone are too many: chunks of them
                 if current:
                     batches.append(ScoreBatch(tuple(current)))
                     current, width, most, steps = [], 0, 0, 0
                 chunk = n
-                while chunk > 1 and not self._fits(1, w, chunk, t):
+                while chunk > 1 and not self._fits(1, w, chunk, t, encoder=False):
                     chunk = (chunk + 1) // 2
                 batches.append(ScoreBatch((i,), chunk))
                 continue

@@ -17,7 +17,7 @@ import torch
 import model
 from helpers.checkpoints import SHAPES, SPECIAL, build_reference, random_prompts, save_checkpoint
 from model import score as score_module
-from model.score import Scorer, ScoreRequest
+from model.score import ScoreBatch, Scorer, ScoreRequest
 
 TOLERANCE = 1e-4
 MM = 4  # mm_tokens_per_image of the test checkpoints
@@ -149,6 +149,21 @@ def test_over_budget_candidates_are_chunked_against_one_encoder_call(pair):
     for a, b in zip(whole, chunked):
         assert max(abs(x - y) for x, y in zip(a.sums, b.sums)) <= 1e-5
     assert_matches_reference(ref, requests, chunked)
+
+
+def test_planning_bounds_the_decoder_pass_not_a_long_prompt(pair):
+    """A prompt longer than the token budget still scores all its candidates in one pass (its encoder runs
+    alone, as the Generator's does); only candidates over the decoder bounds are chunked."""
+    _, ours = pair
+    scorer = Scorer(ours, max_batch_tokens=64)
+    long = ScoreRequest(random_prompts([100])[0], random_prompts([2, 3, 1]))
+    many = ScoreRequest(random_prompts([5])[0], random_prompts([3] * 40))  # 40 x 4 decoder tokens > 64
+    short = [ScoreRequest(p, [[11]]) for p in random_prompts([4, 6, 5])]
+    plan = scorer.plan([long, many, *short], [2, 4, 3, 1, 0])
+    assert ScoreBatch((0,)) in plan  # alone (over the encoder budget), all three candidates at once
+    (chunked,) = [b for b in plan if b.requests == (1,)]
+    assert chunked.chunk is not None and 1 < chunked.chunk < 40 and chunked.chunk * 4 <= 64
+    assert sorted(i for b in plan for i in b.requests) == [0, 1, 2, 3, 4]
 
 
 def test_a_request_scores_the_same_alone_and_in_any_batch(pair):
