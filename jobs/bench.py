@@ -115,8 +115,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_ours(m, requests, max_batch_tokens, device, compile=None):
-    gen = model.Generator(m, max_batch_tokens=max_batch_tokens, device=device, compile=compile)
+def run_ours(m, requests, max_batch_tokens, device, compile=None, attention=None):
+    gen = model.Generator(m, max_batch_tokens=max_batch_tokens, device=device, compile=compile, attention=attention)
     sync(device)
     start = time.perf_counter()
     results = gen.generate(requests)
@@ -183,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
                              "run takes a fraction of a second and shared machines are noisy)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile our decode step (auto: the Generator's default, on for CUDA)")
+    parser.add_argument("--attention", choices=("auto", "flex", "sdpa"), default="auto",
+                        help="decode attention (auto: the Generator's default, flex for compiled CUDA steps)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    attention = None if args.attention == "auto" else args.attention
     compile = {"auto": None, "on": True, "off": False}[args.compile]
 
     device = torch.device(args.device)
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Warm up both (allocator, kernels, lazy init) on a few rows. Ours runs once on all rows
     # first instead: with compile on, that run pays for compiling and is reported apart.
-    cold, _, cold_stats = run_ours(m, requests, budget, device, compile)
+    cold, _, cold_stats = run_ours(m, requests, budget, device, compile, attention)
     if ref is not None:
         run_hf(ref, requests[:4], 4, device, cfg.pad_token_id, list(cfg.eos_token_ids))
 
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_tokens = hf_tokens = None
     stats = hf_batch = hf_padding = None
     for _ in range(repeats):
-        seconds, ours_tokens, stats = run_ours(m, requests, budget, device, compile)
+        seconds, ours_tokens, stats = run_ours(m, requests, budget, device, compile, attention)
         best_ours = min(best_ours, seconds)
         if ref is not None:
             seconds, hf_tokens, hf_batch, hf_padding = run_hf(ref, requests, args.hf_batch, device,
@@ -237,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
           f"packed, encoder attention in length groups)  encoder calls {stats.micro_batches}  "
           f"slot occupancy {stats.slot_occupancy:.2f} (slot-steps that produced a kept token)  "
           f"peak memory {peak_memory_gb(device):.2f} GiB")
-    print(f"ours: compile={'on' if stats.compiled else 'off'}  first run {cold:.2f} s (with compiling, when on)  "
+    print(f"ours: compile={'on' if stats.compiled else 'off'}  attention={stats.attention}  "
+          f"first run {cold:.2f} s (with compiling, when on)  "
           f"best run {best_ours:.2f} s  compile fallback: {cold_stats.compile_fallback or 'none'}")
     if ref is not None:
         hf_out = sum(len(t) for t in hf_tokens)

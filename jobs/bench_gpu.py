@@ -15,6 +15,8 @@ length, the largest batch that fits) on the same requests in the same process, a
       one with fewer, divided by the extra steps), and on CUDA the launches per step
       (cudaLaunchKernel + cudaGraphLaunch: a replayed CUDA graph is one launch)
     whether our compiled step fell back to eager, and why
+    which decode attention ran (FlexAttention by default for compiled CUDA steps), and at the end
+      longtail once more with the other one (ours only), so the device run says which is faster
 
 It needs only torch and transformers (plus what they import) and the project's model/ and
 jobs/bench.py: no network (the weights are random, the "checkpoint" HF reads is written
@@ -38,17 +40,17 @@ import model
 from jobs.bench import SHAPES, WORKLOADS, make_requests, peak_memory_gb, run_hf, shape_config, sync
 
 # workload -> rows on a GPU (caption is bound by the 896 px vision tower: fewer rows)
-GPU_ROWS = {"summarize": 512, "translate": 512, "caption": 128}
+GPU_ROWS = {"summarize": 512, "translate": 512, "caption": 128, "longtail": 512}
 
 
-def kernels_per_step(m, requests, device, compile) -> tuple[float, float]:
+def kernels_per_step(m, requests, device, compile, attention=None) -> tuple[float, float]:
     """(kernels, launches) per decode step: profile 4 rows at two lengths, divide the difference."""
     from torch.profiler import ProfilerActivity, profile
 
     def count(new_tokens: int) -> tuple[int, int]:
         params = model.GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         reqs = [model.Request(r.input_ids, r.pixel_values, params) for r in requests[:4]]
-        gen = model.Generator(m, device=device, compile=compile)
+        gen = model.Generator(m, device=device, compile=compile, attention=attention)
         gen.generate(reqs)  # compiles / captures outside the profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
@@ -80,31 +82,43 @@ def build(args, device: torch.device, ref_cls):
     return cfg, m, ref
 
 
-def run_workload(workload: str, args, device: torch.device, cfg, m, ref) -> dict:
-    on_gpu = device.type == "cuda"
-    rows = args.rows or (GPU_ROWS[workload] if on_gpu else 8)
-    scale = args.scale if args.scale is not None else (1.0 if on_gpu else 0.1)
-    requests = make_requests(cfg, workload, rows, scale, args.seed)
-    budget = args.max_batch_tokens or (262_144 if on_gpu else 65_536)
-    compile = {"auto": None, "on": True, "off": False}[args.compile]
-
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats(device)
-    gen = model.Generator(m, max_batch_tokens=budget, device=device, compile=compile)
+def run_ours(requests, args, device, m, budget, compile, attention):
+    """(first run's seconds, best timed run's seconds, its tokens, its generator)."""
+    gen = model.Generator(m, max_batch_tokens=budget, device=device, compile=compile, attention=attention)
     sync(device)
     start = time.perf_counter()
     gen.generate(requests)  # the first run compiles and captures: timed apart
     sync(device)
     first = time.perf_counter() - start
-    best = math.inf
-    ours = None
+    best, ours = math.inf, None
     for _ in range(args.repeats):
-        gen = model.Generator(m, max_batch_tokens=budget, device=device, compile=compile)
+        gen = model.Generator(m, max_batch_tokens=budget, device=device, compile=compile, attention=attention)
         sync(device)
         start = time.perf_counter()
         ours = [r.token_ids for r in gen.generate(requests)]
         sync(device)
         best = min(best, time.perf_counter() - start)
+    return first, best, ours, gen
+
+
+def setup(workload: str, args, device: torch.device, cfg):
+    """(rows, requests, token budget, compile setting) of a workload on this device."""
+    on_gpu = device.type == "cuda"
+    rows = args.rows or (GPU_ROWS[workload] if on_gpu else 8)
+    scale = args.scale if args.scale is not None else (1.0 if on_gpu else 0.1)
+    requests = make_requests(cfg, workload, rows, scale, args.seed)
+    budget = args.max_batch_tokens or (262_144 if on_gpu else 65_536)
+    return rows, requests, budget, {"auto": None, "on": True, "off": False}[args.compile]
+
+
+def run_workload(workload: str, args, device: torch.device, cfg, m, ref) -> dict:
+    on_gpu = device.type == "cuda"
+    rows, requests, budget, compile = setup(workload, args, device, cfg)
+
+    attention = None if args.attention == "auto" else args.attention
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    first, best, ours, gen = run_ours(requests, args, device, m, budget, compile, attention)
     peak_ours = peak_memory_gb(device)
 
     run_hf(ref, requests[:4], 4, device, cfg.pad_token_id, list(cfg.eos_token_ids))  # warm-up
@@ -113,7 +127,7 @@ def run_workload(workload: str, args, device: torch.device, cfg, m, ref) -> dict
         seconds, hf, hf_batch, _ = run_hf(ref, requests, args.hf_batch, device, cfg.pad_token_id,
                                           list(cfg.eos_token_ids))
         hf_best = min(hf_best, seconds)
-    kernels, launches = kernels_per_step(m, requests, device, compile)
+    kernels, launches = kernels_per_step(m, requests, device, compile, attention)
     out_tokens = sum(len(t) for t in ours)
     hf_tokens = sum(len(t) for t in hf)
     return dict(
@@ -121,7 +135,7 @@ def run_workload(workload: str, args, device: torch.device, cfg, m, ref) -> dict
         ours_tps=out_tokens / best, hf_tps=hf_tokens / hf_best, hf_batch=hf_batch,
         same=sum(a == b for a, b in zip(ours, hf)), first_s=first, best_s=best, peak_gb=peak_ours,
         kernels=kernels, launches=launches, compiled=gen.stats.compiled, fallback=gen.stats.compile_fallback,
-        occupancy=gen.stats.slot_occupancy, rows_per_s=rows / best,
+        occupancy=gen.stats.slot_occupancy, rows_per_s=rows / best, attention=gen.attention,
     )
 
 
@@ -135,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--attention", choices=("auto", "flex", "sdpa"), default="auto",
+                        help="decode attention (auto: the Generator's default, flex for compiled CUDA steps)")
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--hf-batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="our timed runs after the first (best kept)")
@@ -154,15 +170,25 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     cfg, m, ref = build(args, device, T5Gemma2ForConditionalGeneration)
     print(f"bench-gpu: weights ready in {time.perf_counter() - start:.0f} s", flush=True)
+    results = {}
     for workload in args.workloads.split(","):
-        r = run_workload(workload.strip(), args, device, cfg, m, ref)
+        r = results[workload.strip()] = run_workload(workload.strip(), args, device, cfg, m, ref)
         print(f"{r['workload']:<10} rows {r['rows']:4d} x {r['new_tokens']:3d} new  "
               f"ours {r['ours_tps']:10.1f} tok/s  hf {r['hf_tps']:10.1f} tok/s (batch {r['hf_batch']})  "
               f"ratio {r['ours_tps'] / r['hf_tps']:6.2f}x  same greedy rows {r['same']}/{r['rows']}  "
               f"rows/s {r['rows_per_s']:.1f}  slot occupancy {r['occupancy']:.2f}  "
               f"peak {r['peak_gb']:.2f} GiB  kernels/step {r['kernels']:.0f}  launches/step {r['launches']:.0f}  "
               f"first run {r['first_s']:.1f} s  best {r['best_s']:.2f} s  "
-              f"compiled {'yes' if r['compiled'] else 'no'}  fallback {r['fallback'] or 'none'}", flush=True)
+              f"compiled {'yes' if r['compiled'] else 'no'}  attention {r['attention']}  "
+              f"fallback {r['fallback'] or 'none'}", flush=True)
+    if "longtail" in results and args.attention == "auto":
+        # The other attention on longtail (ours only): the figure that decides the default on this device.
+        other = "sdpa" if results["longtail"]["attention"] == "flex" else "flex"
+        rows, requests, budget, compile = setup("longtail", args, device, cfg)
+        first, best, ours, gen = run_ours(requests, args, device, m, budget, compile, other)
+        print(f"attention {other:<5} longtail ours {sum(len(t) for t in ours) / best:10.1f} tok/s  "
+              f"first run {first:.1f} s  best {best:.2f} s  fallback {gen.stats.compile_fallback or 'none'}",
+              flush=True)
     print(f"bench-gpu: done in {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -84,6 +84,7 @@ class DecoderCache:
         widths: Sequence[int] | None = None,
         split: bool = True,
         per_row: bool = False,
+        flex: bool = False,
     ):
         """cross: per layer (k, v) [B, Hkv, S, D] (consumed one layer at a time, so an iterator keeps
         one layer's copy alive at most); cross_mask [B, S] True = real encoder token; angles:
@@ -92,7 +93,9 @@ class DecoderCache:
         cross_mask when None, one device read); split: allow attention in length groups (off for
         a compiled step, whose graph must not depend on the rows' lengths); per_row: each row has its
         own position (a [B] tensor, so rows can be refilled with new requests that start at zero),
-        instead of one shared [1] position (beam search, whose rows decode in lockstep)."""
+        instead of one shared [1] position (beam search, whose rows decode in lockstep); flex: steps attend
+        with FlexAttention over `lengths` and `position` (layers.decode_attention_flex), not the masks
+        (kept all the same: a step that falls back to eager reads them)."""
         self.sizes = {kind: min(cfg.sliding_window, max_steps) if kind == "sliding_attention" else max_steps
                       for kind in set(cfg.layer_types)}
         self.layers = [LayerCache(self.sizes[kind], kv) for kind, kv in zip(cfg.layer_types, cross)]
@@ -109,6 +112,8 @@ class DecoderCache:
         }  # [B, 1, 1, size + S]
         self.angles = angles
         self.max_steps = max_steps
+        self.flex = flex
+        self.lengths = cross_mask.sum(1)  # [B] long: each row's encoder length (its real keys are a prefix)
         # [1] (lockstep) or [B] (per row): the position each row decodes next.
         self.per_row = per_row
         self.position = torch.zeros(cross_mask.shape[0] if per_row else 1, dtype=torch.long, device=device)
@@ -161,6 +166,7 @@ class DecoderCache:
         self.masks = {kind: m[..., : self.sizes[kind] + width].index_select(0, index) for kind, m in self.masks.items()}
         if self.per_row:
             self.position = self.position.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
         self._group()
 
     def refill(self, rows: Sequence[int], cross: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -188,6 +194,7 @@ class DecoderCache:
             own = enc.new_full((len(rows), self.sizes[kind]), float("-inf"))
             mask.index_copy_(0, index, torch.cat((own, enc), 1)[:, None, None])
         self.position.index_fill_(0, index, 0)
+        self.lengths.index_copy_(0, index, visible.sum(1))
         for row, w in zip(rows, widths):
             self.widths[row] = max(1, w)
         self._group()

@@ -138,6 +138,7 @@ class GeneratorStats:
     seconds: float = 0.0
     compiled: bool = False  # the decode step ran compiled (False: eager, by choice or after a fallback)
     compile_fallback: str | None = None  # why compiling failed, when it did
+    attention: str = "sdpa"  # how decode steps attended last: "flex" or "sdpa" (Generator(attention=...))
 
     @property
     def padding_efficiency(self) -> float:
@@ -198,6 +199,7 @@ class Generator:
         compile_options: dict | None = None,
         memory_budget: int | None = None,
         pixel_normalizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        attention: str | None = None,
     ):
         """check_every: steps between two reads of the finished flags (the loop's only device reads);
         compile: torch.compile the decode step (None = on for CUDA, off on CPU, where eager measured
@@ -206,7 +208,10 @@ class Generator:
         memory_budget: bytes the slots of a greedy/sampling run may hold (None: on CUDA the free device
         memory less MEMORY_MARGIN, on CPU no limit); max_batch_tokens and max_batch_size stay caps, and
         the out-of-memory split stays the last resort; pixel_normalizer: uint8 [N, 3, S, S] -> float pixel
-        values on the device (ImageProcessor.normalizer()), for requests whose pixel_values are uint8."""
+        values on the device (ImageProcessor.normalizer()), for requests whose pixel_values are uint8;
+        attention: how a decode step attends, "flex" (FlexAttention: only real keys, no mask; fast only
+        compiled) or "sdpa" (a float mask, rows in length groups when eager); None = flex where the step is
+        compiled on CUDA, sdpa elsewhere (eager FlexAttention is a slow reference implementation)."""
         if max_batch_tokens < 1 or max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
         if check_every < 1:
@@ -226,6 +231,9 @@ class Generator:
         # refilled once they are this share of the slots: one encoder call per group, not per row.
         self.refill_fraction = refill_fraction
         self.compile = self.device.type == "cuda" if compile is None else bool(compile)
+        if attention not in (None, "flex", "sdpa"):
+            raise ValueError(f"attention must be 'flex', 'sdpa' or None (the device default), got {attention!r}")
+        self.attention = attention or ("flex" if self.compile and self.device.type == "cuda" else "sdpa")
         options = {"fullgraph": True}
         if self.device.type == "cuda":
             options["mode"] = "reduce-overhead"  # CUDA graphs: one replay per step instead of ~1,000 launches
@@ -355,6 +363,7 @@ class Generator:
         self.stats.seconds += time.perf_counter() - start
         self.stats.compiled = self._compiled is not None
         self.stats.compile_fallback = self.compile_fallback
+        self.stats.attention = self.attention
         return results  # type: ignore[return-value]
 
     def _run_splitting(self, requests, batch: list[int], results) -> None:
@@ -439,6 +448,8 @@ class Generator:
                               f"decoding eagerly from here on", RuntimeWarning, stacklevel=2)
                 self._compiled = None
                 self.compile = False  # later micro-batches need no buckets (the one running keeps its padding rows)
+                state[0].flex = False  # eager steps attend with SDPA over the masks the cache kept
+                self.attention = "sdpa"
         return (_sampling_step if kind == "sampling" else _beam_step)(self.model, *state)
 
     def _slots(self, reqs: list[Request]) -> tuple[int, int]:
@@ -523,7 +534,8 @@ class Generator:
         mask = torch.nn.functional.pad(mask, (0, pad_width, 0, slots - len(first)), value=False)
         alive = first + [-1] * (slots - len(first))  # slot -> request index (-1: free, or a finished row's)
         widths = [len(reqs[i].input_ids) if i >= 0 else 1 for i in alive]
-        cache = self.model.start_decoding(memory, mask, room, widths=widths, split=not self.compile, per_row=True)
+        cache = self.model.start_decoding(memory, mask, room, widths=widths, split=not self.compile, per_row=True,
+                                          flex=self.attention == "flex")
         del memory
         starting = [reqs[i] for i in first]
         rows = _Rows.start(starting, slots, room, [eos[i] for i in first], self.config.bos_token_id, dev)
@@ -625,7 +637,8 @@ class Generator:
         memory, mask = self._encode(reqs)
         eos_lists = self._eos_lists(reqs)
         steps = max(r.params.max_new_tokens for r in reqs)
-        cache = self.model.start_decoding(memory, mask, steps, repeat=beams, widths=[len(r.input_ids) for r in reqs])
+        cache = self.model.start_decoding(memory, mask, steps, repeat=beams, widths=[len(r.input_ids) for r in reqs],
+                                          flex=self.attention == "flex")
         del memory
         state = _Beams.start(reqs, beams, steps, eos_lists, self.config, self.device)
         for step in range(steps):
@@ -803,7 +816,7 @@ def _mark_static(cache: DecoderCache, rows: _Rows) -> None:
     """CUDA graphs: the tensors a step writes in place keep their addresses across replays, so they
     are marked static (not copied into the graph's own buffers, which would lose the writes' point).
     guard=False: a new micro-batch's buffers do not force a recompile, only a new recording."""
-    tensors = [cache.position, rows.tokens, rows.out, rows.done, *cache.masks.values()]
+    tensors = [cache.position, cache.lengths, rows.tokens, rows.out, rows.done, *cache.masks.values()]
     tensors += [t for layer in cache.layers for t in (layer.keys, layer.values)]
     for t in tensors:
         torch._dynamo.mark_static_address(t, guard=False)

@@ -154,6 +154,57 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
+# Key block of the decode FlexAttention: a block no row reads is skipped, so a row reads at most one
+# block of padding past its own keys (FlexAttention's default size; its decode kernel splits the keys).
+DECODE_KEY_BLOCK = 128
+
+
+def decode_attention_flex(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, own: int,
+                          position: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode step's merged attention that reads only real keys, with no additive mask.
+
+    q [B, Hkv, G, D] (the G query heads of a kv head as its query rows); keys, values [B, Hkv, own + S, D]:
+    `own` slots of the layer's own keys, then the encoder's; position [B] or [1] (the step each row
+    decodes: own slots up to it are written, a ring's once it is full); lengths [B]: each row's
+    encoder length (its real keys are a prefix of the encoder part) -> [B, Hkv, G, D].
+
+    Why FlexAttention, in one call: its block mask skips every key block past a row's own keys +
+    encoder length, and its mask_mod states both halves of the merged softmax exactly, so rows of
+    very different lengths share one call without reading each other's padding (where SDPA reads
+    the widest row's keys for all, through a float mask that keeps it off its flash kernels).
+    One call rather than two (self, cross) joined by their log-sum-exp: torch 2.13 cannot return
+    the log-sum-exp on CPU, where the tests run. Used by the compiled step (FlexAttention needs
+    torch.compile for speed; eager it runs a reference implementation that reads every key), SDPA in
+    eager mode.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = decode_block_mask(q.shape[0], q.shape[2], keys.shape[2], own, position, lengths)
+    return flex_attention(q, keys, values, block_mask=block_mask, scale=scale)
+
+
+def decode_block_mask(batch: int, queries: int, total: int, own: int, position: torch.Tensor,
+                      lengths: torch.Tensor):
+    """The BlockMask of decode_attention_flex: per row, the key blocks holding its keys (a prefix of the
+    buffer: own slots, then its encoder keys) and, within them, the exact rule as a mask_mod. Built
+    from device tensors only (no read back), inside the compiled step."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    lockstep = position.shape[0] == 1  # beam search: one position for every row
+
+    # The captured tensors are indexed as given (a view of them would not lower on CPU).
+    def visible(b, h, q_idx, kv_idx):
+        step = position[0] if lockstep else position[b]
+        return ((kv_idx < own) & (kv_idx <= step)) | ((kv_idx >= own) & (kv_idx - own < lengths[b]))
+
+    blocks = -(-total // DECODE_KEY_BLOCK)
+    read = (own + lengths + DECODE_KEY_BLOCK - 1).div(DECODE_KEY_BLOCK, rounding_mode="floor")  # [B] blocks
+    indices = torch.arange(blocks, dtype=torch.int32, device=lengths.device).expand(batch, 1, 1, blocks)
+    return BlockMask.from_kv_blocks(read.to(torch.int32).view(batch, 1, 1), indices.contiguous(),
+                                    BLOCK_SIZE=(DECODE_KEY_BLOCK, DECODE_KEY_BLOCK), mask_mod=visible,
+                                    seq_lengths=(queries, total))
+
+
 def padded_widths(mask: torch.Tensor) -> list[int]:
     """Per row of a [B, S] bool mask, the width it needs: its last True position + 1 (0 if none)."""
     return (torch.arange(1, mask.shape[1] + 1, device=mask.device) * mask).amax(1).tolist()

@@ -32,6 +32,7 @@ from .layers import (
     RMSNorm,
     Rotary,
     attention,
+    decode_attention_flex,
     decoder_self_masks,
     key_padding_mask,
     length_groups,
@@ -174,12 +175,14 @@ class Block(nn.Module):
         return self.feed_forward(x)
 
     def decode_step(self, x: torch.Tensor, cos, sin, cache: LayerCache, slot: torch.Tensor, mask: torch.Tensor,
-                    groups: list[tuple[int, int, int]]) -> torch.Tensor:
+                    groups: list[tuple[int, int, int]],
+                    flex: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One cached decoder step. x [B, 1, H]; cos, sin [P, 1, 1, D]; slot [P] (long: where this
         step's key goes; P = 1 for rows in lockstep, B for rows at their own positions);
         mask [B, 1, 1, size + S] -> [B, 1, H].
 
-        groups: (first row, end row, keys to read) runs that attend separately (see cache.py).
+        groups: (first row, end row, keys to read) runs that attend separately (see cache.py);
+        flex: (position [P], encoder lengths [B]) to attend with FlexAttention instead of mask and groups.
         """
         attn = self.self_attn
         batch = x.shape[0]
@@ -188,7 +191,9 @@ class Block(nn.Module):
         keys, values = cache.store(slot, qk[:, 0, heads:], v[:, 0])  # [B, Hkv, size + S, D]
         # The query heads of one kv head attend as a group: [B, Hkv, G, D] reads each key once.
         q = qk[:, 0, :heads].view(batch, kv_heads, heads // kv_heads, attn.head_dim)
-        if len(groups) == 1:
+        if flex is not None:  # (position, encoder lengths): only real keys read, no mask (compiled steps)
+            out = decode_attention_flex(q, keys, values, cache.size, *flex, attn.scale)
+        elif len(groups) == 1:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)  # [B, Hkv, G, D]
         else:
             out = torch.cat([F.scaled_dot_product_attention(q[a:b], keys[a:b, :, :end], values[a:b, :, :end],
@@ -291,14 +296,15 @@ class T5Gemma2(nn.Module):
 
     def start_decoding(self, memory: torch.Tensor, attention_mask: torch.Tensor, max_steps: int,
                        repeat: int = 1, widths: list[int] | None = None, split: bool = True,
-                       per_row: bool = False) -> DecoderCache:
+                       per_row: bool = False, flex: bool = False) -> DecoderCache:
         """The decoder state for generating up to max_steps tokens from memory [B, S, H].
 
         The encoder's keys/values are computed here, once per request and layer, each row
         repeated `repeat` times (beam search) -> a cache of B * repeat rows. widths: each row's
         encoder width (last real token + 1) if the caller knows it (saves a device read); split:
         whether a step may attend in row groups of similar length (see cache.py); per_row: a position
-        per row, so rows can be refilled (DecoderCache.refill). The rotary
+        per row, so rows can be refilled (DecoderCache.refill); flex: steps attend with FlexAttention
+        (layers.decode_attention_flex: only real keys, no mask; for compiled steps). The rotary
         tables of all max_steps positions are built here, before the first step.
         """
         cross = self.cross_kv(memory)
@@ -309,7 +315,7 @@ class T5Gemma2(nn.Module):
             widths = None if widths is None else [w for w in widths for _ in range(repeat)]
         positions = torch.arange(max_steps, device=memory.device)
         return DecoderCache(self.config.decoder, cross, mask, max_steps, self.decoder.angles(positions, memory.dtype),
-                            widths=widths, split=split, per_row=per_row)
+                            widths=widths, split=split, per_row=per_row, flex=flex)
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """tokens [B] at position cache.position -> final hidden states [B, H]; the cache then holds the step.
@@ -318,10 +324,11 @@ class T5Gemma2(nn.Module):
         """
         x = self.embed_tokens(tokens[:, None])  # [B, 1, H]
         angles, slots = cache.begin_step()
+        flex = (cache.position, cache.lengths) if cache.flex else None
         for layer, layer_cache in zip(self.decoder.layers, cache.layers):
             kind = layer.layer_type
             cos, sin = angles[kind]
-            x = layer.decode_step(x, cos, sin, layer_cache, slots[kind], cache.masks[kind], cache.groups[kind])
+            x = layer.decode_step(x, cos, sin, layer_cache, slots[kind], cache.masks[kind], cache.groups[kind], flex)
         cache.advance()
         return self.decoder.norm(x[:, 0])
 
