@@ -274,7 +274,8 @@ class Prepare:
         for n, label in enumerate(labels):
             if label is None or not label.strip():
                 return invalid(f"label {n} is {'null' if label is None else repr(label)}; every label must be text")
-        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        seen: set[str] = set()
+        repeated = sorted({label for label in labels if label in seen or seen.add(label)})
         if repeated:
             return invalid(f"the labels repeat {', '.join(map(repr, repeated))}; list each label once")
         ids = self.tokenizer.encode(list(labels), add_bos=False)
