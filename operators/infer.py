@@ -143,6 +143,9 @@ class Infer:
             if result.finish_reason == "error":
                 kinds[t][r] = result.error_kind or "model_error"
                 messages[t][r] = result.error or "generation failed"
+            elif self.tasks[t].params.num_return_sequences > 1:  # n sequences: lists, best or sample 0 first
+                output_ids[t][r] = [ids for ids, _ in result.sequences or [(result.token_ids, result.finish_reason)]]
+                finish[t][r] = [reason for _, reason in result.sequences or [(result.token_ids, result.finish_reason)]]
             else:
                 output_ids[t][r] = result.token_ids
                 finish[t][r] = result.finish_reason
@@ -163,8 +166,10 @@ class Infer:
                 out[cols.labels] = batch.column(cols.labels)
                 out[cols.candidate_scores] = pa.array(candidate_scores[t], type=pa.list_(pa.float64()))
             else:
-                out[cols.output_ids] = pa.array(output_ids[t], type=pa.list_(pa.int32()))
-                out[cols.finish_reason] = pa.array(finish[t], type=pa.string())
+                many = task.params.num_return_sequences > 1
+                ids_type, reason_type = pa.list_(pa.int32()), pa.string()
+                out[cols.output_ids] = pa.array(output_ids[t], type=pa.list_(ids_type) if many else ids_type)
+                out[cols.finish_reason] = pa.array(finish[t], type=pa.list_(reason_type) if many else reason_type)
             out[cols.error_kind] = pa.array(kinds[t], type=pa.string())
             out[cols.error_message] = pa.array(messages[t], type=pa.string())
         return pa.table(out)

@@ -392,5 +392,5 @@ def infer_tasks(spec_tasks) -> tuple[InferTask, ...]:
 
 def finish_tasks(spec_tasks) -> tuple[FinishTask, ...]:
     return tuple(FinishTask(output_column=t.output_column, classify=t.classify, multi_label=t.multi_label,
-                            threshold=t.threshold) for t in spec_tasks)
+                            threshold=t.threshold, sequences=t.sequences) for t in spec_tasks)
 

@@ -156,7 +156,13 @@ class TaskSpec:
     @property
     def output_task(self) -> columns.OutputTask:
         """What the output layout needs of this task (operators/columns.py)."""
-        return columns.OutputTask(self.output_column, classify=self.classify, multi_label=self.multi_label)
+        return columns.OutputTask(self.output_column, classify=self.classify, multi_label=self.multi_label,
+                                  sequences=self.sequences)
+
+    @property
+    def sequences(self) -> int:
+        """Outputs per row: num_return_sequences (1 for classify tasks)."""
+        return self.generation.num_return_sequences if self.generation is not None else 1
 
     def input_columns(self) -> dict[str, str]:
         """Input columns this task reads beyond text and image: column -> what for ("field", "labels")."""
@@ -172,6 +178,7 @@ class TaskSpec:
 # their defaults, so a job that does not use them keeps its run config hash (and its outputs).
 _LATER_TASK_FIELDS = {"fields": (), "prompt_column": None, "labels": None, "labels_column": None, "score": None,
                       "multi_label": False, "threshold": None}
+_LATER_GENERATION_FIELDS = {"num_return_sequences": 1}  # the same for GenerationParams fields
 
 
 @dataclass(frozen=True)
@@ -217,6 +224,9 @@ class JobSpec:
             for key, default in _LATER_TASK_FIELDS.items():
                 if task[key] == default or (isinstance(default, tuple) and tuple(task[key]) == default):
                     del task[key]
+            for key, default in _LATER_GENERATION_FIELDS.items():
+                if task["generation"] is not None and task["generation"][key] == default:
+                    del task["generation"][key]
             tasks.append(task)
         config = {
             "format_version": FORMAT_VERSION,
