@@ -7,7 +7,7 @@
   t5g2 inspect CHECKPOINT [--adapter A]  print a checkpoint's config summary (dir, URI or hub id): its
                                         tokenizer file, generation_config.json, the settings and tensors
                                         it ignores, and a LoRA adapter checked against it
-  t5g2 demo ...                         jobs/demo.py (a dataset, a checkpoint and three jobs)
+  t5g2 demo ...                         jobs/demo.py (a dataset, a checkpoint and five jobs)
   t5g2 bench ...                        jobs/bench.py (throughput)
 
 demo and bench are imported only when asked for, so `run` works whatever state they are in.
