@@ -54,7 +54,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .cache import DecoderCache
-from .t5gemma2 import T5Gemma2
+from .t5gemma2 import T5Gemma2, prompt_problem
 
 
 @dataclass(frozen=True)
@@ -254,24 +254,11 @@ class Generator:
 
     def _check(self, request: Request) -> str | None:
         """Why a request cannot run, or None."""
-        cfg = self.config
-        ids = request.input_ids
-        if len(ids) == 0:
-            return "empty prompt: input_ids has no tokens"
-        if min(ids) < 0 or max(ids) >= cfg.vocab_size:
-            return f"token id out of range [0, {cfg.vocab_size})"
-        n_images = 0 if request.pixel_values is None else int(request.pixel_values.shape[0])
-        slots = sum(1 for t in ids if t == cfg.image_token_id)
-        if slots != n_images * cfg.mm_tokens_per_image:
-            return (f"{slots} image-token positions for {n_images} image(s) x {cfg.mm_tokens_per_image} tokens: "
-                    f"expand each image placeholder with the tokenizer")
-        if n_images:
-            size = cfg.vision.image_size
-            if tuple(request.pixel_values.shape[1:]) != (cfg.vision.num_channels, size, size):
-                return f"pixel_values must be [N, {cfg.vision.num_channels}, {size}, {size}]"
-            if request.pixel_values.dtype == torch.uint8 and self.pixel_normalizer is None:
-                return "uint8 pixel_values need a Generator built with pixel_normalizer (ImageProcessor.normalizer())"
-        return None
+        problem = prompt_problem(self.config, request.input_ids, request.pixel_values)
+        if problem is None and request.pixel_values is not None and request.pixel_values.dtype == torch.uint8 \
+                and self.pixel_normalizer is None:
+            return "uint8 pixel_values need a Generator built with pixel_normalizer (ImageProcessor.normalizer())"
+        return problem
 
     def plan(self, requests: list[Request], order: list[int]) -> list[MicroBatch]:
         """Pack request indices (sorted by length) into micro-batches under the token budget."""

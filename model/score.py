@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .layers import decoder_self_masks
-from .t5gemma2 import Block, T5Gemma2
+from .t5gemma2 import Block, T5Gemma2, prompt_problem
 
 SCORE_MODES = ("sum", "mean")  # how a candidate's token log-probabilities make its score
 
@@ -139,11 +139,9 @@ class Scorer:
     def _check(self, request: ScoreRequest) -> str | None:
         """Why a request cannot be scored, or None."""
         cfg = self.config
-        ids = request.input_ids
-        if len(ids) == 0:
-            return "empty prompt: input_ids has no tokens"
-        if min(ids) < 0 or max(ids) >= cfg.vocab_size:
-            return f"prompt token id out of range [0, {cfg.vocab_size})"
+        problem = prompt_problem(cfg, request.input_ids, request.pixel_values)
+        if problem is not None:
+            return problem
         if not request.candidates:
             return "no candidates to score"
         for n, cand in enumerate(request.candidates):
@@ -151,17 +149,9 @@ class Scorer:
                 return f"candidate {n} has no tokens"
             if min(cand) < 0 or max(cand) >= cfg.vocab_size:
                 return f"candidate {n} has a token id out of range [0, {cfg.vocab_size})"
-        n_images = 0 if request.pixel_values is None else int(request.pixel_values.shape[0])
-        slots = sum(1 for t in ids if t == cfg.image_token_id)
-        if slots != n_images * cfg.mm_tokens_per_image:
-            return (f"{slots} image-token positions for {n_images} image(s) x {cfg.mm_tokens_per_image} tokens: "
-                    f"expand each image placeholder with the tokenizer")
-        if n_images:
-            size = cfg.vision.image_size
-            if tuple(request.pixel_values.shape[1:]) != (cfg.vision.num_channels, size, size):
-                return f"pixel_values must be [N, {cfg.vision.num_channels}, {size}, {size}]"
-            if request.pixel_values.dtype == torch.uint8 and self.pixel_normalizer is None:
-                return "uint8 pixel_values need a Scorer built with pixel_normalizer (ImageProcessor.normalizer())"
+        if request.pixel_values is not None and request.pixel_values.dtype == torch.uint8 \
+                and self.pixel_normalizer is None:
+            return "uint8 pixel_values need a Scorer built with pixel_normalizer (ImageProcessor.normalizer())"
         return None
 
     def _fits(self, rows: int, width: int, candidates: int, steps: int, encoder: bool = True) -> bool:

@@ -42,6 +42,25 @@ from .layers import (
 from .siglip import MultiModalProjector, VisionTower
 
 
+def prompt_problem(config: T5Gemma2Config, input_ids: Sequence[int], pixel_values: torch.Tensor | None) -> str | None:
+    """Why a prompt (token ids, image placeholders expanded) and its images cannot be encoded, or None:
+    the check the Generator and the Scorer make of every request before it runs."""
+    if len(input_ids) == 0:
+        return "empty prompt: input_ids has no tokens"
+    if min(input_ids) < 0 or max(input_ids) >= config.vocab_size:
+        return f"token id out of range [0, {config.vocab_size})"
+    n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+    slots = sum(1 for t in input_ids if t == config.image_token_id)
+    if slots != n_images * config.mm_tokens_per_image:
+        return (f"{slots} image-token positions for {n_images} image(s) x {config.mm_tokens_per_image} tokens: "
+                f"expand each image placeholder with the tokenizer")
+    if n_images:
+        size, channels = config.vision.image_size, config.vision.num_channels
+        if tuple(pixel_values.shape[1:]) != (channels, size, size):
+            return f"pixel_values must be [N, {channels}, {size}, {size}]"
+    return None
+
+
 class ScaledEmbedding(nn.Module):
     """Token table shared by encoder, decoder and LM head; rows scaled by sqrt(H).
 
