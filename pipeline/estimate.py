@@ -1,0 +1,175 @@
+"""What a job will cost: a model's work per token, the calibration table, and the estimate from them.
+
+The cost model is the simplest that calibrations can pin down: one model actor spends
+
+    prompt tokens / prefill rate  +  decoded tokens / decode rate  +  images / image rate
+
+seconds, where each rate is a measured one (a row of CALIBRATIONS, or a timed run made now by
+`t5g2 run --dry-run --calibrate`) moved to the job's model shape by the ratio of the work per token
+(ModelCost: 2 x the weights each token passes through). Actors work in parallel on disjoint rows,
+so wall time is that total over the actors; GPU-hours are actor-hours times gpus_per_actor.
+
+What it leaves out, on purpose (the dry run says so): attention's growth with prompt length (the
+rates are measured at a few hundred tokens), model loading (once per actor), the CPU stages (read,
+prepare, finish run beside the model), and batch shapes (rates are measured with full batches of
+rows; a job whose calls hold few rows runs slower per row). Moving a rate from one shape to another
+by work per token is rough on CPUs at small shapes, where per-operation overhead rather than
+arithmetic sets the time; an estimate from a calibration of another shape says so.
+
+CALIBRATIONS mirrors the table "Dry-run calibration" in docs/perf.md (a test keeps the two equal).
+There is no GPU row yet: no GPU has been lent to this project. A GPU job is then priced from the
+CPU rows, and the estimate says plainly that it is a CPU figure.
+
+Not here: sampling and tokenizing rows (dryrun.py), the timed calibration run (jobs/calibrate.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """The work (floating-point operations, 2 per multiply-add) one unit of input costs a model."""
+
+    prefill_per_token: float  # a prompt token: the encoder's layers and each decoder layer's cross keys/values
+    decode_per_token: float  # a decoded token (per beam): the decoder's layers and the LM head over the vocabulary
+    per_image: float  # an image: the vision tower over its patches and the projection
+
+
+def _text_layer_weights(t) -> int:
+    """Weights of one text layer: q, k, v, o projections and the GeGLU MLP (gate, up, down)."""
+    attention = t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
+    return attention + 3 * t.hidden_size * t.intermediate_size
+
+
+def model_cost(config) -> ModelCost:
+    """ModelCost of a T5Gemma2Config (model.config), from its shapes alone."""
+    e, d, v = config.encoder, config.decoder, config.vision
+    cross_kv = d.num_layers * 2 * d.hidden_size * d.num_kv_heads * d.head_dim  # once per prompt token
+    prefill = 2 * (e.num_layers * _text_layer_weights(e) + cross_kv)
+    decode = 2 * (d.num_layers * _text_layer_weights(d) + d.hidden_size * config.vocab_size)
+    patches = (v.image_size // v.patch_size) ** 2
+    vision_layer = 4 * v.hidden_size * v.hidden_size + 2 * v.hidden_size * v.intermediate_size
+    image = 2 * (patches * v.num_layers * vision_layer + config.mm_tokens_per_image * v.hidden_size * e.hidden_size)
+    return ModelCost(float(prefill), float(decode), float(image))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Rates measured on one machine at one model shape (a row of docs/perf.md's table, or measured now)."""
+
+    name: str  # the row's name in docs/perf.md ("measured now" for --calibrate)
+    device: str  # "cpu" or "cuda"
+    machine: str  # what was measured: CPU model and cores, or the GPU card
+    shape: str  # the model shape measured (demo, small, 270m, ... or "this job's")
+    dtype: str  # compute dtype
+    threads: int  # torch threads (CPU); 0 on a GPU
+    rows: int  # requests per timed run (the batch the rates hold for)
+    prefill_tokens_per_s: float  # prompt tokens per second
+    decode_tokens_per_s: float  # decoded tokens per second, summed over the batch's rows
+    images_per_s: float | None  # images per second through the vision tower (None: not measured)
+    prefill_flops: float  # ModelCost.prefill_per_token of the measured shape
+    decode_flops: float  # ModelCost.decode_per_token of the measured shape
+    image_flops: float  # ModelCost.per_image of the measured shape
+    date: str  # when it was measured
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# Measured on the build machine with `python -m jobs.calibrate` (docs/perf.md, "Dry-run calibration").
+CALIBRATIONS: tuple[Calibration, ...] = (
+    Calibration(name="cpu-demo", device="cpu", machine="Intel Xeon, 2 cores shared with other work (build machine)",
+                shape="demo", dtype="float32", threads=1, rows=32, prefill_tokens_per_s=31869.0,
+                decode_tokens_per_s=1284.0, images_per_s=262.0, prefill_flops=2.359e6, decode_flops=2.621e6,
+                image_flops=6.029e6, date="2026-12-02"),
+    Calibration(name="cpu-small", device="cpu", machine="Intel Xeon, 2 cores shared with other work (build machine)",
+                shape="small", dtype="float32", threads=1, rows=32, prefill_tokens_per_s=4390.0,
+                decode_tokens_per_s=543.0, images_per_s=148.0, prefill_flops=3.342e7, decode_flops=3.565e7,
+                image_flops=2.164e7, date="2026-12-02"),
+)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a job (or what is left of it) asks of the model actors, summed over its tasks."""
+
+    rows: int  # rows to compute
+    prompt_tokens: float  # prompt tokens over all tasks (images' tokens included)
+    decode_tokens: float  # tokens decoded, beams counted (an upper bound: every row to max_new_tokens)
+    images: float  # images through the vision tower (once per image task and row)
+    decode_tokens_typical: float | None = None  # the same at the typical output length, when one is known
+
+
+def pick(calibrations: tuple[Calibration, ...], device: str, cost: ModelCost) -> tuple[Calibration | None, str]:
+    """The calibration to price a job with on `device` ("cpu" | "cuda"), and a note saying what it is:
+    one of that device kind at the shape nearest by decode work; none of that kind (no GPU row yet)
+    -> the nearest CPU row, with a note that says so."""
+    same = [c for c in calibrations if c.device == device]
+    note = ""
+    if not same:
+        same = [c for c in calibrations if c.device == "cpu"]
+        note = (f"no {device.upper()} calibration has been measured yet (no such device was lent to this project); "
+                f"the figures below are a CPU calibration's, not a {device.upper()} estimate")
+    if not same:
+        return None, "no calibration at all"
+    best = min(same, key=lambda c: abs(math.log(c.decode_flops / cost.decode_per_token)))
+    return best, note
+
+
+def scaled(cal: Calibration, cost: ModelCost, threads: int) -> dict:
+    """The calibration's rates moved to a model of `cost` (and, on CPU, to `threads` torch threads,
+    assumed linear), with how far each was moved."""
+    thread_factor = max(1, threads) / max(1, cal.threads) if cal.device == "cpu" else 1.0
+    factors = {"prefill": cal.prefill_flops / cost.prefill_per_token,
+               "decode": cal.decode_flops / cost.decode_per_token,
+               "image": cal.image_flops / cost.per_image if cost.per_image else 1.0}
+    return {
+        "prefill_tokens_per_s": cal.prefill_tokens_per_s * factors["prefill"] * thread_factor,
+        "decode_tokens_per_s": cal.decode_tokens_per_s * factors["decode"] * thread_factor,
+        "images_per_s": (cal.images_per_s * factors["image"] * thread_factor) if cal.images_per_s else None,
+        "shape_factors": factors,
+        "thread_factor": thread_factor,
+        "same_shape": all(abs(math.log(f)) < 0.01 for f in factors.values()),
+    }
+
+
+def estimate(work: Work, cost: ModelCost, *, device: str, threads: int, min_actors: int, max_actors: int,
+             gpus_per_actor: float, calibration: Calibration | None = None,
+             calibrations: tuple[Calibration, ...] = CALIBRATIONS) -> dict:
+    """Actor-hours, GPU-hours and wall time of `work`, from `calibration` (measured now) or the table."""
+    note = ""
+    if calibration is None:
+        calibration, note = pick(calibrations, device, cost)
+    if calibration is None:
+        return {"calibration": None, "note": note}
+    rates = scaled(calibration, cost, threads)
+    if not rates["same_shape"]:
+        moved = ", ".join(f"{k} x{v:.3g}" for k, v in rates["shape_factors"].items())
+        moved_note = (f"moved from shape {calibration.shape!r} by work per token ({moved}): rough, small shapes on "
+                      f"CPU are bound by per-operation overhead")
+        note = "; ".join(n for n in (note, moved_note) if n)
+
+    def seconds(decode_tokens: float) -> float:
+        total = work.prompt_tokens / rates["prefill_tokens_per_s"] + decode_tokens / rates["decode_tokens_per_s"]
+        if work.images:
+            images_rate = rates["images_per_s"]
+            total += work.images / images_rate if images_rate else 0.0
+        return total
+
+    def figures(decode_tokens: float) -> dict:
+        actor_s = seconds(decode_tokens)
+        return {"actor_hours": actor_s / 3600, "gpu_hours": actor_s * gpus_per_actor / 3600,
+                "wall_hours_at_max_actors": actor_s / max_actors / 3600,
+                "wall_hours_at_min_actors": actor_s / min_actors / 3600}
+
+    return {
+        "calibration": calibration.as_dict(),
+        "note": note,
+        "rates": {k: rates[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "images_per_s")},
+        "upper_bound": figures(work.decode_tokens),
+        "typical": figures(work.decode_tokens_typical) if work.decode_tokens_typical is not None else None,
+        "images_not_priced": bool(work.images and not rates["images_per_s"]),
+    }
