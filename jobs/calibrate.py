@@ -12,9 +12,10 @@ and times the Generator on three small workloads, best of `repeats` after a warm
             / s, once the prefill time of those prompts (at the rate above) is taken off
   images    `image_rows` prompts of one image and 4 tokens, 1 new token: images / s, once the
             prefill and decode time are taken off. Where what is left is under IMAGE_SHARE of the
-            run (tiny towers, as the demo's: the subtraction is then noise), the tower's work is
-            priced at the prefill's arithmetic rate instead. Skipped for towers over 1024 patches,
-            such as the released 896 px SigLIP, whose images take minutes each on a CPU
+            run (tiny towers, as the demo's: the subtraction is then noise) there is no image rate,
+            and the estimate prices the tower's work at the prefill's arithmetic rate. Skipped for
+            towers over 1024 patches, such as the released 896 px SigLIP, whose images take minutes
+            each on a CPU
 
 The result is a pipeline.estimate.Calibration; `main` prints it as the row of docs/perf.md's table
 and as the literal for estimate.CALIBRATIONS. These are throughput figures of one process on one
@@ -124,10 +125,9 @@ def measure(config, *, shape: str, device: str = "cpu", dtype: str = "float32", 
             prompt = 4 + config.mm_tokens_per_image + 2
             t_images = _best(gen, _requests(config, image_rows, 4, 1, True, seed + 2), dev, repeats)
             image_time = t_images - image_rows * prompt / prefill_rate - image_rows / decode_rate
-            if image_time >= IMAGE_SHARE * t_images:
-                images_rate = image_rows / image_time
-            else:  # the tower is too small a part of the run to time apart: its work at the prefill's rate
-                images_rate = prefill_rate * cost.prefill_per_token / cost.per_image
+            # A tower that is too small a part of the run cannot be timed apart: left None, the estimate
+            # then prices its work at the prefill's arithmetic rate (and says so).
+            images_rate = image_rows / image_time if image_time >= IMAGE_SHARE * t_images else None
     return Calibration(
         name=name, device=dev.type, machine=machine_name(dev, threads), shape=shape, dtype=dtype,
         threads=threads if dev.type == "cpu" else 0, rows=rows, prefill_tokens_per_s=round(prefill_rate, 1),

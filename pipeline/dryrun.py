@@ -481,7 +481,5 @@ def summary(d: dict) -> str:
         wall = _hours(f["wall_hours_at_max_actors"]) if res["min_actors"] == res["max_actors"] else \
             f"{_hours(f['wall_hours_at_max_actors'])} (max actors) .. {_hours(f['wall_hours_at_min_actors'])} (min)"
         lines.append(f"            {label}: {f['actor_hours']:.3g} actor-hours{gpu}, wall {wall}")
-    if e["images_not_priced"]:
-        lines.append("            (the calibration has no image rate: images are not priced)")
     lines.append("            (model loading, attention's growth with long prompts and the CPU stages are not priced)")
     return "\n".join(lines)

@@ -80,15 +80,17 @@ class Calibration:
 
 
 # Measured on the build machine with `python -m jobs.calibrate` (docs/perf.md, "Dry-run calibration").
+_BUILD_MACHINE = "AMD EPYC, 1 thread(s) on 2 core(s)"
 CALIBRATIONS: tuple[Calibration, ...] = (
-    Calibration(name="cpu-demo", device="cpu", machine="Intel Xeon, 2 cores shared with other work (build machine)",
-                shape="demo", dtype="float32", threads=1, rows=32, prefill_tokens_per_s=31869.0,
-                decode_tokens_per_s=1284.0, images_per_s=262.0, prefill_flops=2.359e6, decode_flops=2.621e6,
-                image_flops=6.029e6, date="2026-12-02"),
-    Calibration(name="cpu-small", device="cpu", machine="Intel Xeon, 2 cores shared with other work (build machine)",
-                shape="small", dtype="float32", threads=1, rows=32, prefill_tokens_per_s=4390.0,
-                decode_tokens_per_s=543.0, images_per_s=148.0, prefill_flops=3.342e7, decode_flops=3.565e7,
-                image_flops=2.164e7, date="2026-12-02"),
+    Calibration(name="cpu-demo", device="cpu", machine=_BUILD_MACHINE, shape="demo", dtype="float32", threads=1,
+                rows=32, prefill_tokens_per_s=27633.3, decode_tokens_per_s=12597.3, images_per_s=None,
+                prefill_flops=491500.0, decode_flops=704500.0, image_flops=2163000.0, date="2026-12-02"),
+    Calibration(name="cpu-small", device="cpu", machine=_BUILD_MACHINE, shape="small", dtype="float32", threads=1,
+                rows=32, prefill_tokens_per_s=2300.8, decode_tokens_per_s=2187.7, images_per_s=None,
+                prefill_flops=11800000.0, decode_flops=15600000.0, image_flops=8913000.0, date="2026-12-02"),
+    Calibration(name="cpu-270m", device="cpu", machine=_BUILD_MACHINE, shape="270m", dtype="float32", threads=1,
+                rows=16, prefill_tokens_per_s=67.1, decode_tokens_per_s=30.1, images_per_s=None,
+                prefill_flops=212300000.0, decode_flops=536100000.0, image_flops=3368000000000.0, date="2026-12-02"),
 )
 
 
@@ -126,10 +128,13 @@ def scaled(cal: Calibration, cost: ModelCost, threads: int) -> dict:
     factors = {"prefill": cal.prefill_flops / cost.prefill_per_token,
                "decode": cal.decode_flops / cost.decode_per_token,
                "image": cal.image_flops / cost.per_image if cost.per_image else 1.0}
+    # A row without an image rate (a tower too slow to time there): its work at the prefill's arithmetic rate.
+    images_per_s = cal.images_per_s or cal.prefill_tokens_per_s * cal.prefill_flops / cal.image_flops
     return {
         "prefill_tokens_per_s": cal.prefill_tokens_per_s * factors["prefill"] * thread_factor,
         "decode_tokens_per_s": cal.decode_tokens_per_s * factors["decode"] * thread_factor,
-        "images_per_s": (cal.images_per_s * factors["image"] * thread_factor) if cal.images_per_s else None,
+        "images_per_s": images_per_s * factors["image"] * thread_factor,
+        "images_timed": cal.images_per_s is not None,
         "shape_factors": factors,
         "thread_factor": thread_factor,
         "same_shape": all(abs(math.log(f)) < 0.01 for f in factors.values()),
@@ -146,6 +151,9 @@ def estimate(work: Work, cost: ModelCost, *, device: str, threads: int, min_acto
     if calibration is None:
         return {"calibration": None, "note": note}
     rates = scaled(calibration, cost, threads)
+    if work.images and not rates["images_timed"]:
+        note = "; ".join(n for n in (note, f"images priced at the prefill's arithmetic rate (the tower was not timed "
+                                           f"at shape {calibration.shape!r})") if n)
     if not rates["same_shape"]:
         moved = ", ".join(f"{k} x{v:.3g}" for k, v in rates["shape_factors"].items())
         moved_note = (f"moved from shape {calibration.shape!r} by work per token ({moved}): rough, small shapes on "
@@ -154,10 +162,7 @@ def estimate(work: Work, cost: ModelCost, *, device: str, threads: int, min_acto
 
     def seconds(decode_tokens: float) -> float:
         total = work.prompt_tokens / rates["prefill_tokens_per_s"] + decode_tokens / rates["decode_tokens_per_s"]
-        if work.images:
-            images_rate = rates["images_per_s"]
-            total += work.images / images_rate if images_rate else 0.0
-        return total
+        return total + work.images / rates["images_per_s"]
 
     def figures(decode_tokens: float) -> dict:
         actor_s = seconds(decode_tokens)
@@ -171,5 +176,4 @@ def estimate(work: Work, cost: ModelCost, *, device: str, threads: int, min_acto
         "rates": {k: rates[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "images_per_s")},
         "upper_bound": figures(work.decode_tokens),
         "typical": figures(work.decode_tokens_typical) if work.decode_tokens_typical is not None else None,
-        "images_not_priced": bool(work.images and not rates["images_per_s"]),
     }

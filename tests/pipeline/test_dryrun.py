@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
@@ -19,6 +20,7 @@ from pipeline import run as run_module
 from pipeline.inputs import InputFile
 from pipeline.run import run_job
 from pipeline.spec import load_job
+from pipeline.status import output_status
 
 REPO = Path(__file__).resolve().parents[2]
 SUMMARIZE = """
@@ -82,7 +84,7 @@ def test_a_bad_job_fails_the_dry_run_as_it_fails_the_run(tiny_checkpoint, tmp_pa
     job = tmp_path / "job.toml"
     job.write_text(job_toml(str(tiny_checkpoint), f"{tmp_path}/in/*.parquet", str(tmp_path / "out"), tasks=SUMMARIZE))
     for bad in (["--set", "input.text_column=body"], ["--set", f"model.source={tmp_path}/nothing"],
-                ["--set", f"output.path={tmp_path}/in/out"], ["--set", "task.kind=poem"]):
+                ["--set", f"output.path={tmp_path}/in"], ["--set", "task.kind=poem"]):
         assert cli.main(["run", str(job), *bad]) == cli.EXIT_INVALID
         as_run = capsys.readouterr().err
         assert cli.main(["run", str(job), "--dry-run", *bad]) == cli.EXIT_INVALID
@@ -119,13 +121,13 @@ def test_the_sample_is_bounded_and_spread_over_files_and_row_groups(tmp_path):
     files = [InputFile(uri=f"file:///f{i}", num_rows=12, schema=pa.schema([])) for i in range(40)]
     plan = dryrun.sample_plan(files, 64)
     assert sum(plan.values()) == 64 and set(plan.values()) == {dryrun.MIN_PER_FILE}
-    assert sorted(plan) == list(range(0, 40, 40 // 16))[:16]  # 16 files, evenly over the listing
+    assert sorted(plan) == [int(k * 40 / 16) for k in range(16)]  # 16 files, evenly over the listing
     assert dryrun.sample_plan(files[:2], 512) == {0: 12, 1: 12}  # never more than a file has
 
     # Within a file: positions spread over its row groups, each group read from its head only.
     assert dryrun._row_groups_to_read([5, 5, 5, 5], 20, 4) == [(0, 1), (1, 1), (2, 1), (3, 1)]
     assert dryrun._row_groups_to_read([100], 100, 3) == [(0, 3)]
-    assert dryrun._row_groups_to_read([5, 5, 5], 7, 4) == [(0, 2), (1, 2)]  # --limit 7: rows past 7 unread
+    assert dryrun._row_groups_to_read([5, 5, 5], 7, 4) == [(0, 3), (1, 1)]  # --limit 7: group 2 unread
 
     rows, _ = mixed_rows(good=20)
     path = tmp_path / "one.parquet"
@@ -198,8 +200,10 @@ def test_limit_prices_and_runs_only_the_first_rows_in_an_output_of_their_own(ray
     assert report["complete"] and report["limit"] == 13 and report["rows_in"] == report["rows_out"] == 13
     assert report["output"] == limited
     assert pq.read_table(limited).num_rows == 13
-    assert not list(out.glob("part-*")) and not (out / "_job.json").exists()  # the job's own output is untouched
-    assert pq.ParquetDataset(str(out)).read().num_rows == 0 if list(out.glob("*.parquet")) else True
+    # The job's own output is untouched: readers skip "_limit", and its status is empty.
+    assert not list(out.glob("part-*")) and not (out / "_job.json").exists()
+    assert pads.dataset(str(out), format="parquet").count_rows() == 0
+    assert output_status(str(out))["state"] == "empty" and output_status(limited)["state"] == "complete"
     # Another prompt on the same first rows: an output of its own again, never mixed with the first.
     other = load_job(str(job), ["task.prompt=\"Shorter: {text}\""])
     assert run_job(other, limit=5)["output"] == f"{out}/_limit/{other.run_config_hash()[:16]}" != limited
@@ -235,9 +239,8 @@ def test_pricing_uses_the_calibration_rates_at_its_own_shape_and_scales_elsewher
 
 
 def test_model_cost_counts_the_weights_a_token_passes_through():
-    from jobs.bench import shape_config
-
     import model
+    from jobs.bench import shape_config
 
     cfg = shape_config("tiny")
     cost = estimate.model_cost(cfg)

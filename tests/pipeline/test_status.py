@@ -3,12 +3,14 @@ on local paths and on the real S3 server (moto), without Ray; and its exit codes
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from helpers.crash_driver import CRASH_EXIT_CODE
@@ -133,13 +135,10 @@ def test_status_on_s3(ray_cluster, tiny_checkpoint, s3, capsys):
     assert output_status(out, storage=spec.storage)["state"] == "complete"
     assert cli.main(["status", out, *option]) == cli.EXIT_OK
     printed = capsys.readouterr().out
-    assert f"{out}: complete" in printed and "inputs   2 file(s) now, 2 at the latest complete run: unchanged" in printed
+    assert f"{out}: complete" in printed
+    assert "inputs   2 file(s) now, 2 at the latest complete run: unchanged" in printed
 
     # A file rewritten in place (a new ETag): stale.
-    import io
-
-    import pyarrow.parquet as pq
-
     buffer = io.BytesIO()
     pq.write_table(rows_table(rows[:3]), buffer)
     fs.pipe("corpus/docs/part-1.parquet", buffer.getvalue())
