@@ -23,6 +23,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from helpers.pipeline_data import job_toml, mixed_rows, write_inputs
+from helpers.report_schema import documented_keys, report_keys
 from jobs import cli
 from operators import columns as C
 from pipeline.run import run_job
@@ -168,6 +169,7 @@ def test_exit_codes_and_the_report_path_as_a_scheduler_sees_them(ray_cluster, ti
     assert run.stdout.splitlines()[-1] == str(out / "_report.json")
     report = json.loads((out / "_report.json").read_text())
     assert report["complete"] and report["all_runs"]["errors_by_kind"] == {"text_empty": 1, "text_invalid_utf8": 1}
+    assert report_keys(report) == documented_keys()  # the README's schema is the report's
     # Run again: nothing computed, the same output, the same code; status agrees.
     assert t5g2("run", str(job), "--address", ray_cluster).returncode == cli.EXIT_ERROR_ROWS
     assert t5g2("status", str(out)).returncode == cli.EXIT_ERROR_ROWS

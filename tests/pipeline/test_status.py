@@ -162,3 +162,39 @@ def test_status_needs_no_ray_and_refuses_bad_arguments(tmp_path, capsys):
     assert cli.main(["status", str(tmp_path), "--option", "nothing"]) == cli.EXIT_INVALID
     with pytest.raises(SystemExit):
         cli.main(["status"])
+
+
+def test_a_run_that_fails_under_the_job_writes_its_report_and_is_in_progress(ray_cluster, tiny_checkpoint, tmp_path):
+    import gc
+    import time
+
+    import ray
+
+    from pipeline.run import InfrastructureError, RunHooks
+
+    rows, _ = mixed_rows(good=6)
+    write_inputs(rows[:6], str(tmp_path / "in"), files=1)
+    out = tmp_path / "out"
+    spec = load_job(job_toml(str(tiny_checkpoint), f"{tmp_path}/in/*.parquet", str(out), tasks=SUMMARIZE,
+                             rows_per_file=2))
+
+    def fail_after_the_first_commit(step: str, n: int) -> None:
+        if (step, n) == ("after-done", 1):
+            raise InfrastructureError("model actors kept dying (injected)")
+
+    with pytest.raises(InfrastructureError) as failed:
+        run_job(spec, hooks=RunHooks(on_commit_step=fail_after_the_first_commit))
+    report = json.loads((out / REPORT).read_text())
+    assert failed.value.report == report
+    assert not report["complete"] and report["failed"] == "InfrastructureError: model actors kept dying (injected)"
+    assert report["units_computed"] == 1 and report["interrupted"] is None
+    status = output_status(str(out))
+    assert status["state"] == "in_progress"
+    assert "the latest run failed: InfrastructureError: model actors kept dying" in status["reasons"][0]
+
+    gc.collect()  # the failed run's plan: its actors must give the session's Ray back
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.monotonic() < deadline, f"Ray still busy: {ray.available_resources()}"
+        time.sleep(0.5)
+    assert run_job(spec)["complete"] and output_status(str(out))["state"] == "complete"
