@@ -473,13 +473,14 @@ def summary(d: dict) -> str:
     rates = e["rates"]
     lines.append(f"            rates at this job's shape: prefill {rates['prefill_tokens_per_s']:.0f} tokens/s, decode "
                  f"{rates['decode_tokens_per_s']:.0f} tokens/s"
-                 + (f", {rates['images_per_s']:.1f} images/s" if rates["images_per_s"] else "") + " per actor")
+                 + (f", {rates['images_per_s']:.3g} images/s" if d["images"] else "") + " per actor")
     for label, f in (("upper bound (every row to max_new_tokens)", e["upper_bound"]), ("typical", e["typical"])):
         if f is None:
             continue
         gpu = f", {f['gpu_hours']:.3g} GPU-hours" if res["gpus_per_actor"] else ""
         wall = _hours(f["wall_hours_at_max_actors"]) if res["min_actors"] == res["max_actors"] else \
             f"{_hours(f['wall_hours_at_max_actors'])} (max actors) .. {_hours(f['wall_hours_at_min_actors'])} (min)"
-        lines.append(f"            {label}: {f['actor_hours']:.3g} actor-hours{gpu}, wall {wall}")
+        lines.append(f"            {label}: {f['actor_hours']:.3g} actor-hours ({_hours(f['actor_hours'])} of model "
+                     f"time){gpu}, wall {wall}")
     lines.append("            (model loading, attention's growth with long prompts and the CPU stages are not priced)")
     return "\n".join(lines)
