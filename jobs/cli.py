@@ -12,7 +12,7 @@
       Whether an output is complete, in progress, stale or empty (pipeline/status.py), without Ray.
   t5g2 inspect JOB.toml [--set ...]     validate a job and print its plan, without running it
   t5g2 inspect CHECKPOINT               print a checkpoint's config summary (dir, URI or hub id)
-  t5g2 demo ...                         jobs/demo.py (a dataset, a checkpoint and three jobs)
+  t5g2 demo ...                         jobs/demo.py (a dataset, a checkpoint and five jobs)
   t5g2 bench ...                        jobs/bench.py (throughput)
 
 demo and bench are imported only when asked for, so `run` works whatever state they are in.

@@ -1,4 +1,4 @@
-"""`t5g2 demo`: a small multilingual dataset, a tiny random checkpoint, and three jobs run end to end.
+"""`t5g2 demo`: a small multilingual dataset, a tiny random checkpoint, and five jobs run end to end.
 
 What it does, with nothing downloaded:
   1. writes a demo dataset as Parquet shards under OUT/data/: documents in eleven languages and
@@ -9,9 +9,11 @@ What it does, with nothing downloaded:
   2. trains a SentencePiece tokenizer on that corpus with Gemma's special ids and writes a
      randomly initialised T5Gemma 2 checkpoint in the real Hugging Face layout (config.json,
      model.safetensors, tokenizer.model, preprocessor_config.json) to OUT/checkpoint/;
-  3. writes summarize, caption and translate job files to OUT/jobs/, prints the dry run of the first
-     (`t5g2 run JOB.toml --dry-run`: what it would compute and cost), runs them on a local Ray, then
-     prints each run report and a few output rows.
+  3. writes summarize, caption and translate job files to OUT/jobs/, and two labeling jobs:
+     classify-topics (each document's topic, chosen among fixed labels by scoring them, the
+     document's language kept beside it) and ask-images (a yes/no question on every image, also
+     by scoring); prints the dry run of the first (`t5g2 run JOB.toml --dry-run`: what it would
+     compute and cost), runs them on a local Ray, then prints each run report and a few output rows.
 
 What it is not: a quality demo. The weights are random, so the generated text is fluent nonsense in
 the demo vocabulary; the demo shows the machinery (sharded reads, CPU actors, per-row errors,
@@ -422,9 +424,12 @@ def _prompt_lines() -> list[str]:
     from pipeline.tasks import TASK_KINDS
 
     lines = []
-    for kind in TASK_KINDS.values():
-        prompt = kind.template.format(text="", image="", source_language="German", target_language="English")
+    prompts = [kind.template for kind in TASK_KINDS.values() if kind.template]
+    prompts += [job.task["prompt"] for job in DEMO_JOBS if "prompt" in job.task]
+    for prompt in prompts:
+        prompt = prompt.format(text="", image="", source_language="German", target_language="English", labels="")
         lines += [line for line in prompt.split("\n") if line.strip()]
+    lines += [label for job in DEMO_JOBS for label in job.task.get("labels", ())]
     return lines
 
 
@@ -608,7 +613,16 @@ class DemoJob:
     task: dict  # the [[task]] table
     input_columns: dict  # the [input] column settings
     shown_columns: tuple[str, ...]  # input columns printed next to the output
+    keep_columns: tuple[str, ...] = ()  # [output] keep_columns: input columns copied into the output
 
+    @property
+    def classify(self) -> bool:
+        return self.task["kind"] == "classify"
+
+
+# The labeling jobs' candidates. The demo documents are word salads about towns, schools, music and
+# the seasons; with random weights the choice is arbitrary, but every row gets one of these.
+DEMO_TOPICS = ("city life", "nature", "school", "music", "travel")
 
 DEMO_JOBS = (
     DemoJob("summarize", "docs",
@@ -621,6 +635,16 @@ DEMO_JOBS = (
             {"kind": "translate", "output_column": "translation",
              "source_language": "German", "target_language": "English"},
             {"id_column": "id", "text_column": "text"}, ("text",)),
+    # Labeling: each candidate is scored by the model (its log-likelihood after the prompt), so
+    # every good row gets exactly one label, with every candidate's probability beside it.
+    DemoJob("classify-topics", "docs",
+            {"kind": "classify", "output_column": "topic", "labels": list(DEMO_TOPICS),
+             "prompt": "Which topic is this text about: {labels}?\n\n{text}\n\nTopic:"},
+            {"id_column": "id", "text_column": "text"}, ("text",), keep_columns=("language",)),
+    DemoJob("ask-images", "images",
+            {"kind": "classify", "output_column": "has_circle", "labels": ["yes", "no"],
+             "prompt": "{image} Is there a circle in this picture? Answer yes or no."},
+            {"id_column": "id", "image_column": "image"}, ("drawn",), keep_columns=("drawn",)),
 )
 
 
@@ -629,6 +653,8 @@ def _toml_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     # A JSON string is a valid TOML basic string (same escapes), and keeps non-ASCII as is.
     return json.dumps(str(value), ensure_ascii=False)
 
@@ -645,8 +671,10 @@ def job_file_text(job: DemoJob, out: Path, max_new_tokens: int) -> str:
         f"# Run it again with: t5g2 run {out / JOBS_DIR / (job.name + '.toml')}",
         _toml_table("[model]", {"source": str(out / CHECKPOINT_DIR), "dtype": "float32"}),
         _toml_table("[input]", {"path": str(out / DATA_DIR / job.dataset / "*.parquet"), **job.input_columns}),
-        _toml_table("[output]", {"path": str(out / OUTPUTS_DIR / job.name) + "/"}),
-        _toml_table("[[task]]", {**job.task, "max_new_tokens": max_new_tokens}),
+        _toml_table("[output]", {"path": str(out / OUTPUTS_DIR / job.name) + "/",
+                                 **({"keep_columns": list(job.keep_columns)} if job.keep_columns else {})}),
+        # A classify task generates nothing: it takes no max_new_tokens.
+        _toml_table("[[task]]", {**job.task, **({} if job.classify else {"max_new_tokens": max_new_tokens})}),
         # One CPU actor (gpus_per_actor = 0): the demo machine may have 2 cores and no GPU, and
         # the other core reads and prepares rows meanwhile. Calls of 16 rows split a few hundred
         # rows into many batches, as a real job's millions are.
@@ -702,8 +730,14 @@ def show_rows(job: DemoJob, out: Path, shown: int = 4) -> None:
         print(f"  {row[columns.ID]}")
         for name in job.shown_columns:
             print(f"    {name:>12}: {_clip(source.get(name))}")
+        for name in job.keep_columns:
+            if name not in job.shown_columns:
+                print(f"    {name:>12}: {_clip(row[name])} (kept)")
         if row[columns.ERROR_KIND]:
             print(f"    {'error':>12}: {row[columns.ERROR_KIND]}: {_clip(row[columns.ERROR_MESSAGE])}")
+        elif job.classify:
+            odds = ", ".join(f"{e['label']} {e['probability']:.2f}" for e in row[task.scores])
+            print(f"    {task.text:>12}: {row[task.text]}  ({odds})")
         else:
             # Random weights often pick special or partial-byte tokens, which decode to nothing
             # or to U+FFFD; the token count shows the model did produce them.
@@ -740,7 +774,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="t5g2 demo",
         description="Generate a small multilingual dataset and a random T5Gemma 2 checkpoint, then run "
-                    "summarize, caption and translate jobs on them with a local Ray. Nothing is downloaded.",
+                    "summarize, caption, translate and two labeling jobs on them with a local Ray. Nothing is "
+                    "downloaded.",
     )
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help=f"directory for the data, checkpoint, job files and outputs (default ./{DEFAULT_OUT})")

@@ -5,6 +5,7 @@ Public API (stable names, see docs/architecture.md):
     inspect_checkpoint(source, storage_options) -> CheckpointSummary (no weights loaded)
     Tokenizer.from_pretrained(source)
     Generator(model).generate([Request(...)]) -> [Result]
+    Scorer(model).score([ScoreRequest(input_ids, candidates)]) -> [ScoreResult] (candidate log-likelihoods)
 
 Not here: rows, columns, Ray or storage of outputs (operators/, pipeline/).
 """
@@ -13,6 +14,7 @@ from .config import ConfigError, T5Gemma2Config
 from .generate import GenerationParams, Generator, Request, Result
 from .images import ImageError, ImageProcessor
 from .inspect import CheckpointSummary, inspect_checkpoint
+from .score import Scorer, ScoreRequest, ScoreResult
 from .source import CheckpointError, CheckpointSource
 from .t5gemma2 import T5Gemma2
 from .tokenizer import PromptError, Tokenizer
@@ -30,6 +32,9 @@ __all__ = [
     "Generator",
     "Request",
     "Result",
+    "Scorer",
+    "ScoreRequest",
+    "ScoreResult",
     "ConfigError",
     "T5Gemma2",
     "T5Gemma2Config",

@@ -54,6 +54,7 @@ class LayerCache:
         self.values = torch.zeros_like(self.keys)
         self.keys[:, :, size:] = k_cross
         self.values[:, :, size:] = v_cross
+        self.full = (self.keys, self.values)  # the buffers as allocated: keep(in_place) leaves views of them
 
     def store(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k, v [B, Hkv, D] at `slot` ([1] long tensor: every row's, or [B]: one per
@@ -117,6 +118,7 @@ class DecoderCache:
         # [1] (lockstep) or [B] (per row): the position each row decodes next.
         self.per_row = per_row
         self.position = torch.zeros(cross_mask.shape[0] if per_row else 1, dtype=torch.long, device=device)
+        self._full = (dict(self.masks), self.position, self.lengths, list(self.widths))  # see restore()
         self._group()
 
     def _group(self) -> None:
@@ -151,22 +153,41 @@ class DecoderCache:
             # keeps one slot past every row's max_new_tokens) rather than running off the tables.
             self.position.clamp_(max=self.max_steps - 1)
 
-    def keep(self, rows: Sequence[int], multiple: int = 1) -> None:
+    def keep(self, rows: Sequence[int], multiple: int = 1, in_place: bool = False) -> None:
         """Keep only the batch rows at `rows` (host indices; drops finished rows) and trim the encoder
         padding no kept row needs, to a multiple of `multiple` (a compiled step's bucket). Reads
-        nothing back from the device."""
+        nothing back from the device. in_place: the kept rows move to the front of the buffers held now,
+        which the cache then views (no new memory, and the addresses a captured CUDA graph recorded
+        stay: see restore); otherwise they are copied into new, smaller buffers."""
         self.widths = [self.widths[r] for r in rows]
         encoder = self.layers[0].keys.shape[2] - self.layers[0].size  # the encoder length held now
         width = min(-(-max(self.widths) // multiple) * multiple, encoder)
         index = torch.tensor(list(rows), dtype=torch.long, device=self.position.device)
+        n = len(rows)
+
+        def kept(t: torch.Tensor, dim: int | None = None, end: int = 0) -> torch.Tensor:
+            """t's kept rows, trimmed to `end` along `dim`: new, or written to the front of t and viewed."""
+            view = t if dim is None else t.narrow(dim, 0, end)
+            picked = view.index_select(0, index)  # a copy: safe to write over the rows it came from
+            return view[:n].copy_(picked) if in_place else picked
+
         for layer in self.layers:
             end = layer.size + width
-            layer.keys = layer.keys[:, :, :end].index_select(0, index)
-            layer.values = layer.values[:, :, :end].index_select(0, index)
-        self.masks = {kind: m[..., : self.sizes[kind] + width].index_select(0, index) for kind, m in self.masks.items()}
+            layer.keys, layer.values = kept(layer.keys, 2, end), kept(layer.values, 2, end)
+        self.masks = {kind: kept(m, 3, self.sizes[kind] + width) for kind, m in self.masks.items()}
         if self.per_row:
-            self.position = self.position.index_select(0, index)
-        self.lengths = self.lengths.index_select(0, index)
+            self.position = kept(self.position)
+        self.lengths = kept(self.lengths)
+        self._group()
+
+    def restore(self) -> None:
+        """Back to the buffers as allocated (all rows, the whole encoder width) after in-place keeps,
+        so the cache can start a new run (refill of every row) at the same addresses."""
+        for layer in self.layers:
+            layer.keys, layer.values = layer.full
+        masks, self.position, self.lengths, widths = self._full
+        self.masks = dict(masks)
+        self.widths = list(widths)
         self._group()
 
     def refill(self, rows: Sequence[int], cross: Iterable[tuple[torch.Tensor, torch.Tensor]],

@@ -244,6 +244,10 @@ class Generator:
         self._compiled = {"sampling": _compiled_step(_sampling_step, options),
                           "beam": _compiled_step(_beam_step, beam_options)} if self.compile else None
         self.compile_fallback: str | None = None  # why compiling failed, when it did
+        # Compiled: the decode state of the last run's shape, reused by the next run of that shape so that
+        # a CUDA graph recorded over its buffers replays instead of being recorded again (every run would
+        # otherwise add a graph to the tree). One shape at a time, so it holds no memory beyond a run's.
+        self._state: tuple[tuple, DecoderCache, _Rows] | None = None
         self.stats = GeneratorStats()
 
     # ---- planning ----------------------------------------------------------------------------
@@ -486,7 +490,10 @@ class Generator:
         if budget is None and self.device.type == "cuda":
             # Blocks PyTorch's allocator caches (freed by an earlier run) are free to us, not to the driver.
             cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            budget = int((torch.cuda.mem_get_info(self.device)[0] + cached) * (1 - self.MEMORY_MARGIN))
+            # The held decode state is ours to reuse or free: counted as free, or the next run would get
+            # fewer slots, another shape, and a new state (back and forth).
+            held = 0 if self._state is None else _state_bytes(*self._state[1:])
+            budget = int((torch.cuda.mem_get_info(self.device)[0] + cached + held) * (1 - self.MEMORY_MARGIN))
         if budget is None:
             return None
         return max(1, budget // self._slot_bytes(width, steps))
@@ -534,11 +541,21 @@ class Generator:
         mask = torch.nn.functional.pad(mask, (0, pad_width, 0, slots - len(first)), value=False)
         alive = first + [-1] * (slots - len(first))  # slot -> request index (-1: free, or a finished row's)
         widths = [len(reqs[i].input_ids) if i >= 0 else 1 for i in alive]
-        cache = self.model.start_decoding(memory, mask, room, widths=widths, split=not self.compile, per_row=True,
-                                          flex=self.attention == "flex")
-        del memory
         starting = [reqs[i] for i in first]
-        rows = _Rows.start(starting, slots, room, [eos[i] for i in first], self.config.bos_token_id, dev)
+        key = (slots, width, room, len(eos[0]), self.attention, self.model.embed_tokens.weight.dtype)
+        if self.compile and self._state is not None and self._state[0] == key:
+            _, cache, rows = self._state  # the last run's buffers, at the same addresses
+            cache.restore()
+            cache.refill(range(slots), self.model.cross_kv(memory), mask, widths)
+            rows.reset(starting, [eos[i] for i in first], self.config.bos_token_id)
+        else:
+            self._state = None  # freed before the new state is allocated
+            cache = self.model.start_decoding(memory, mask, room, widths=widths, split=not self.compile,
+                                              per_row=True, flex=self.attention == "flex")
+            rows = _Rows.start(starting, slots, room, [eos[i] for i in first], self.config.bos_token_id, dev)
+            if self.compile:
+                self._state = (key, cache, rows)
+        del memory
         sampler = _Sampler(starting, slots, dev, self.config.decoder.final_logit_softcapping, every=reqs)
         if self.compile and self.device.type == "cuda":
             _mark_static(cache, rows)
@@ -592,8 +609,9 @@ class Generator:
                     continue
                 keep = sorted(running + [s for s, a in enumerate(alive) if a < 0][: size - len(running)])
             index = torch.tensor(keep, device=dev)
-            cache.keep(keep, multiple=WIDTH_MULTIPLE if self.compile else 1)
-            rows.keep(index)
+            # Compiled: in place, into the front of the same buffers (the addresses a CUDA graph recorded).
+            cache.keep(keep, multiple=WIDTH_MULTIPLE if self.compile else 1, in_place=self.compile)
+            rows.keep(index, in_place=self.compile)
             sampler.keep(index)
             if self.compile and self.device.type == "cuda":
                 _mark_static(cache, rows)
@@ -812,6 +830,12 @@ def _pad_batch(memory: torch.Tensor, mask: torch.Tensor, rows: int) -> tuple[tor
     return memory, mask, rows - real
 
 
+def _state_bytes(cache: DecoderCache, rows: _Rows) -> int:
+    """Device bytes of a decode state as allocated (its keys and values dominate)."""
+    tensors = [t for layer in cache.layers for t in layer.full] + list(rows.full.values())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _mark_static(cache: DecoderCache, rows: _Rows) -> None:
     """CUDA graphs: the tensors a step writes in place keep their addresses across replays, so they
     are marked static (not copied into the graph's own buffers, which would lose the writes' point).
@@ -832,11 +856,14 @@ class _Rows:
     max_new: torch.Tensor  # [B] long
     min_new: torch.Tensor  # [B] long: EOS is banned at steps < min_new
     eos: torch.Tensor  # [B, E] long: EOS ids (repeats pad short lists)
+    full: dict | None = None  # the tensors as allocated (keep(in_place) leaves views of them: see reset)
+
+    FIELDS = ("tokens", "out", "done", "max_new", "min_new", "eos")
 
     @classmethod
     def start(cls, reqs: list[Request], rows: int, steps: int, eos: list[list[int]], bos: int, device) -> _Rows:
         pad = rows - len(reqs)  # padding rows: done from the start, limit 1, any EOS list
-        return cls(
+        state = cls(
             tokens=torch.full((rows,), bos, dtype=torch.long, device=device),
             out=torch.zeros((rows, steps), dtype=torch.long, device=device),
             done=torch.tensor([False] * len(reqs) + [True] * pad, device=device),
@@ -844,6 +871,20 @@ class _Rows:
             min_new=torch.tensor([r.params.min_new_tokens for r in reqs] + [0] * pad, device=device),
             eos=torch.tensor(eos + [eos[0]] * pad, device=device),
         )
+        state.full = {name: getattr(state, name) for name in cls.FIELDS}
+        return state
+
+    def reset(self, reqs: list[Request], eos: list[list[int]], bos: int) -> None:
+        """Start a new run in the tensors as allocated (in place: a captured graph's addresses stay):
+        the first rows take `reqs`, the rest pad (done, limit 1)."""
+        for name, tensor in self.full.items():
+            setattr(self, name, tensor)
+        n = len(reqs)
+        self.fill(torch.arange(n, device=self.tokens.device), reqs, eos, bos)
+        self.done[n:] = True
+        self.max_new[n:] = 1
+        self.min_new[n:] = 0
+        self.eos[n:] = self.eos[0]
 
     def fill(self, index: torch.Tensor, reqs: list[Request], eos: list[list[int]], bos: int) -> None:
         """Rows at `index` start the requests `reqs` (in place: a compiled step's buffers stay)."""
@@ -854,9 +895,12 @@ class _Rows:
         self.min_new.index_copy_(0, index, torch.tensor([r.params.min_new_tokens for r in reqs], device=dev))
         self.eos.index_copy_(0, index, torch.tensor(eos, device=dev))
 
-    def keep(self, index: torch.Tensor) -> None:
-        for name in ("tokens", "out", "done", "max_new", "min_new", "eos"):
-            setattr(self, name, getattr(self, name).index_select(0, index))
+    def keep(self, index: torch.Tensor, in_place: bool = False) -> None:
+        """Keep the rows at `index`: new tensors, or (in_place) moved to the front of these and viewed."""
+        for name in self.FIELDS:
+            tensor = getattr(self, name)
+            picked = tensor.index_select(0, index)
+            setattr(self, name, tensor[: index.shape[0]].copy_(picked) if in_place else picked)
 
 
 def _sampling_step(model: T5Gemma2, cache: DecoderCache, rows: _Rows, sampler: _Sampler) -> None:

@@ -4,18 +4,34 @@ Every stage reads and writes the columns named here, so the names are spelled on
 of a job has, per input row:
 
   id                       the input id (or a deterministic one derived from file and row)
+  KEEP...                  the job's output.keep_columns, copied from the input row (error rows too),
+                           under their input names and with their input types
   error_kind, error_message the row's first task error (null when every task succeeded)
-  per task, with OUT its output_column:
+  per generating task (caption, summarize, translate, generate), with OUT its output_column:
     OUT                    generated text (null when the task failed for this row)
     OUT_input_tokens       prompt tokens the model saw (after truncation, images included)
     OUT_output_tokens      generated tokens (EOS included)
     OUT_finish_reason      "eos" | "length" (null on error)
     OUT_error_kind         one of ERROR_KINDS (null when fine)
     OUT_error_message      what went wrong, for a person (null when fine)
+  per classify task:
+    OUT                    the chosen label: string (the most probable candidate), or with
+                           multi_label list<string>: every candidate whose probability is at or
+                           above the threshold, most probable first (may be empty); null on error
+    OUT_scores             list<struct<label: string, score: double, probability: double>>, one
+                           entry per candidate in the candidates' order: score is the candidate's
+                           log-likelihood (tokens + EOS; summed, or per token with score = "mean"),
+                           probability the softmax of the scores over the row's candidates
+    OUT_input_tokens, OUT_error_kind, OUT_error_message   as above
   model_source, model_revision, run_config_hash   provenance of the result
   input_file, input_row    provenance of the row: the input file's URI and the row's number in it
 
-Internal columns (prefixed "__") carry work between stages and are dropped before writing.
+Internal columns (prefixed "__") carry work between stages and are dropped before writing: the
+fixed ones below, and per input column a stage needs beyond id, text and image: FIELD_PREFIX +
+name (a prompt template field or prompt_column, as UTF-8 bytes), LABELS_PREFIX + name (a
+labels_column, list<large_string>) and KEEP_PREFIX + name (a keep column, its output type). A
+column the read stage could not give from a row's file has its error kind and message beside it
+(read_error_columns).
 
 Not here: how columns are filled (prepare.py, infer.py, finish.py), or written (pipeline/).
 """
@@ -54,6 +70,30 @@ IMAGE_ERROR_MESSAGE = "__image_error_message"
 ID_ERROR = "__id_error"
 ID_ERROR_MESSAGE = "__id_error_message"
 INTERNAL_PREFIX = "__"
+FIELD_PREFIX = "__field:"  # + input column: a template field's (or prompt_column's) value as UTF-8 bytes
+LABELS_PREFIX = "__labels:"  # + input column: a labels_column's per-row candidates
+KEEP_PREFIX = "__keep:"  # + input column: a keep column, cast to its output type
+
+
+def field_column(name: str) -> str:
+    """The internal column carrying input column `name` for a prompt template field or prompt_column."""
+    return FIELD_PREFIX + name
+
+
+def labels_column(name: str) -> str:
+    """The internal column carrying input column `name` as a classify task's per-row labels."""
+    return LABELS_PREFIX + name
+
+
+def keep_column(name: str) -> str:
+    """The internal column carrying input column `name` to the output (output.keep_columns)."""
+    return KEEP_PREFIX + name
+
+
+def read_error_columns(internal: str) -> tuple[str, str]:
+    """(kind, message) columns beside an internal input column, present only in blocks of a file that
+    cannot give it (schema drift): TEXT -> (TEXT_ERROR, TEXT_ERROR_MESSAGE), and so on."""
+    return f"{internal}_error", f"{internal}_error_message"
 
 
 def require(batch: pa.Table, names: list[str], stage: str) -> None:
@@ -82,13 +122,19 @@ def pixels_from_bytes(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
 # produce and checks it is here and in the README.
 ERROR_KINDS: dict[str, str] = {
     "duplicate_id": "the row's id appeared earlier in the input (the message names where); the row is not computed",
-    "column_missing": "the row's file lacks the task's text or image column (other files have it)",
-    "column_type": "the row's file has that column with a type that cannot hold text or image bytes",
+    "column_missing": "the row's file lacks a column the task reads (other files have it)",
+    "column_type": "the row's file has that column with a type the task cannot read (text, image bytes, labels)",
     "text_missing": "the text is null",
     "text_empty": "the text is empty or only whitespace",
     "text_invalid_utf8": "the text bytes are not valid UTF-8",
     "text_too_long": "the prompt is longer than input.max_input_tokens and long_input = \"error\"",
     "prompt_images": "the text holds literal image markers that would claim image slots",
+    "field_missing": "a column the prompt template names (a field other than {text} and {image}) is null",
+    "prompt_missing": "the row's prompt_column value is null",
+    "prompt_empty": "the row's prompt_column value is empty or only whitespace",
+    "labels_missing": "the row's labels_column value is null",
+    "labels_empty": "the row's labels_column value is an empty list",
+    "labels_invalid": "a label of the row is null, empty, repeated or too long, or the row has too many labels",
     "image_missing": "the image is null (or a {bytes, path} struct without bytes)",
     "image_decode": "the image bytes are empty, truncated, corrupt or of no known format",
     "image_format": "the image is in a format outside the allowlist",
@@ -102,19 +148,27 @@ COLUMN_MISSING = "column_missing"
 COLUMN_TYPE = "column_type"
 
 
+# A classify task's OUT_scores: every candidate of the row, in the candidates' order.
+SCORES_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64()), ("probability", pa.float64())]))
+
+
 @dataclass(frozen=True)
 class TaskColumns:
-    """The output columns of one task."""
+    """The columns of one task (output and internal)."""
 
-    text: str  # generated text
+    text: str  # generated text, or a classify task's chosen label(s)
     input_tokens: str  # prompt tokens
     output_tokens: str  # generated tokens
     finish_reason: str  # "eos" | "length"
     error_kind: str  # error kind or null
     error_message: str  # error message or null
+    scores: str  # classify: every candidate's score and probability
     # internal, between stages:
     prompt_ids: str  # list<int32> prompt ids from prepare (null on error)
     output_ids: str  # list<int32> generated ids from infer (null on error)
+    candidates: str  # classify: list<list<int32>> each candidate's token ids (no EOS), from prepare
+    labels: str  # classify: list<string> the candidates as text, from prepare
+    candidate_scores: str  # classify: list<float64> each candidate's score, from infer
 
     @classmethod
     def of(cls, output_column: str) -> TaskColumns:
@@ -125,36 +179,60 @@ class TaskColumns:
             finish_reason=f"{output_column}_finish_reason",
             error_kind=f"{output_column}_error_kind",
             error_message=f"{output_column}_error_message",
+            scores=f"{output_column}_scores",
             prompt_ids=f"__{output_column}_prompt_ids",
             output_ids=f"__{output_column}_output_ids",
+            candidates=f"__{output_column}_candidates",
+            labels=f"__{output_column}_labels",
+            candidate_scores=f"__{output_column}_candidate_scores",
         )
 
-    def output_fields(self) -> list[pa.Field]:
+    def output_fields(self, classify: bool = False, multi_label: bool = False) -> list[pa.Field]:
+        """The task's output columns: a generating task's, or a classify task's (see the module docstring)."""
+        errors = [pa.field(self.error_kind, pa.string()), pa.field(self.error_message, pa.string())]
+        if classify:
+            return [pa.field(self.text, pa.list_(pa.string()) if multi_label else pa.string()),
+                    pa.field(self.scores, SCORES_TYPE), pa.field(self.input_tokens, pa.int32()), *errors]
         return [
             pa.field(self.text, pa.string()),
             pa.field(self.input_tokens, pa.int32()),
             pa.field(self.output_tokens, pa.int32()),
             pa.field(self.finish_reason, pa.string()),
-            pa.field(self.error_kind, pa.string()),
-            pa.field(self.error_message, pa.string()),
+            *errors,
         ]
+
+
+@dataclass(frozen=True)
+class OutputTask:
+    """What the output layout needs to know of one task."""
+
+    name: str  # its output_column
+    classify: bool = False  # a classify task (label and scores) rather than a generating one
+    multi_label: bool = False  # classify: the label column is a list of labels
+
+    @classmethod
+    def of(cls, task: str | OutputTask) -> OutputTask:
+        """A task given by its output column alone is a generating task."""
+        return task if isinstance(task, OutputTask) else cls(task)
+
+    def output_fields(self) -> list[pa.Field]:
+        return TaskColumns.of(self.name).output_fields(self.classify, self.multi_label)
 
 
 RESERVED = frozenset({ID, ERROR_KIND, ERROR_MESSAGE, MODEL_SOURCE, MODEL_REVISION, RUN_CONFIG_HASH, INPUT_FILE,
                       INPUT_ROW})
 
 
-def reserved_names(output_column: str) -> list[str]:
+def reserved_names(output_column: str, classify: bool = False) -> list[str]:
     """All output column names a task with this output_column would create."""
-    cols = TaskColumns.of(output_column)
-    return [f.name for f in cols.output_fields()]
+    return [f.name for f in TaskColumns.of(output_column).output_fields(classify)]
 
 
-def output_schema(output_columns: list[str], id_type: pa.DataType) -> pa.Schema:
-    """The schema of every output file of a job: id, row error, per-task columns, provenance."""
-    fields = [pa.field(ID, id_type), pa.field(ERROR_KIND, pa.string()), pa.field(ERROR_MESSAGE, pa.string())]
-    for name in output_columns:
-        fields.extend(TaskColumns.of(name).output_fields())
+def output_schema(tasks: list[str | OutputTask], id_type: pa.DataType, keep: list[pa.Field] = ()) -> pa.Schema:
+    """The schema of every output file of a job: id, keep columns, row error, per-task columns, provenance."""
+    fields = [pa.field(ID, id_type), *keep, pa.field(ERROR_KIND, pa.string()), pa.field(ERROR_MESSAGE, pa.string())]
+    for task in tasks:
+        fields.extend(OutputTask.of(task).output_fields())
     fields += [
         pa.field(MODEL_SOURCE, pa.string()),
         pa.field(MODEL_REVISION, pa.string()),

@@ -1,16 +1,24 @@
-"""CPU stage: generated ids -> output columns (text, token counts, finish reason, errors, provenance).
+"""CPU stage: generated ids (or candidate scores) -> output columns, with errors and provenance.
 
-`Finish(tokenizer, output_columns, provenance)` is a callable over one Arrow batch from infer. Per
-task it detokenizes the output ids (special tokens such as the final EOS dropped), counts input
-and output tokens, and keeps the finish reason; an errored task has null text and null counts
-of what it never produced, and its kind and message. The row-level error_kind / error_message
-repeat the first failing task's error (prefixed with its column when the job has several tasks),
-so "did this row fail?" is one column. UNIT and ROW are kept for the committer, which drops them.
+`Finish(tokenizer, tasks, provenance, keep)` is a callable over one Arrow batch from infer. Per
+generating task it detokenizes the output ids (special tokens such as the final EOS dropped),
+counts input and output tokens, and keeps the finish reason. Per classify task it turns the
+candidates' scores into probabilities (softmax over the row's candidates, in float64), writes
+every candidate's label, score and probability (OUT_scores) and the chosen label: the most
+probable one (ties: the first listed), or with multi_label every label whose probability is at
+or above the threshold, most probable first. An errored task has null outputs and null counts of
+what it never produced, and its kind and message. The row-level error_kind / error_message repeat
+the first failing task's error (prefixed with its column when the job has several tasks), so
+"did this row fail?" is one column. The keep columns get their output names back. UNIT and ROW
+are kept for the committer, which drops them.
 
-Not here: writing or committing output files (pipeline/commit.py).
+Not here: writing or committing output files (pipeline/commit.py), scoring (model/score.py).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -19,55 +27,95 @@ from model.tokenizer import Tokenizer
 from . import columns as C
 
 
+@dataclass(frozen=True)
+class FinishTask:
+    """What finish needs to know about one task."""
+
+    output_column: str  # names the task's columns
+    classify: bool = False  # a classify task: scores in, label(s) and probabilities out
+    multi_label: bool = False  # classify: every label at or above threshold, as a list
+    threshold: float | None = None  # classify with multi_label: the probability a label needs
+
+    def __post_init__(self):
+        if self.multi_label and (not self.classify or self.threshold is None):
+            raise ValueError(f"task {self.output_column}: multi_label is a classify setting and needs a threshold")
+
+    @classmethod
+    def of(cls, task: str | FinishTask) -> FinishTask:
+        """A task given by its output column alone is a generating task."""
+        return task if isinstance(task, FinishTask) else cls(task)
+
+
+def probabilities(scores: list[float]) -> list[float]:
+    """Softmax of a row's candidate scores (float64, stable: shifted by the maximum)."""
+    top = max(scores)
+    weights = [math.exp(s - top) for s in scores]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
 class Finish:
-    def __init__(self, tokenizer: Tokenizer, output_columns: list[str], provenance: dict[str, str | None]):
+    def __init__(self, tokenizer: Tokenizer, tasks: list[str | FinishTask], provenance: dict[str, str | None],
+                 keep: tuple[str, ...] = ()):
+        """`tasks`: a FinishTask per task (an output column name alone stands for a generating task);
+        `keep`: the job's output.keep_columns."""
         missing = {C.MODEL_SOURCE, C.MODEL_REVISION, C.RUN_CONFIG_HASH} - set(provenance)
         if missing:
             raise ValueError(f"provenance lacks {sorted(missing)}")
         self.tokenizer = tokenizer
-        self.output_columns = list(output_columns)
+        self.tasks = [FinishTask.of(t) for t in tasks]
+        self.output_columns = [t.output_column for t in self.tasks]
         self.provenance = dict(provenance)
+        self.keep = tuple(keep)
 
     @staticmethod
-    def required_columns(output_columns: list[str]) -> list[str]:
-        """The columns a batch must have: from infer, per task its ids, finish reason and errors."""
+    def required_columns(tasks: list[str | FinishTask], keep: tuple[str, ...] = ()) -> list[str]:
+        """The columns a batch must have: from infer, per task its ids, finish reason (classify: labels and
+        candidate scores) and errors; the keep columns."""
         per_task = []
-        for name in output_columns:
-            cols = C.TaskColumns.of(name)
-            per_task += [cols.prompt_ids, cols.output_ids, cols.finish_reason, cols.error_kind, cols.error_message]
-        return [C.UNIT, C.ROW, C.ID] + per_task
+        for task in map(FinishTask.of, tasks):
+            cols = C.TaskColumns.of(task.output_column)
+            made = [cols.labels, cols.candidate_scores] if task.classify else [cols.output_ids, cols.finish_reason]
+            per_task += [cols.prompt_ids, *made, cols.error_kind, cols.error_message]
+        return [C.UNIT, C.ROW, C.ID] + [C.keep_column(k) for k in keep] + per_task
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        C.require(batch, self.required_columns(self.output_columns), "finish")
+        C.require(batch, self.required_columns(self.tasks, self.keep), "finish")
         n = batch.num_rows
         out = {C.UNIT: batch.column(C.UNIT), C.ROW: batch.column(C.ROW), C.ID: batch.column(C.ID)}
+        for name in self.keep:
+            out[name] = batch.column(C.keep_column(name))
         row_kind: list[str | None] = [None] * n
         row_message: list[str | None] = [None] * n
         task_out = {}
-        for name in self.output_columns:
+        for task in self.tasks:
+            name = task.output_column
             cols = C.TaskColumns.of(name)
             prompt_ids = batch.column(cols.prompt_ids).to_pylist()
-            output_ids = batch.column(cols.output_ids).to_pylist()
-            finish = batch.column(cols.finish_reason).to_pylist()
             kinds = batch.column(cols.error_kind).to_pylist()
             messages = batch.column(cols.error_message).to_pylist()
-            texts, n_in, n_out, reasons = [], [], [], []
+            made = batch.column(cols.candidate_scores if task.classify else cols.output_ids).to_pylist()
             for r in range(n):
-                ok = kinds[r] is None and output_ids[r] is not None
-                if not ok and kinds[r] is None:  # an internal inconsistency must still be visible
+                if kinds[r] is None and made[r] is None:  # an internal inconsistency must still be visible
                     kinds[r], messages[r] = "model_error", "no output was produced for this row"
-                texts.append(self.tokenizer.decode_one(output_ids[r], skip_special_tokens=True) if ok else None)
-                n_in.append(len(prompt_ids[r]) if prompt_ids[r] is not None else None)
-                n_out.append(len(output_ids[r]) if ok else None)
-                reasons.append(finish[r] if ok else None)
-                if not ok and row_kind[r] is None:
+                if kinds[r] is not None and row_kind[r] is None:
                     row_kind[r] = kinds[r]
-                    prefix = f"{name}: " if len(self.output_columns) > 1 else ""
+                    prefix = f"{name}: " if len(self.tasks) > 1 else ""
                     row_message[r] = prefix + (messages[r] or "")
-            task_out[cols.text] = pa.array(texts, type=pa.string())
+            n_in = [len(p) if p is not None else None for p in prompt_ids]
+            ok = [k is None for k in kinds]
+            if task.classify:
+                task_out.update(self._labels(task, batch.column(cols.labels).to_pylist(), made, ok))
+            else:
+                finish = batch.column(cols.finish_reason).to_pylist()
+                task_out[cols.text] = pa.array(
+                    [self.tokenizer.decode_one(ids, skip_special_tokens=True) if good else None
+                     for ids, good in zip(made, ok)], type=pa.string())
+                task_out[cols.output_tokens] = pa.array([len(ids) if good else None for ids, good in zip(made, ok)],
+                                                        type=pa.int32())
+                task_out[cols.finish_reason] = pa.array([f if good else None for f, good in zip(finish, ok)],
+                                                        type=pa.string())
             task_out[cols.input_tokens] = pa.array(n_in, type=pa.int32())
-            task_out[cols.output_tokens] = pa.array(n_out, type=pa.int32())
-            task_out[cols.finish_reason] = pa.array(reasons, type=pa.string())
             task_out[cols.error_kind] = pa.array(kinds, type=pa.string())
             task_out[cols.error_message] = pa.array(messages, type=pa.string())
         out[C.ERROR_KIND] = pa.array(row_kind, type=pa.string())
@@ -76,3 +124,24 @@ class Finish:
         for key in (C.MODEL_SOURCE, C.MODEL_REVISION, C.RUN_CONFIG_HASH):
             out[key] = pa.array([self.provenance[key]] * n, type=pa.string())
         return pa.table(out)
+
+    @staticmethod
+    def _labels(task: FinishTask, labels: list, scores: list, ok: list[bool]) -> dict[str, pa.Array]:
+        """A classify task's chosen label(s) and every candidate's label, score and probability."""
+        cols = C.TaskColumns.of(task.output_column)
+        chosen, entries = [], []
+        for row_labels, row_scores, good in zip(labels, scores, ok):
+            if not good:
+                chosen.append(None)
+                entries.append(None)
+                continue
+            probs = probabilities(row_scores)
+            entries.append([{"label": lab, "score": s, "probability": p}
+                            for lab, s, p in zip(row_labels, row_scores, probs)])
+            ranked = sorted(range(len(probs)), key=lambda i: (-probs[i], i))  # most probable first, ties: listed first
+            if task.multi_label:
+                chosen.append([row_labels[i] for i in ranked if probs[i] >= task.threshold])
+            else:
+                chosen.append(row_labels[ranked[0]])
+        label_type = pa.list_(pa.string()) if task.multi_label else pa.string()
+        return {cols.text: pa.array(chosen, type=label_type), cols.scores: pa.array(entries, type=C.SCORES_TYPE)}

@@ -1,14 +1,18 @@
-"""Model stage: prepared rows -> generated token ids, one Generator call per batch.
+"""Model stage: prepared rows -> generated token ids (or candidate scores), one model call per batch.
 
 `Infer(source, dtype, device, tasks, ...)` loads the model once (in `__init__`, so once per actor)
 and on each call turns every task's prompt ids (and the row's PIXELS, uint8, rescaled and
-normalized on the model's device by the generator) into a `model.Request`, runs
-all requests of the batch, every task together, through one `Generator.generate` call (which
-sorts and packs them by a token budget itself) and writes each task's output ids and finish
-reason. Rows that prepare already marked as errors are passed through untouched. A request the
-generator cannot run becomes that row's error (its kind from the generator: out_of_memory,
-invalid_request); an unexpected exception of a whole call is retried one request at a time so
-that only the rows that cause it become "model_error" rows, with the message kept.
+normalized on the model's device by the generator or scorer) into a `model.Request`, runs all
+requests of the batch, every generating task together, through one `Generator.generate` call
+(which sorts and packs them by a token budget itself) and writes each task's output ids and finish
+reason. Classify tasks go to the Scorer instead (model/score.py), all of them in one `score` call:
+a row's prompt and its candidates (prepare's token ids) make one ScoreRequest, and each
+candidate's score (its summed log-probability, or per token with score = "mean") is written.
+Rows that prepare already marked as errors are passed through untouched, and so are the keep
+columns. A request the model cannot run becomes that row's error (its kind from the generator or
+scorer: out_of_memory, invalid_request); an unexpected exception of a whole call is retried one
+request at a time so that only the rows that cause it become "model_error" rows, with the message
+kept.
 
 Not here: actor pools and GPU reservation (pipeline/build.py), detokenizing (finish.py).
 """
@@ -23,6 +27,7 @@ import torch
 
 from model.generate import GenerationParams, Generator, Request, Result
 from model.images import ImageProcessor
+from model.score import Scorer, ScoreRequest, ScoreResult
 from model.weights import load_pretrained
 
 from . import columns as C
@@ -35,8 +40,17 @@ class InferTask:
     """What inference needs to know about one task."""
 
     output_column: str  # names the task's columns
-    params: GenerationParams  # how its requests are decoded
+    params: GenerationParams | None  # how its requests are decoded (None for a classify task)
     uses_image: bool = False  # its requests carry the row's image
+    score: str | None = None  # a classify task: "sum" | "mean" of each candidate's token log-probabilities
+
+    def __post_init__(self):
+        if (self.params is None) == (self.score is None):
+            raise ValueError(f"task {self.output_column}: a generating task has params, a classify task a score mode")
+
+    @property
+    def classify(self) -> bool:
+        return self.score is not None
 
 
 class Infer:
@@ -52,11 +66,14 @@ class Infer:
         storage_options: dict | None = None,
         model=None,
         image_processor: ImageProcessor | None = None,
+        keep: tuple[str, ...] = (),
     ):
         """`model` and `image_processor` let a caller pass them ready (tests); otherwise they are loaded
         here from the checkpoint (the processor only when a task reads images: it finishes the uint8
-        pixels prepare ships, on the model's device)."""
+        pixels prepare ships, on the model's device). `keep`: the job's output.keep_columns, whose KEEP
+        columns pass through."""
         self.tasks = list(tasks)
+        self.keep = tuple(keep)
         self.model = model if model is not None else load_pretrained(
             source, dtype=dtype, device=device, storage_options=storage_options
         )
@@ -67,19 +84,25 @@ class Infer:
             normalizer = processor.normalizer()
         self.generator = Generator(self.model, max_batch_tokens=max_batch_tokens, device=device,
                                    pixel_normalizer=normalizer)
+        self.scorer = Scorer(self.model, max_batch_tokens=max_batch_tokens, device=device,
+                             pixel_normalizer=normalizer)
         size = self.config.vision.image_size
         self.pixel_shape = (self.config.vision.num_channels, size, size)
 
     @staticmethod
-    def required_columns(tasks: list[InferTask]) -> list[str]:
-        """The columns a batch must have: from prepare, per task its prompt ids and error columns."""
-        per_task = [name for t in tasks for name in (C.TaskColumns.of(t.output_column).prompt_ids,
-                                                     C.TaskColumns.of(t.output_column).error_kind,
-                                                     C.TaskColumns.of(t.output_column).error_message)]
-        return [C.UNIT, C.ROW, C.ID] + [C.PIXELS] * any(t.uses_image for t in tasks) + per_task
+    def required_columns(tasks: list[InferTask], keep: tuple[str, ...] = ()) -> list[str]:
+        """The columns a batch must have: from prepare, per task its prompt ids (classify: and candidates,
+        labels) and error columns; the keep columns."""
+        per_task = []
+        for t in tasks:
+            cols = C.TaskColumns.of(t.output_column)
+            per_task += [cols.prompt_ids, cols.error_kind, cols.error_message]
+            per_task += [cols.candidates, cols.labels] if t.classify else []
+        return ([C.UNIT, C.ROW, C.ID] + [C.keep_column(k) for k in keep] + [C.PIXELS] * any(t.uses_image for t in tasks)
+                + per_task)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        C.require(batch, self.required_columns(self.tasks), "infer")
+        C.require(batch, self.required_columns(self.tasks, self.keep), "infer")
         n = batch.num_rows
         needs_pixels = any(t.uses_image for t in self.tasks)
         pixels = batch.column(C.PIXELS).to_pylist() if needs_pixels else [None] * n
@@ -90,25 +113,32 @@ class Infer:
 
         requests: list[Request] = []
         owners: list[tuple[int, int]] = []  # (task index, row) of each request
-        prompt_ids = []
+        scoring: list[ScoreRequest] = []
+        scored: list[tuple[int, int]] = []  # (task index, row) of each score request
         kinds, messages = [], []
         for t, task in enumerate(self.tasks):
             cols = C.TaskColumns.of(task.output_column)
             ids_column = batch.column(cols.prompt_ids).to_pylist()
-            prompt_ids.append(ids_column)
+            candidates = batch.column(cols.candidates).to_pylist() if task.classify else None
             kinds.append(batch.column(cols.error_kind).to_pylist())
             messages.append(batch.column(cols.error_message).to_pylist())
             for r, ids in enumerate(ids_column):
                 if kinds[t][r] is not None or ids is None:
                     continue
-                requests.append(Request(input_ids=ids, pixel_values=images[r] if task.uses_image else None,
-                                        params=task.params))
-                owners.append((t, r))
+                pixel_values = images[r] if task.uses_image else None
+                if task.classify:
+                    scoring.append(ScoreRequest(input_ids=ids, candidates=candidates[r], pixel_values=pixel_values))
+                    scored.append((t, r))
+                else:
+                    requests.append(Request(input_ids=ids, pixel_values=pixel_values, params=task.params))
+                    owners.append((t, r))
 
         results = self._generate(requests)
+        scores = self._score(scoring)
 
         output_ids = [[None] * n for _ in self.tasks]
         finish = [[None] * n for _ in self.tasks]
+        candidate_scores = [[None] * n for _ in self.tasks]
         for (t, r), result in zip(owners, results):
             if result.finish_reason == "error":
                 kinds[t][r] = result.error_kind or "model_error"
@@ -116,13 +146,25 @@ class Infer:
             else:
                 output_ids[t][r] = result.token_ids
                 finish[t][r] = result.finish_reason
+        for (t, r), result in zip(scored, scores):
+            if result.error is not None:
+                kinds[t][r] = result.error_kind or "model_error"
+                messages[t][r] = result.error
+            else:
+                candidate_scores[t][r] = result.scores(self.tasks[t].score)
 
         out = {name: batch.column(name) for name in (C.UNIT, C.ROW, C.ID)}  # PIXELS end here
+        for name in self.keep:
+            out[C.keep_column(name)] = batch.column(C.keep_column(name))
         for t, task in enumerate(self.tasks):
             cols = C.TaskColumns.of(task.output_column)
             out[cols.prompt_ids] = batch.column(cols.prompt_ids)
-            out[cols.output_ids] = pa.array(output_ids[t], type=pa.list_(pa.int32()))
-            out[cols.finish_reason] = pa.array(finish[t], type=pa.string())
+            if task.classify:
+                out[cols.labels] = batch.column(cols.labels)
+                out[cols.candidate_scores] = pa.array(candidate_scores[t], type=pa.list_(pa.float64()))
+            else:
+                out[cols.output_ids] = pa.array(output_ids[t], type=pa.list_(pa.int32()))
+                out[cols.finish_reason] = pa.array(finish[t], type=pa.string())
             out[cols.error_kind] = pa.array(kinds[t], type=pa.string())
             out[cols.error_message] = pa.array(messages[t], type=pa.string())
         return pa.table(out)
@@ -141,4 +183,20 @@ class Infer:
                 results.extend(self.generator.generate([request]))
             except Exception as exc:
                 results.append(Result([], "error", f"{type(exc).__name__}: {exc}", "model_error"))
+        return results
+
+    def _score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        if not requests:
+            return []
+        try:
+            return self.scorer.score(requests)
+        except Exception as exc:  # a bug or a device fault: find the rows that cause it
+            log.warning("score failed for a batch of %d requests (%s: %s); retrying one by one",
+                        len(requests), type(exc).__name__, exc)
+        results = []
+        for request in requests:
+            try:
+                results.extend(self.scorer.score([request]))
+            except Exception as exc:
+                results.append(ScoreResult([], [], f"{type(exc).__name__}: {exc}", "model_error"))
         return results

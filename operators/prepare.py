@@ -1,20 +1,29 @@
 """CPU stage: input rows -> prompt token ids and preprocessed image pixels, with per-row errors.
 
 `Prepare(tokenizer, image_processor, tasks, ...)` is a callable over one Arrow batch with the
-columns UNIT, ROW, ID and (when the job reads them) TEXT (bytes) and IMAGE (bytes). For every
-task it fills the task's prompt-id column, or its error kind and message; for image tasks it
+columns UNIT, ROW, ID and (when the job reads them) TEXT (bytes), IMAGE (bytes), the FIELD columns
+of prompt template fields and prompt_column (UTF-8 bytes), the LABELS columns of labels_column
+(list<string>) and the KEEP columns of output.keep_columns (passed through untouched). For every
+task it fills the task's prompt-id column, or its error kind and message; a classify task also its
+candidates (each label's token ids, no EOS) and labels (the label strings); for image tasks it
 fills PIXELS once per row (shared by every task of the row). Nothing here raises for a bad row:
 
   text null -> text_missing; not UTF-8 -> text_invalid_utf8; empty/whitespace -> text_empty;
-  literal image markers in the text -> prompt_images;
-  prompt over max_input_tokens -> text_too_long (long_input = "error"), or the text is cut
-  at a token boundary until the prompt fits (long_input = "truncate"); a text far longer than
-  the limit (megabytes) is judged on its head alone, so it is never tokenized whole;
+  literal image markers in the text (or a field, or the prompt column) -> prompt_images;
+  a template field's column null -> field_missing (not UTF-8: text_invalid_utf8; an empty value is
+  fine: it is a part of the prompt); prompt_column null -> prompt_missing, empty or whitespace ->
+  prompt_empty; a labels_column null -> labels_missing, an empty list -> labels_empty, a null,
+  empty, repeated or over-long label (MAX_LABEL_TOKENS) or more than MAX_LABELS labels ->
+  labels_invalid;
+  prompt over max_input_tokens -> text_too_long (long_input = "error"), or (long_input =
+  "truncate") the {text} (else the prompt column's value) is cut at a token boundary until the
+  prompt fits; a prompt with neither is text_too_long either way. A value far longer than the limit
+  (megabytes) is judged on its head alone, so it is never tokenized whole;
   image null -> image_missing; unreadable / not allowed / too many pixels -> the ImageError kind;
-  the row's file lacks the text (image) column or holds it with an unusable type -> the kind and
-  message that the read stage put in TEXT_ERROR (IMAGE_ERROR) and their message columns
-  ("column_missing" / "column_type"; see the schema-drift policy in pipeline/inputs.py). These
-  optional columns are present only in blocks of such files;
+  the row's file lacks a column the task reads or holds it with an unusable type -> the kind and
+  message that the read stage put beside it (columns.read_error_columns: "column_missing" /
+  "column_type"; see the schema-drift policy in pipeline/inputs.py). These optional columns are
+  present only in blocks of such files;
   the row's id appeared earlier in the input -> ID_ERROR ("duplicate_id") in every task, with its
   message naming the first occurrence; nothing else of the row is looked at.
 
@@ -38,15 +47,39 @@ class PromptTask:
     """What prepare needs to know about one task."""
 
     output_column: str  # names the task's columns
-    template: str  # format string with {text}, {image}, {source_language}, {target_language}
+    template: str | None  # format string ({text}, {image}, constants, fields, {labels}); None with prompt_column
     constants: dict = field(default_factory=dict)  # fixed template fields (languages)
     uses_text: bool = True  # the template has {text}
     uses_image: bool = False  # the template has {image}
+    fields: tuple[str, ...] = ()  # input columns the template's other fields name (their FIELD columns)
+    prompt_column: str | None = None  # each row's whole prompt comes from this input column (its FIELD column)
+    classify: bool = False  # a classify task: candidates and labels too
+    labels: tuple[str, ...] | None = None  # classify: the same candidates for every row
+    labels_column: str | None = None  # classify: each row's candidates, from this input column (its LABELS column)
+
+    def __post_init__(self):
+        if (self.template is None) == (self.prompt_column is None):
+            raise ValueError(f"task {self.output_column}: give a template or a prompt_column, not both or neither")
+        if self.classify and (self.labels is None) == (self.labels_column is None):
+            raise ValueError(f"task {self.output_column}: a classify task takes labels or labels_column, exactly one")
+
+    def read_columns(self) -> list[str]:
+        """The internal input columns this task reads beyond TEXT and IMAGE."""
+        names = [C.field_column(f) for f in self.fields]
+        if self.prompt_column:
+            names.append(C.field_column(self.prompt_column))
+        if self.labels_column:
+            names.append(C.labels_column(self.labels_column))
+        return names
 
 
 # Characters a prompt keeps per allowed token before longer texts are cut (truncate) or judged on
 # their head alone (error): far more than any real token covers.
 _CHARS_PER_TOKEN = 16
+MAX_LABELS = 1024  # candidates per row at most: each is a decoder row of the scoring pass
+MAX_LABEL_TOKENS = 256  # tokens per candidate at most
+_PROMPT_KEY = "_row_prompt"  # the template key a prompt_column's value is rendered under (not a field name)
+_LABELS_KEY = "labels"  # a classify template's field for the row's candidates
 
 
 class _RowError(Exception):
@@ -75,7 +108,9 @@ class Prepare:
         tasks: list[PromptTask],
         max_input_tokens: int,
         long_input: str = "error",
+        keep: tuple[str, ...] = (),
     ):
+        """`keep`: the job's output.keep_columns, whose KEEP columns pass through."""
         if long_input not in ("error", "truncate"):
             raise ValueError(f"long_input must be 'error' or 'truncate', got {long_input!r}")
         if any(t.uses_image for t in tasks) and image_processor is None:
@@ -85,34 +120,45 @@ class Prepare:
         self.tasks = list(tasks)
         self.max_input_tokens = max_input_tokens
         self.long_input = long_input
+        self.keep = tuple(keep)
         self.needs_text = any(t.uses_text for t in self.tasks)
         self.needs_image = any(t.uses_image for t in self.tasks)
+        # Fixed labels are tokenized once: (labels, their ids, or the error every row then gets).
+        self.fixed_labels = {t.output_column: self._candidates(list(t.labels)) for t in self.tasks
+                             if t.classify and t.labels is not None}
 
     @staticmethod
-    def required_columns(tasks: list[PromptTask]) -> list[str]:
-        """The columns a batch must have: the unit, row and id, and the text / image the tasks read."""
+    def required_columns(tasks: list[PromptTask], keep: tuple[str, ...] = ()) -> list[str]:
+        """The columns a batch must have: the unit, row and id, the text / image / other input columns the
+        tasks read, and the keep columns."""
+        extra = list(dict.fromkeys(name for t in tasks for name in t.read_columns()))
         return ([C.UNIT, C.ROW, C.ID] + [C.TEXT] * any(t.uses_text for t in tasks)
-                + [C.IMAGE] * any(t.uses_image for t in tasks))
+                + [C.IMAGE] * any(t.uses_image for t in tasks) + extra + [C.keep_column(k) for k in keep])
 
     # ---- one batch ---------------------------------------------------------------------------
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        C.require(batch, self.required_columns(self.tasks), "prepare")
+        C.require(batch, self.required_columns(self.tasks, self.keep), "prepare")
         n = batch.num_rows
         texts = batch.column(C.TEXT).to_pylist() if self.needs_text else [None] * n
         images = batch.column(C.IMAGE).to_pylist() if self.needs_image else [None] * n
         text_problems = _column_problems(batch, C.TEXT_ERROR, C.TEXT_ERROR_MESSAGE)
         image_problems = _column_problems(batch, C.IMAGE_ERROR, C.IMAGE_ERROR_MESSAGE)
         id_problems = _column_problems(batch, C.ID_ERROR, C.ID_ERROR_MESSAGE)
+        # The other input columns the tasks read: internal name -> (values, per-row read problems).
+        inputs = {name: (batch.column(name).to_pylist(), _column_problems(batch, *C.read_error_columns(name)))
+                  for t in self.tasks for name in t.read_columns()}
 
         pixels: list[bytes | None] = [None] * n
-        per_task: dict[str, tuple[list, list, list]] = {t.output_column: ([], [], []) for t in self.tasks}
+        per_task: dict[str, tuple[list, ...]] = {t.output_column: ([], [], [], [], []) for t in self.tasks}
         for r in range(n):
             if id_problems[r] is not None:  # a duplicate: every task fails the same way, nothing is decoded
-                for ids_col, kind_col, msg_col in per_task.values():
+                for ids_col, kind_col, msg_col, cand_col, label_col in per_task.values():
                     ids_col.append(None)
                     kind_col.append(id_problems[r].kind)
                     msg_col.append(id_problems[r].message)
+                    cand_col.append(None)
+                    label_col.append(None)
                 continue
             text, text_error = (None, None)
             if self.needs_text:
@@ -124,28 +170,119 @@ class Prepare:
                 except _RowError as exc:
                     image_error = exc
             for task in self.tasks:
-                ids_col, kind_col, msg_col = per_task[task.output_column]
+                ids_col, kind_col, msg_col, cand_col, label_col = per_task[task.output_column]
                 error = (text_error if task.uses_text else None) or (image_error if task.uses_image else None)
-                ids = None
+                ids = candidates = labels = None
                 if error is None:
                     try:
-                        ids = self._prompt_ids(task, text)
+                        ids, candidates, labels = self._task_row(task, r, text, inputs)
                     except _RowError as exc:
                         error = exc
                 ids_col.append(ids)
                 kind_col.append(error.kind if error else None)
                 msg_col.append(error.message if error else None)
+                cand_col.append(candidates if error is None else None)
+                label_col.append(labels if error is None else None)
 
         out = {C.UNIT: batch.column(C.UNIT), C.ROW: batch.column(C.ROW), C.ID: batch.column(C.ID)}
+        for name in self.keep:
+            out[C.keep_column(name)] = batch.column(C.keep_column(name))
         if self.needs_image:
             out[C.PIXELS] = pa.array(pixels, type=pa.binary())
         for task in self.tasks:
             cols = C.TaskColumns.of(task.output_column)
-            ids_col, kind_col, msg_col = per_task[task.output_column]
+            ids_col, kind_col, msg_col, cand_col, label_col = per_task[task.output_column]
             out[cols.prompt_ids] = pa.array(ids_col, type=pa.list_(pa.int32()))
             out[cols.error_kind] = pa.array(kind_col, type=pa.string())
             out[cols.error_message] = pa.array(msg_col, type=pa.string())
+            if task.classify:
+                out[cols.candidates] = pa.array(cand_col, type=pa.list_(pa.list_(pa.int32())))
+                out[cols.labels] = pa.array(label_col, type=pa.list_(pa.string()))
         return pa.table(out)
+
+    # ---- one task of one row -------------------------------------------------------------------
+
+    def _task_row(self, task: PromptTask, r: int, text: str | None,
+                  inputs: dict) -> tuple[list[int], list[list[int]] | None, list[str] | None]:
+        """(prompt ids, candidates' ids, labels) of row r for `task`; _RowError when the row cannot give them."""
+        values = dict(task.constants)
+        if task.uses_text:
+            values["text"] = text
+        if task.uses_image:
+            values["image"] = BOI_TOKEN
+        for name in task.fields:
+            values[name] = self._field(inputs, C.field_column(name), r, name)
+        template, cut = task.template, "text" if task.uses_text else None
+        if task.prompt_column:
+            value = self._field(inputs, C.field_column(task.prompt_column), r, None, task.prompt_column)
+            if not value.strip():
+                raise _RowError("prompt_empty", f"the prompt (prompt_column {task.prompt_column!r}) is "
+                                                f"{'empty' if not value else 'only whitespace'}")
+            template, cut = "{" + _PROMPT_KEY + "}", _PROMPT_KEY
+            values[_PROMPT_KEY] = value
+        candidates = labels = None
+        if task.classify:
+            if task.labels is not None:
+                labels, candidates, error = self.fixed_labels[task.output_column]
+                if error is not None:
+                    raise error
+            else:
+                labels, candidates = self._row_labels(inputs, task.labels_column, r)
+            values[_LABELS_KEY] = ", ".join(labels)
+        ids = self._prompt_ids(template, values, cut, 1 if task.uses_image else 0)
+        return ids, candidates, labels
+
+    @staticmethod
+    def _field(inputs: dict, internal: str, r: int, field_name: str | None, prompt_column: str | None = None) -> str:
+        """The text of a template field (field_name) or of the prompt column (prompt_column) in row r."""
+        values, problems = inputs[internal]
+        if problems[r] is not None:
+            raise problems[r]
+        column = field_name or prompt_column
+        value = values[r]
+        if value is None:
+            if prompt_column:
+                raise _RowError("prompt_missing", f"the prompt (prompt_column {prompt_column!r}) is null")
+            raise _RowError("field_missing", f"the prompt field {{{field_name}}} (input column {column!r}) is null")
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _RowError("text_invalid_utf8", f"input column {column!r} is not valid UTF-8 ({exc.reason} at byte "
+                                                 f"{exc.start})") from None
+
+    def _row_labels(self, inputs: dict, column: str, r: int) -> tuple[list[str], list[list[int]]]:
+        values, problems = inputs[C.labels_column(column)]
+        if problems[r] is not None:
+            raise problems[r]
+        labels = values[r]
+        if labels is None:
+            raise _RowError("labels_missing", f"the row's labels (labels_column {column!r}) are null")
+        if not labels:
+            raise _RowError("labels_empty", f"the row's labels (labels_column {column!r}) are an empty list")
+        labels, candidates, error = self._candidates(labels, f" (labels_column {column!r})")
+        if error is not None:
+            raise error
+        return labels, candidates
+
+    def _candidates(self, labels: list, where: str = "") -> tuple[list[str], list[list[int]] | None, _RowError | None]:
+        """Labels -> (labels, each one's token ids, None), or (labels, None, the labels_invalid error)."""
+        def invalid(message: str):
+            return labels, None, _RowError("labels_invalid", f"{message}{where}")
+
+        if len(labels) > MAX_LABELS:
+            return invalid(f"the row has {len(labels)} labels, more than {MAX_LABELS}")
+        for n, label in enumerate(labels):
+            if label is None or not label.strip():
+                return invalid(f"label {n} is {'null' if label is None else repr(label)}; every label must be text")
+        seen: set[str] = set()
+        repeated = sorted({label for label in labels if label in seen or seen.add(label)})
+        if repeated:
+            return invalid(f"the labels repeat {', '.join(map(repr, repeated))}; list each label once")
+        ids = self.tokenizer.encode(list(labels), add_bos=False)
+        for label, tokens in zip(labels, ids):
+            if len(tokens) > MAX_LABEL_TOKENS:
+                return invalid(f"label {label[:40]!r} is {len(tokens)} tokens, more than {MAX_LABEL_TOKENS}")
+        return list(labels), ids, None
 
     # ---- pieces ------------------------------------------------------------------------------
 
@@ -175,51 +312,51 @@ class Prepare:
             raise _RowError(exc.kind, str(exc)) from None
         return C.pixels_to_bytes(tensor.numpy())
 
-    def _render(self, task: PromptTask, text: str | None) -> list[int]:
-        values = dict(task.constants)
-        if task.uses_text:
-            values["text"] = text
-        if task.uses_image:
-            values["image"] = BOI_TOKEN
-        prompt = task.template.format(**values)
+    def _render(self, template: str, values: dict, images: int) -> list[int]:
+        prompt = template.format(**values)
         try:
-            return self.tokenizer.encode_prompt(prompt, num_images=1 if task.uses_image else 0)
+            return self.tokenizer.encode_prompt(prompt, num_images=images)
         except PromptError as exc:
             raise _RowError(exc.kind, f"{exc}") from None
 
-    def _prompt_ids(self, task: PromptTask, text: str | None) -> list[int]:
+    def _prompt_ids(self, template: str, values: dict, cut: str | None, images: int) -> list[int]:
+        """The prompt's ids within max_input_tokens; `cut` is the value long_input = "truncate" may cut."""
         limit = self.max_input_tokens
-        if task.uses_text and len(text) > limit * _CHARS_PER_TOKEN:
-            # No token covers more than a few dozen characters in practice: cut absurdly long texts
-            # before tokenizing them whole (a megabyte text would take hundreds of MB as token ids).
-            head = text[: limit * _CHARS_PER_TOKEN]
-            if self.long_input == "truncate":
-                text = head  # the exact cut is made below, at a token boundary
-            else:
-                ids = self._render(task, head)
-                if len(ids) > 2 * limit:  # far over even before the rest: the whole prompt is too
-                    raise _RowError(
-                        "text_too_long",
-                        f"the prompt is more than input.max_input_tokens = {limit} tokens (the first {len(head)} of "
-                        f"the text's {len(text)} characters already give {len(ids)}); set input.long_input = "
-                        f"\"truncate\" to cut such texts, or raise max_input_tokens",
-                    )
-        ids = self._render(task, text)
+        longest = limit * _CHARS_PER_TOKEN
+        if cut is not None and self.long_input == "truncate" and len(values[cut]) > longest:
+            values = {**values, cut: values[cut][:longest]}  # the exact cut is made below, at a token boundary
+        heads = {k: v[:longest] if isinstance(v, str) else v for k, v in values.items()}
+        if heads != values:
+            # No token covers more than a few dozen characters in practice: judge absurdly long values by
+            # their heads before tokenizing them whole (a megabyte text would take hundreds of MB as ids).
+            ids = self._render(template, heads, images)
+            if len(ids) > 2 * limit:  # far over even before the rest: the whole prompt is too
+                key = max((k for k, v in values.items() if isinstance(v, str)), key=lambda k: len(values[k]))
+                what = {"text": "the text's", _PROMPT_KEY: "the prompt's"}.get(key, f"the field {{{key}}}'s")
+                raise _RowError(
+                    "text_too_long",
+                    f"the prompt is more than input.max_input_tokens = {limit} tokens (the first {longest} of "
+                    f"{what} {len(values[key])} characters already give {len(ids)}); set input.long_input = "
+                    f"\"truncate\" to cut such texts, or raise max_input_tokens",
+                )
+        ids = self._render(template, values, images)
         if len(ids) <= limit:
             return ids
-        if self.long_input == "error" or not task.uses_text:
-            raise _RowError(
-                "text_too_long",
-                f"the prompt is {len(ids)} tokens, more than input.max_input_tokens = {limit}; set "
-                f"input.long_input = \"truncate\" to cut such texts, or raise max_input_tokens",
-            )
+        if self.long_input == "error" or cut is None:
+            fix = ("set input.long_input = \"truncate\" to cut such texts, or raise max_input_tokens"
+                   if self.long_input == "error" else
+                   "the task's prompt has no {text} and no prompt_column for long_input = \"truncate\" to cut; "
+                   "raise max_input_tokens")
+            raise _RowError("text_too_long", f"the prompt is {len(ids)} tokens, more than input.max_input_tokens = "
+                                             f"{limit}; {fix}")
+        text = values[cut]
         text_ids = self.tokenizer.encode_one(text, add_bos=False)
         keep = len(text_ids) - (len(ids) - limit)
         for _ in range(8):  # re-tokenizing the cut text can merge differently at the seam
             if keep <= 0:
                 break
-            cut = self.tokenizer.decode_one(text_ids[:keep], skip_special_tokens=False)
-            ids = self._render(task, cut)
+            shorter = self.tokenizer.decode_one(text_ids[:keep], skip_special_tokens=False)
+            ids = self._render(template, {**values, cut: shorter}, images)
             if len(ids) <= limit:
                 return ids
             keep -= max(1, len(ids) - limit)

@@ -2,10 +2,14 @@
 
     from_items(units)            one block per unit of work still to do
     .map_batches(read)           CPU task: the unit's rows from its Parquet file (needed columns only)
-    .map_batches(prepare)        CPU task: prompts, tokens, decoded images, per-row errors
+    .map_batches(prepare)        CPU task: prompts, tokens, labels, decoded images, per-row errors
     .map_batches(Infer)          actor pool (GPUs, or CPU when gpus_per_actor = 0): the model,
-                                 loaded once per actor; rows_per_call rows per call
-    .map_batches(finish)         CPU task: text, token counts, provenance
+                                 loaded once per actor; rows_per_call rows per call; generates,
+                                 or scores a classify task's candidates
+    .map_batches(finish)         CPU task: text or chosen labels, token counts, provenance
+
+The keep columns (output.keep_columns) ride along through every stage in their KEEP columns
+(operators/columns.py): each stage names them among the columns it requires and passes them on.
 
 Ray Data streams blocks through these stages concurrently, with its own backpressure between the
 CPU tasks and the actor pool. The plan ends in the driver (`iter_batches`), where run.py commits
@@ -43,11 +47,11 @@ import ray
 import ray.data
 
 from operators import columns as C
-from operators.finish import Finish
+from operators.finish import Finish, FinishTask
 from operators.infer import Infer, InferTask
 from operators.prepare import Prepare, PromptTask
 
-from .inputs import UNIT_ITEM_FIELDS, Unit, read_unit
+from .inputs import UNIT_ITEM_FIELDS, ExtraColumn, Unit, read_unit
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class ReadSettings:
     columns: dict  # "id" / "text" / "image" -> input column name or None
     storage_options: dict  # fsspec options for the input files
     block_rows: int  # rows per block handed downstream
+    extra: tuple[ExtraColumn, ...] = ()  # the other input columns: prompt fields, labels, keep columns
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class PrepareSettings:
     tasks: tuple  # PromptTask per task
     max_input_tokens: int  # longest prompt, image tokens included (input.max_input_tokens)
     long_input: str  # "error" | "truncate" (input.long_input)
+    keep: tuple[str, ...] = ()  # output.keep_columns, passed through
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class InferSettings:
     gpus_per_actor: float  # GPUs Ray reserved for the actor; 0 runs on CPU
     cpus: float  # CPUs Ray reserved for the actor (torch threads on CPU)
     call_timeout_s: float  # the hang guard's limit on one call
+    keep: tuple[str, ...] = ()  # output.keep_columns, passed through
 
 
 @dataclass(frozen=True)
@@ -92,8 +99,9 @@ class FinishSettings:
 
     source: str  # checkpoint (for the tokenizer)
     storage_options: dict  # fsspec options for the checkpoint
-    output_columns: tuple  # the tasks' output columns
+    tasks: tuple  # FinishTask per task
     provenance: dict = field(default_factory=dict)  # model source, revision and run config hash
+    keep: tuple[str, ...] = ()  # output.keep_columns, renamed back to their input names
 
 
 _CACHE: dict[str, object] = {}
@@ -112,13 +120,13 @@ def build_prepare(s: PrepareSettings) -> Prepare:
     src = CheckpointSource.open(s.source, s.storage_options)
     tokenizer = Tokenizer.from_pretrained(src)
     processor = ImageProcessor.from_pretrained(src) if any(t.uses_image for t in s.tasks) else None
-    return Prepare(tokenizer, processor, list(s.tasks), s.max_input_tokens, s.long_input)
+    return Prepare(tokenizer, processor, list(s.tasks), s.max_input_tokens, s.long_input, keep=s.keep)
 
 
 def build_finish(s: FinishSettings) -> Finish:
     from model.tokenizer import Tokenizer
 
-    return Finish(Tokenizer.from_pretrained(s.source, s.storage_options), list(s.output_columns), s.provenance)
+    return Finish(Tokenizer.from_pretrained(s.source, s.storage_options), list(s.tasks), s.provenance, keep=s.keep)
 
 
 def _cached(settings, factory):
@@ -131,7 +139,8 @@ def _cached(settings, factory):
 def read_stage(batch: pa.Table, *, settings: ReadSettings) -> Iterator[pa.Table]:
     C.require(batch, list(UNIT_ITEM_FIELDS), "read")
     for item in batch.to_pylist():
-        yield from read_unit(Unit.from_item(item), settings.columns, settings.storage_options, settings.block_rows)
+        yield from read_unit(Unit.from_item(item), settings.columns, settings.storage_options, settings.block_rows,
+                             settings.extra)
 
 
 def prepare_stage(batch: pa.Table, *, settings: PrepareSettings) -> pa.Table:
@@ -253,7 +262,8 @@ class InferActor(Infer):
         if device == "cpu":
             torch.set_num_threads(max(1, int(settings.cpus)))
         super().__init__(source=settings.source, dtype=settings.dtype, device=device, tasks=list(settings.tasks),
-                         max_batch_tokens=settings.max_batch_tokens, storage_options=settings.storage_options)
+                         max_batch_tokens=settings.max_batch_tokens, storage_options=settings.storage_options,
+                         keep=settings.keep)
         self.watchdog = CallWatchdog(settings.call_timeout_s)
 
     @staticmethod
@@ -322,12 +332,13 @@ def stages(plan: Plan, actor_cls: type = InferActor) -> list[Stage]:
     return [
         Stage("read", read_stage, plan.read, batch_size=1, requires=UNIT_ITEM_FIELDS),
         Stage("prepare", prepare_stage, plan.prepare, batch_size=None,
-              requires=tuple(Prepare.required_columns(list(plan.prepare.tasks)))),
+              requires=tuple(Prepare.required_columns(list(plan.prepare.tasks), plan.prepare.keep))),
         Stage("infer", actor_cls, infer, batch_size=plan.rows_per_call,
-              requires=tuple(Infer.required_columns(list(infer.tasks))), pool=(plan.min_actors, plan.max_actors),
+              requires=tuple(Infer.required_columns(list(infer.tasks), infer.keep)),
+              pool=(plan.min_actors, plan.max_actors),
               remote_args=model_actor_options(infer.gpus_per_actor, plan.cpus_per_actor, plan.actor_memory_bytes)),
         Stage("finish", finish_stage, plan.finish, batch_size=None,
-              requires=tuple(Finish.required_columns(list(plan.finish.output_columns)))),
+              requires=tuple(Finish.required_columns(list(plan.finish.tasks), plan.finish.keep))),
     ]
 
 
@@ -364,12 +375,22 @@ def prompt_tasks(spec_tasks) -> tuple[PromptTask, ...]:
                                          ("target_language", t.target_language)) if v is not None},
             uses_text=t.uses_text,
             uses_image=t.uses_image,
+            fields=t.fields,
+            prompt_column=t.prompt_column,
+            classify=t.classify,
+            labels=t.labels,
+            labels_column=t.labels_column,
         )
         for t in spec_tasks
     )
 
 
 def infer_tasks(spec_tasks) -> tuple[InferTask, ...]:
-    return tuple(InferTask(output_column=t.output_column, params=t.generation, uses_image=t.uses_image)
-                 for t in spec_tasks)
+    return tuple(InferTask(output_column=t.output_column, params=t.generation, uses_image=t.uses_image,
+                           score=t.score) for t in spec_tasks)
+
+
+def finish_tasks(spec_tasks) -> tuple[FinishTask, ...]:
+    return tuple(FinishTask(output_column=t.output_column, classify=t.classify, multi_label=t.multi_label,
+                            threshold=t.threshold) for t in spec_tasks)
 

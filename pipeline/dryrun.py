@@ -125,10 +125,11 @@ def read_sample(f: InputFile, take: int, columns: list[str], options: dict) -> p
 # ---- what the run's stages make of them ----------------------------------------------------
 
 
-def _read_columns(spec: JobSpec) -> list[str]:
-    """The input columns the run's read stage takes (its ReadSettings.columns): only these are sampled.
-    A task kind that reads more columns must add them here too."""
-    return [c for c in (spec.input.id_column, spec.input.text_column, spec.input.image_column) if c]
+def _read_columns(read_settings) -> list[str]:
+    """The input columns the run's read stage takes (its ReadSettings: id, text, image, and the extra
+    columns of prompt fields, labels and keep_columns): only these are sampled."""
+    named = [c for c in read_settings.columns.values() if c] + [e.column for e in read_settings.extra]
+    return list(dict.fromkeys(named))
 
 
 def prepared_sample(v, plan_files: dict[int, int], files: list[InputFile], prepare_settings,
@@ -137,7 +138,7 @@ def prepared_sample(v, plan_files: dict[int, int], files: list[InputFile], prepa
     prepares them, the same rows prepared without the token limit, facts about the raw sample)."""
     spec = v.spec
     options = spec.storage_options(spec.input.paths[0])
-    columns = _read_columns(spec)
+    columns = _read_columns(read_settings)
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(plan_files)))) as pool:
         tables = dict(zip(plan_files, pool.map(lambda i: read_sample(files[i], plan_files[i], columns, options),
                                                plan_files)))
@@ -171,8 +172,11 @@ def prepared_sample(v, plan_files: dict[int, int], files: list[InputFile], prepa
 
 
 def _prompts_only(prepared: pa.Table, settings) -> pa.Table:
-    names = [n for t in settings.tasks for n in (C.TaskColumns.of(t.output_column).prompt_ids,
-                                                 C.TaskColumns.of(t.output_column).error_kind)]
+    """The prompt ids and error kind of each task (and a classify task's candidates' ids)."""
+    names = []
+    for t in settings.tasks:
+        cols = C.TaskColumns.of(t.output_column)
+        names += [cols.prompt_ids, cols.error_kind] + ([cols.candidates] if t.classify else [])
     return prepared.select(names)
 
 
@@ -301,19 +305,25 @@ def dry_run(spec: JobSpec, *, limit: int | None = None, sample_rows: int = DEFAU
             if k is not None:
                 errors[k] = errors.get(k, 0) + 1
         ok_share = len(lengths) / sampled if sampled else 0.0
-        g = t.generation
-        sequences = g.num_return_sequences
-        decoded_per_row = g.max_new_tokens * max(g.num_beams, sequences)
-        typical, typical_rows = _typical_output(done, t.output_column)
         rows_ok = rows_todo * ok_share
         mean_prompt = statistics.fmean(lengths) if lengths else 0.0
         work = replace(work, prompt_tokens=work.prompt_tokens + rows_ok * mean_prompt,
-                       decode_tokens=work.decode_tokens + rows_ok * decoded_per_row,
                        images=work.images + (rows_ok if t.uses_image else 0.0))
-        if typical is None:
-            typical_known = False
+        g = t.generation
+        if g is None:  # classify: nothing is generated; every candidate is scored in one decoder pass
+            candidates = [c for table in as_run for c in table.column(cols.candidates).to_pylist() if c is not None]
+            scored = statistics.fmean(sum(len(c) + 1 for c in row) for row in candidates) if candidates else 0.0
+            work = replace(work, scored_tokens=work.scored_tokens + rows_ok * scored)
+            sequences, typical, typical_rows = 1, None, 0
         else:
-            typical_decode += rows_ok * typical / sequences * max(g.num_beams, sequences)
+            sequences = g.num_return_sequences
+            work = replace(work, decode_tokens=work.decode_tokens
+                           + rows_ok * g.max_new_tokens * max(g.num_beams, sequences))
+            typical, typical_rows = _typical_output(done, t.output_column)
+            if typical is None:
+                typical_known = False
+            else:
+                typical_decode += rows_ok * typical / sequences * max(g.num_beams, sequences)
         tasks.append({
             "output_column": t.output_column, "kind": t.kind,
             "sampled_rows": sampled, "sampled_ok": len(lengths), "sampled_errors_by_kind": dict(sorted(errors.items())),
@@ -324,12 +334,13 @@ def dry_run(spec: JobSpec, *, limit: int | None = None, sample_rows: int = DEFAU
             "over_max_input_tokens": over,
             "long_input": spec.input.long_input,
             "uses_image": t.uses_image,
-            "max_new_tokens": g.max_new_tokens,
+            "max_new_tokens": g.max_new_tokens if g else None,
             "num_return_sequences": sequences,
-            "num_beams": g.num_beams,
+            "num_beams": g.num_beams if g else None,
+            "scored_tokens_per_row": None if g else round(scored, 1),  # classify: candidates x (label tokens + EOS)
             "rows_to_compute": round(rows_ok),
             "prompt_tokens_to_compute": round(rows_ok * mean_prompt),
-            "output_tokens_upper_bound": round(rows_ok * g.max_new_tokens * sequences),
+            "output_tokens_upper_bound": round(rows_ok * g.max_new_tokens * sequences) if g else 0,
             "output_tokens_per_row_typical": round(typical, 2) if typical is not None else None,
             "typical_measured_on_rows": typical_rows,
             "output_tokens_typical": round(rows_ok * typical) if typical is not None else None,
@@ -442,6 +453,11 @@ def summary(d: dict) -> str:
                          f"they {fate}")
         else:
             lines.append("            no sampled prompt is over input.max_input_tokens")
+        if t["max_new_tokens"] is None:  # classify
+            lines.append(f"            to compute: ~{t['rows_to_compute']} rows, ~{t['prompt_tokens_to_compute']} "
+                         f"prompt tokens; nothing generated: {t['scored_tokens_per_row']:g} candidate tokens scored "
+                         f"per row (one decoder pass)")
+            continue
         typical = (f"; typical {t['output_tokens_typical']} ({t['output_tokens_per_row_typical']:g} per row, measured "
                    f"on {t['typical_measured_on_rows']} committed rows of this output)"
                    if t["output_tokens_typical"] is not None else
@@ -474,7 +490,10 @@ def summary(d: dict) -> str:
     lines.append(f"            rates at this job's shape: prefill {rates['prefill_tokens_per_s']:.0f} tokens/s, decode "
                  f"{rates['decode_tokens_per_s']:.0f} tokens/s"
                  + (f", {rates['images_per_s']:.3g} images/s" if d["images"] else "") + " per actor")
-    for label, f in (("upper bound (every row to max_new_tokens)", e["upper_bound"]), ("typical", e["typical"])):
+    figures = [("upper bound (every row to max_new_tokens)", e["upper_bound"]), ("typical", e["typical"])]
+    if e["typical"] == e["upper_bound"]:  # nothing is generated (classify), or every row runs to its limit
+        figures = [("model time", e["upper_bound"])]
+    for label, f in figures:
         if f is None:
             continue
         gpu = f", {f['gpu_hours']:.3g} GPU-hours" if res["gpus_per_actor"] else ""

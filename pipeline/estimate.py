@@ -4,10 +4,12 @@ The cost model is the simplest that calibrations can pin down: one model actor s
 
     prompt tokens / prefill rate  +  decoded tokens / decode rate  +  images / image rate
 
-seconds, where each rate is a measured one (a row of CALIBRATIONS, or a timed run made now by
-`t5g2 run --dry-run --calibrate`) moved to the job's model shape by the ratio of the work per token
-(ModelCost: 2 x the weights each token passes through). Actors work in parallel on disjoint rows,
-so wall time is that total over the actors; GPU-hours are actor-hours times gpus_per_actor.
+seconds (a classify task's scored candidate tokens are priced as decoder work at the prefill's
+arithmetic rate: they pass the decoder all at once), where each rate is a measured one (a row of
+CALIBRATIONS, or a timed run made now by `t5g2 run --dry-run --calibrate`) moved to the job's model
+shape by the ratio of the work per token (ModelCost: 2 x the weights each token passes through).
+Actors work in parallel on disjoint rows, so wall time is that total over the actors; GPU-hours are
+actor-hours times gpus_per_actor.
 
 What it leaves out, on purpose (the dry run says so): attention's growth with prompt length (the
 rates are measured at a few hundred tokens), model loading (once per actor), the CPU stages (read,
@@ -103,6 +105,7 @@ class Work:
     decode_tokens: float  # tokens decoded, beams counted (an upper bound: every row to max_new_tokens)
     images: float  # images through the vision tower (once per image task and row)
     decode_tokens_typical: float | None = None  # the same at the typical output length, when one is known
+    scored_tokens: float = 0.0  # classify: candidate tokens scored in one teacher-forced decoder pass per row
 
 
 def pick(calibrations: tuple[Calibration, ...], device: str, cost: ModelCost) -> tuple[Calibration | None, str]:
@@ -160,9 +163,13 @@ def estimate(work: Work, cost: ModelCost, *, device: str, threads: int, min_acto
                       f"CPU are bound by per-operation overhead")
         note = "; ".join(n for n in (note, moved_note) if n)
 
+    # Scored tokens pass the decoder and the LM head as a decoded token does, but all at once, as a
+    # prompt passes the encoder: their work at the prefill's arithmetic rate.
+    scored_per_s = rates["prefill_tokens_per_s"] * cost.prefill_per_token / cost.decode_per_token
+
     def seconds(decode_tokens: float) -> float:
         total = work.prompt_tokens / rates["prefill_tokens_per_s"] + decode_tokens / rates["decode_tokens_per_s"]
-        return total + work.images / rates["images_per_s"]
+        return total + work.images / rates["images_per_s"] + work.scored_tokens / scored_per_s
 
     def figures(decode_tokens: float) -> dict:
         actor_s = seconds(decode_tokens)

@@ -302,13 +302,42 @@ def derived_ids(uri: str, start: int, stop: int) -> pa.Array:
 #   * compatible types are read as they are: text as string, large_string, binary, large_binary (UTF-8
 #     checked per row), a dictionary of those, or null; images as binary, large_binary, {bytes, path}
 #     structs (Hugging Face datasets' Image), or null. Extra columns are never read.
+#   * the same holds for the other columns a task reads (ExtraColumn): a prompt template's fields and
+#     prompt_column (text as above, or numbers, booleans, dates and times, written as text) and a
+#     classify task's labels_column (a list of strings); a file without one gives its rows
+#     column_missing / column_type in the tasks that read it.
 #   * the id column must be in every file (an id means the same thing in every output row, so a file
 #     cannot fall back to derived ids), and its types must cast losslessly to one output type:
 #     integers of any width but uint64 -> int64, string / large_string -> large_string, binary /
 #     large_binary -> large_binary; anything else must be the same type in every file.
+#   * so must every output.keep_column (it is copied into every output row), its types unified to one
+#     output type by Arrow's permissive promotion (keep_output_type).
 
 COLUMN_MISSING, COLUMN_TYPE = C.COLUMN_MISSING, C.COLUMN_TYPE  # the error kinds of this policy
-COLUMN_SETTINGS = {"id": "input.id_column", "text": "input.text_column", "image": "input.image_column"}
+COLUMN_SETTINGS = {"id": "input.id_column", "text": "input.text_column", "image": "input.image_column",
+                   "field": "the prompt field", "labels": "labels_column", "keep": "output.keep_columns"}
+EXTRA_ROLES = ("field", "labels", "keep")  # ExtraColumn.role
+
+
+@dataclass(frozen=True)
+class ExtraColumn:
+    """An input column the job reads besides id, text and image, and what for."""
+
+    column: str  # its name in the input files
+    role: str  # "field" (a template field or prompt_column: text), "labels" (list<string>), "keep" (copied)
+    type: pa.DataType | None = None  # keep: the output type every file's values are cast to
+    setting: str = ""  # how messages name it (e.g. "task[0].labels_column"); COLUMN_SETTINGS by default
+
+    def __post_init__(self):
+        if self.role not in EXTRA_ROLES:
+            raise ValueError(f"ExtraColumn.role must be one of {EXTRA_ROLES}, got {self.role!r}")
+        if (self.role == "keep") != (self.type is not None):
+            raise ValueError("a keep column needs its output type, and only a keep column has one")
+
+    @property
+    def internal(self) -> str:
+        """The internal column it travels in between stages (operators/columns.py)."""
+        return {"field": C.field_column, "labels": C.labels_column, "keep": C.keep_column}[self.role](self.column)
 
 
 @dataclass(frozen=True)
@@ -336,10 +365,33 @@ def _is_image_type(t: pa.DataType) -> bool:
     return _is_bytes_type(t)
 
 
+def _is_scalar_type(t: pa.DataType) -> bool:
+    """Values a template writes as text: numbers, booleans, dates and times."""
+    return (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)
+            or pa.types.is_temporal(t))
+
+
+def _is_field_type(t: pa.DataType) -> bool:
+    return _is_text_type(t) or _is_scalar_type(t.value_type if pa.types.is_dictionary(t) else t)
+
+
+def _is_labels_type(t: pa.DataType) -> bool:
+    if pa.types.is_null(t):
+        return True
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return False
+    value = t.value_type.value_type if pa.types.is_dictionary(t.value_type) else t.value_type
+    return pa.types.is_string(value) or pa.types.is_large_string(value) or pa.types.is_null(value)
+
+
+_TYPE_CHECKS = {"text": _is_text_type, "image": _is_image_type, "field": _is_field_type, "labels": _is_labels_type}
 _WANTED_TYPE = {
     "text": ("text must be a string column (or binary holding UTF-8)", "write the column as string"),
     "image": (("images must be encoded bytes (binary), or {bytes, path} structs as Hugging Face datasets "
                "write them"), "write the column as binary image bytes"),
+    "field": ("a prompt field must be text (string, or binary holding UTF-8), a number, a boolean or a date",
+              "write the column as string"),
+    "labels": ("labels must be a list of strings", "write the column as list<string>"),
 }
 
 
@@ -349,15 +401,16 @@ def _names(schema: pa.Schema, most: int = 20) -> str:
     return shown + (f", ... ({len(names) - most} more)" if len(names) > most else "") if names else "none"
 
 
-def column_problem(uri: str, schema: pa.Schema, role: str, column: str) -> ColumnProblem | None:
-    """None when file `uri` (its Arrow schema) has a usable `role` ("text" | "image") column `column`."""
-    setting = COLUMN_SETTINGS[role]
+def column_problem(uri: str, schema: pa.Schema, role: str, column: str, setting: str = "") -> ColumnProblem | None:
+    """None when file `uri` (its Arrow schema) has a usable `role` ("text" | "image" | "field" | "labels")
+    column `column`; `setting` names it in messages (COLUMN_SETTINGS[role] by default)."""
+    setting = setting or COLUMN_SETTINGS[role]
     if column not in schema.names:
         return ColumnProblem(COLUMN_MISSING, f"{setting} {column!r} is not a column of {uri} (its columns: "
                                              f"{_names(schema)}); add it to this file, or remove the file from "
                                              f"input.path")
     t = schema.field(column).type
-    if (_is_text_type if role == "text" else _is_image_type)(t):
+    if _TYPE_CHECKS[role](t):
         return None
     need, fix = _WANTED_TYPE[role]
     return ColumnProblem(COLUMN_TYPE, f"{setting} {column!r} in {uri} has type {t}; {need}: {fix}, or remove the "
@@ -413,22 +466,63 @@ def text_bytes(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column
 
 
+def field_bytes(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A template field's values as large_binary UTF-8: text as its bytes, numbers, booleans and dates
+    written as Arrow writes them as text ("42", "3.5", "true", "2024-05-01")."""
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    if _is_scalar_type(column.type):
+        column = column.cast(pa.large_string())
+    return text_bytes(column).cast(pa.large_binary())
+
+
+LABELS_TYPE = pa.large_list(pa.large_string())  # how a labels_column travels between stages
+
+
+def labels_values(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A labels_column as list<large_string> (dictionary-encoded labels decoded)."""
+    t = column.type
+    if not pa.types.is_null(t) and pa.types.is_dictionary(t.value_type):
+        column = column.cast(pa.large_list(t.value_type.value_type))
+    return column.cast(LABELS_TYPE)
+
+
+def keep_output_type(types: list[pa.DataType]) -> pa.DataType:
+    """The one output type of a keep column whose files hold `types`: their type when all agree, else
+    Arrow's permissive promotion of them (int32 and int64 -> int64, string and large_string ->
+    large_string, null and anything -> that); ValueError when they have none."""
+    distinct = list(dict.fromkeys(types))
+    if len(distinct) == 1:
+        return distinct[0]
+    try:
+        return pa.unify_schemas([pa.schema([("c", t)]) for t in distinct], promote_options="permissive").field("c").type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"types {', '.join(map(str, distinct))} have no common type ({exc})") from None
+
+
+_EXTRA_VALUES = {"field": field_bytes, "labels": labels_values}
+
+
 _ROLES = (  # role, internal column, bytes of the input column, internal error kind and message columns
     ("text", C.TEXT, text_bytes, C.TEXT_ERROR, C.TEXT_ERROR_MESSAGE),
     ("image", C.IMAGE, image_bytes, C.IMAGE_ERROR, C.IMAGE_ERROR_MESSAGE),
 )
 
 
-def read_unit(unit: Unit, columns: dict, options: dict, block_rows: int) -> Iterator[pa.Table]:
+def read_unit(unit: Unit, columns: dict, options: dict, block_rows: int,
+              extra: tuple[ExtraColumn, ...] = ()) -> Iterator[pa.Table]:
     """The rows of one unit as Arrow tables of at most `block_rows` rows with the internal columns.
 
-    `columns` maps "id", "text", "image" to input column names (or None); only those are read.
-    Ids are cast to their id_transport_type. A text or image column this file lacks, or holds with
-    an unusable type (see the schema-drift policy above), is not read: its internal column is null
-    and the blocks carry that role's error kind and message columns on every row instead, which
-    prepare turns into the rows' task errors. Rows the unit marks as duplicates get ID_ERROR and its
-    message (prepare makes them errors in every task). Every row of the unit comes out, in order.
-    A file whose identity is no longer the unit's (rewritten since the job was planned) is refused.
+    `columns` maps "id", "text", "image" to input column names (or None); `extra` names the other
+    columns to read (prompt fields, labels, keep columns); only those are read. Ids are cast to
+    their id_transport_type, field values to UTF-8 bytes (field_bytes), labels to LABELS_TYPE, keep
+    columns to their output type. A text, image, field or labels column this file lacks, or holds
+    with an unusable type (see the schema-drift policy above), is not read: its internal column is
+    null and the blocks carry its error kind and message columns (C.read_error_columns) on every row
+    instead, which prepare turns into the rows' task errors. Rows the unit marks as duplicates get
+    ID_ERROR and its message (prepare makes them errors in every task). Every row of the unit comes
+    out, in order. A file whose identity is no longer the unit's (rewritten since the job was
+    planned), or that lost its id or a keep column, is refused.
     """
     uri, start, stop = unit.uri, unit.start, unit.stop
     fs, p = open_fs(uri, options)
@@ -444,7 +538,18 @@ def read_unit(unit: Unit, columns: dict, options: dict, block_rows: int) -> Iter
                         for role, *_ in _ROLES if columns.get(role)}
             if columns.get("id") and columns["id"] not in schema.names:
                 raise StorageError(f"{uri} has no id column {columns['id']!r} any more: it changed during the run")
+            extra_problems = {}
+            for e in extra:
+                if e.role == "keep":
+                    if e.column not in schema.names:
+                        raise StorageError(f"{uri} has no column {e.column!r} (output.keep_columns) any more: it "
+                                           f"changed during the run")
+                    extra_problems[e] = None
+                else:
+                    extra_problems[e] = column_problem(uri, schema, e.role, e.column, e.setting)
             wanted = [c for role in ("id", "text", "image") if (c := columns.get(role)) and problems.get(role) is None]
+            wanted += [e.column for e, problem in extra_problems.items() if problem is None]
+            wanted = list(dict.fromkeys(wanted))
             meta = parquet.metadata
             groups, offset, first = [], 0, None
             for g in range(meta.num_row_groups):
@@ -489,6 +594,20 @@ def read_unit(unit: Unit, columns: dict, options: dict, block_rows: int) -> Iter
             out[internal] = to_bytes(table.column(columns[role]))
         else:
             out[internal] = pa.nulls(n, pa.binary())
+            out[kind_column] = pa.array([problem.kind] * n, type=pa.string())
+            out[message_column] = pa.array([problem.message] * n, type=pa.string())
+    for e, problem in extra_problems.items():
+        if e.role == "keep":
+            try:
+                out[e.internal] = table.column(e.column).cast(e.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+                raise StorageError(f"{uri}: output.keep_columns {e.column!r} does not cast to {e.type} any more "
+                                   f"({exc}): it changed during the run") from exc
+        elif problem is None:
+            out[e.internal] = _EXTRA_VALUES[e.role](table.column(e.column))
+        else:
+            kind_column, message_column = C.read_error_columns(e.internal)
+            out[e.internal] = pa.nulls(n, LABELS_TYPE if e.role == "labels" else pa.large_binary())
             out[kind_column] = pa.array([problem.kind] * n, type=pa.string())
             out[message_column] = pa.array([problem.message] * n, type=pa.string())
     whole = pa.table(out)

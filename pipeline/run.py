@@ -190,20 +190,21 @@ def make_plan(v: Validated, todo: list[Unit]) -> build.Plan:
     columns = {"id": spec.input.id_column, "text": spec.input.text_column if any(t.uses_text for t in spec.tasks)
                else None, "image": spec.input.image_column if any(t.uses_image for t in spec.tasks) else None}
     r = spec.resources
+    keep = spec.output.keep_columns
     return build.Plan(
         units=tuple(todo),
         read=build.ReadSettings(columns=columns, storage_options=spec.storage_options(spec.input.paths[0]),
-                                block_rows=min(r.rows_per_call, 1024)),
+                                block_rows=min(r.rows_per_call, 1024), extra=v.extra),
         prepare=build.PrepareSettings(source=spec.model.source, storage_options=model_options,
                                       tasks=build.prompt_tasks(spec.tasks),
                                       max_input_tokens=spec.input.max_input_tokens,
-                                      long_input=spec.input.long_input),
+                                      long_input=spec.input.long_input, keep=keep),
         finish=build.FinishSettings(source=spec.model.source, storage_options=model_options,
-                                    output_columns=tuple(v.output_columns), provenance=v.provenance),
+                                    tasks=build.finish_tasks(spec.tasks), provenance=v.provenance, keep=keep),
         infer=build.InferSettings(source=spec.model.source, dtype=spec.model.dtype,
                                   tasks=build.infer_tasks(spec.tasks), max_batch_tokens=r.max_batch_tokens,
                                   storage_options=model_options, gpus_per_actor=r.gpus_per_actor,
-                                  cpus=r.cpus_per_actor, call_timeout_s=r.call_timeout_s),
+                                  cpus=r.cpus_per_actor, call_timeout_s=r.call_timeout_s, keep=keep),
         min_actors=r.min_actors,
         max_actors=r.max_actors,
         cpus_per_actor=r.cpus_per_actor,
@@ -349,7 +350,8 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
     log.info(f"Job {spec.origin}: {rows_in} rows in {len(v.files)} file(s) -> {len(v.units)} unit(s); "
              f"{len(v.units) - len(todo)} already done, {len(todo)} to compute")
 
-    committer = Committer(v.store, C.output_schema(v.output_columns, v.id_type), spec.output.compression, todo,
+    committer = Committer(v.store, C.output_schema(v.output_tasks, v.id_type, list(v.keep)), spec.output.compression,
+                          todo,
                           v.output_columns, on_step=hooks.on_commit_step, guard=signals.commit)
     compute_started = time.perf_counter()
     connected_here = False

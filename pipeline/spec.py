@@ -13,16 +13,26 @@ Schema (README.md shows a whole job; jobs/examples/ holds commented ones):
                image_column, max_input_tokens (8192), long_input = "error" | "truncate",
                unique_ids (false: a repeated id is a duplicate_id error row; true: the job fails
                before any work)
-  [output]     path (required), rows_per_file (10000), compression ("zstd")
-  [[task]]     kind (caption | summarize | translate), output_column, prompt, source_language,
-               target_language, and generation settings (max_new_tokens, min_new_tokens,
-               temperature, top_k, top_p, seed, num_beams, length_penalty)
+  [output]     path (required), rows_per_file (10000), compression ("zstd"), keep_columns (input
+               columns copied into every output row, error rows included)
+  [[task]]     kind (caption | summarize | translate | generate | classify), output_column, prompt,
+               source_language, target_language (translate), prompt_column (generate, classify: each
+               row's prompt from a column, instead of a template), and generation settings
+               (max_new_tokens, min_new_tokens, temperature, top_k, top_p, seed, num_beams,
+               length_penalty; not for classify). classify only: labels (the same candidates for
+               every row) or labels_column (a list<string> column of each row's candidates), score
+               ("sum" | "mean"), multi_label (false), threshold (with multi_label, in [0, 1])
   [resources]  gpu_actors (1, or [min, max]), gpus_per_actor (1.0; fractions allowed; 0 = CPU),
                cpus_per_actor (1.0), rows_per_call (256), max_batch_tokens (65536),
                call_timeout_s (1800; seconds one model call may run before the hang guard stops its
                actor, which Ray restarts and retries the call, at most 3 times, then the job fails)
   [storage.P]  fsspec options for paths of protocol P (s3, gcs, ...); never credentials. S3 gets
                bounded retries and timeouts unless the job sets its own (S3_CONFIG_DEFAULTS)
+
+A generate or classify template must name an input column ({text}, {image} or any column), unless
+the task reads each row's prompt from prompt_column (or, classify, its labels from labels_column):
+every row would otherwise get the same prompt. Whether the columns a job names exist in its input
+files, and hold usable types, is checked by validate.py against the files' footers.
 
 Not here: running the job (run.py), task templates (tasks.py).
 """
@@ -42,9 +52,10 @@ from pathlib import Path
 from typing import Any
 
 from model.generate import GenerationParams
+from model.score import SCORE_MODES
 from operators import columns
 
-from .tasks import GENERATION_FIELDS, TASK_KINDS, check_template
+from .tasks import GENERATION_FIELDS, IMAGE_FIELD, TASK_KINDS, TEXT_FIELD, check_template, column_fields
 
 DTYPES = ("bfloat16", "float16", "float32")
 LONG_INPUT_POLICIES = ("error", "truncate")
@@ -116,18 +127,51 @@ class OutputSpec:
     path: str  # output directory (fsspec URI or local path), no trailing slash
     rows_per_file: int  # input rows per unit of work = per output file
     compression: str  # Parquet compression codec
+    keep_columns: tuple[str, ...] = ()  # input columns copied into every output row (error rows too)
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    kind: str  # caption | summarize | translate
-    output_column: str  # name of the generated-text column
-    prompt: str  # the prompt template (the kind's default unless overridden)
+    kind: str  # caption | summarize | translate | generate | classify
+    output_column: str  # name of the generated-text (classify: chosen label) column
+    prompt: str | None  # the prompt template (the kind's default unless overridden); None with prompt_column
     source_language: str | None  # translate only
     target_language: str | None  # translate only
-    generation: GenerationParams  # how its requests are decoded: the kind's defaults, then the job's values
+    generation: GenerationParams | None  # how its requests are decoded: the kind's defaults, then the job's
+    # values; None for classify, which generates nothing
     uses_text: bool  # the template has {text}
     uses_image: bool  # the template has {image}
+    fields: tuple[str, ...] = ()  # input columns the template's other fields name (generate, classify)
+    prompt_column: str | None = None  # input column holding each row's whole prompt (generate, classify)
+    labels: tuple[str, ...] | None = None  # classify: the candidate labels of every row
+    labels_column: str | None = None  # classify: input column (list<string>) of each row's candidates
+    score: str | None = None  # classify: "sum" | "mean" of a candidate's token log-probabilities
+    multi_label: bool = False  # classify: return every label at or above threshold, as a list
+    threshold: float | None = None  # classify with multi_label: the probability a label needs
+
+    @property
+    def classify(self) -> bool:
+        return self.kind == "classify"
+
+    @property
+    def output_task(self) -> columns.OutputTask:
+        """What the output layout needs of this task (operators/columns.py)."""
+        return columns.OutputTask(self.output_column, classify=self.classify, multi_label=self.multi_label)
+
+    def input_columns(self) -> dict[str, str]:
+        """Input columns this task reads beyond text and image: column -> what for ("field", "labels")."""
+        read = {name: "field" for name in self.fields}
+        if self.prompt_column:
+            read[self.prompt_column] = "field"
+        if self.labels_column:
+            read[self.labels_column] = "labels"
+        return read
+
+
+# TaskSpec fields added after format 2 was fixed, with their defaults: left out of the run config at
+# their defaults, so a job that does not use them keeps its run config hash (and its outputs).
+_LATER_TASK_FIELDS = {"fields": (), "prompt_column": None, "labels": None, "labels_column": None, "score": None,
+                      "multi_label": False, "threshold": None}
 
 
 @dataclass(frozen=True)
@@ -158,7 +202,14 @@ class JobSpec:
 
     def run_config(self) -> dict:
         """Everything that decides the output rows' content and layout (no paths, no resources)."""
-        return {
+        tasks = []
+        for t in self.tasks:
+            task = asdict(t)
+            for key, default in _LATER_TASK_FIELDS.items():
+                if task[key] == default or (isinstance(default, tuple) and tuple(task[key]) == default):
+                    del task[key]
+            tasks.append(task)
+        config = {
             "format_version": FORMAT_VERSION,
             "model": {"source": self.model.source, "dtype": self.model.dtype},
             "input": {
@@ -169,8 +220,11 @@ class JobSpec:
                 "long_input": self.input.long_input,
             },
             "rows_per_file": self.output.rows_per_file,
-            "tasks": [asdict(t) for t in self.tasks],
+            "tasks": tasks,
         }
+        if self.output.keep_columns:
+            config["keep_columns"] = list(self.output.keep_columns)
+        return config
 
     def run_config_hash(self) -> str:
         """Hash of the run's prompts, generation settings and layout: keys outputs and provenance."""
@@ -280,8 +334,10 @@ def _set_path(table: dict, parts: list[str], value: Any, key: str) -> None:
 _SECTIONS = {"model", "input", "output", "task", "resources", "storage"}
 _MODEL_KEYS = {"source", "dtype"}
 _INPUT_KEYS = {"path", "id_column", "text_column", "image_column", "max_input_tokens", "long_input", "unique_ids"}
-_OUTPUT_KEYS = {"path", "rows_per_file", "compression"}
-_TASK_KEYS = {"kind", "output_column", "prompt", "source_language", "target_language", *GENERATION_FIELDS}
+_OUTPUT_KEYS = {"path", "rows_per_file", "compression", "keep_columns"}
+_CLASSIFY_KEYS = {"labels", "labels_column", "score", "multi_label", "threshold"}
+_TASK_KEYS = {"kind", "output_column", "prompt", "prompt_column", "source_language", "target_language",
+              *_CLASSIFY_KEYS, *GENERATION_FIELDS}
 _RESOURCE_KEYS = {"gpu_actors", "gpus_per_actor", "cpus_per_actor", "rows_per_call", "max_batch_tokens",
                   "call_timeout_s"}
 DEFAULT_CALL_TIMEOUT_S = 1800.0  # half an hour: far above any sane call (rows_per_call rows on one GPU)
@@ -416,8 +472,6 @@ def parse_job(raw: dict, origin: str = "<job>") -> JobSpec:
         long_input=_choice(i, "long_input", "input", "error", LONG_INPUT_POLICIES),
         unique_ids=_bool(i, "unique_ids", "input", False),
     )
-    if not inp.text_column and not inp.image_column:
-        raise JobError("[input] names no text_column and no image_column; set the column(s) the tasks read")
     named = [c for c in (inp.id_column, inp.text_column, inp.image_column) if c]
     if len(set(named)) != len(named):
         raise JobError(f"[input] names the same column twice ({named}); id, text and image must be different columns")
@@ -430,6 +484,7 @@ def parse_job(raw: dict, origin: str = "<job>") -> JobSpec:
         path=out_path.rstrip("/") or "/",
         rows_per_file=_int(o, "rows_per_file", "output", 10_000),
         compression=_choice(o, "compression", "output", "zstd", COMPRESSIONS),
+        keep_columns=_names(o, "keep_columns", "output"),
     )
 
     tasks_raw = raw.get("task")
@@ -440,7 +495,7 @@ def parse_job(raw: dict, origin: str = "<job>") -> JobSpec:
     tasks = tuple(_parse_task(t, n, inp) for n, t in enumerate(tasks_raw))
     seen: dict[str, str] = {}
     for n, task in enumerate(tasks):
-        for name in columns.reserved_names(task.output_column):
+        for name in columns.reserved_names(task.output_column, task.classify):
             if name in columns.RESERVED or name.startswith(columns.INTERNAL_PREFIX):
                 raise JobError(
                     f"task[{n}].output_column {task.output_column!r} makes column {name!r}, which is reserved; "
@@ -452,6 +507,7 @@ def parse_job(raw: dict, origin: str = "<job>") -> JobSpec:
                     f"give every task its own output_column"
                 )
             seen[name] = f"task[{n}]"
+    _check_keep_columns(output.keep_columns, seen)
 
     r = _table(raw, "resources", required=False)
     _unknown(r, _RESOURCE_KEYS, "resources")
@@ -496,6 +552,34 @@ def _call_timeout(r: dict) -> float:
     return float(value)
 
 
+def _names(table: dict, key: str, where: str) -> tuple[str, ...]:
+    """A list of distinct non-empty column names (empty when absent)."""
+    value = table.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise JobError(f"{where}.{key} must be a list of column names, e.g. {key} = [\"title\", \"url\"], got "
+                       f"{value!r}")
+    repeated = sorted({v for v in value if value.count(v) > 1})
+    if repeated:
+        raise JobError(f"{where}.{key} names {', '.join(map(repr, repeated))} more than once; name each column once")
+    return tuple(value)
+
+
+def _check_keep_columns(keep: tuple[str, ...], outputs: dict[str, str]) -> None:
+    """A kept input column keeps its name in the output, so it must not be one the job writes itself."""
+    for name in keep:
+        owner = None
+        if name in columns.RESERVED:
+            owner = "the output's own columns (id, error and provenance columns)"
+        elif name in outputs:
+            owner = f"{outputs[name]}'s output columns"
+        elif name.startswith(columns.INTERNAL_PREFIX):
+            owner = f"the internal columns (names starting with {columns.INTERNAL_PREFIX!r})"
+        if owner:
+            raise JobError(f"output.keep_columns names {name!r}, which clashes with {owner}; a kept column keeps its "
+                           f"input name, so rename the column in the input or change that task's output_column "
+                           f"(the id is always in the output as {columns.ID!r})")
+
+
 def _parse_task(t: Any, n: int, inp: InputSpec) -> TaskSpec:
     where = f"task[{n}]"
     if not isinstance(t, dict):
@@ -509,13 +593,34 @@ def _parse_task(t: Any, n: int, inp: InputSpec) -> TaskSpec:
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", output_column):
         raise JobError(f"{where}.output_column {output_column!r} must be letters, digits and _ (starting with a "
                        f"letter)")
-    prompt = t.get("prompt", kind.template)
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise JobError(f"{where}.prompt must be a non-empty string, got {prompt!r}")
-    try:
-        names = check_template(kind, prompt)
-    except ValueError as exc:
-        raise JobError(f"{where}.prompt: {exc}") from exc
+    for key in sorted(_CLASSIFY_KEYS & set(t)):
+        if not kind.classify:
+            raise JobError(f"{where}.{key} applies to classify tasks only; remove it from this {kind_name} task")
+    for key in sorted(set(GENERATION_FIELDS) & set(t)):
+        if kind.classify:
+            raise JobError(f"{where}.{key} is a generation setting, but a classify task generates nothing: it scores "
+                           f"its labels. Remove it (to set it on the other tasks only, use --set task.N.{key}=...)")
+    prompt_column = _str(t, "prompt_column", where)
+    if prompt_column is not None:
+        if not kind.open_fields:
+            raise JobError(f"{where}.prompt_column applies to generate and classify tasks; a {kind_name} task builds "
+                           f"its prompt from its template (prompt)")
+        if "prompt" in t:
+            raise JobError(f"{where} sets both prompt and prompt_column; each row's prompt comes from one of them: "
+                           f"a template (prompt = \"... {{question}} ...\") or a column (prompt_column)")
+        prompt, names = None, set()
+    else:
+        prompt = t.get("prompt", kind.template)
+        if prompt is None:
+            raise JobError(f"{where} ({kind_name}) needs a prompt: a template whose fields name input columns "
+                           f"(prompt = \"Title: {{title}}\\n{{body}}\\nKeywords:\"), or prompt_column = \"<a column "
+                           f"holding each row's prompt>\"")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise JobError(f"{where}.prompt must be a non-empty string, got {prompt!r}")
+        try:
+            names = check_template(kind, prompt)
+        except ValueError as exc:
+            raise JobError(f"{where}.prompt: {exc}") from exc
     languages = {}
     for key in ("source_language", "target_language"):
         value = _str(t, key, where)
@@ -524,23 +629,31 @@ def _parse_task(t: Any, n: int, inp: InputSpec) -> TaskSpec:
         if key in names and value is None:
             raise JobError(f"{where}.{key} is required: the prompt uses {{{key}}} (e.g. {key} = \"German\")")
         languages[key] = value
-    generation = dict(kind.generation)
-    for key, types in GENERATION_FIELDS.items():
-        if key not in t:
-            continue
-        value = t[key]
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise JobError(f"{where}.{key} must be {'an integer' if types is int else 'a number'}, got {value!r}")
-        generation[key] = value
-    try:
-        params = GenerationParams(**generation)  # the model's own checks, with the field names the user wrote
-    except (TypeError, ValueError) as exc:
-        raise JobError(f"{where}: {exc}") from exc
-    uses_text, uses_image = "text" in names, "image" in names
+    params = None
+    if not kind.classify:
+        generation = dict(kind.generation)
+        for key, types in GENERATION_FIELDS.items():
+            if key not in t:
+                continue
+            value = t[key]
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise JobError(f"{where}.{key} must be {'an integer' if types is int else 'a number'}, got {value!r}")
+            generation[key] = value
+        try:
+            params = GenerationParams(**generation)  # the model's own checks, with the field names the user wrote
+        except (TypeError, ValueError) as exc:
+            raise JobError(f"{where}: {exc}") from exc
+    uses_text, uses_image = TEXT_FIELD in names, IMAGE_FIELD in names
     if uses_text and not inp.text_column:
         raise JobError(f"{where} ({kind_name}) reads text, but [input] has no text_column; set input.text_column")
     if uses_image and not inp.image_column:
         raise JobError(f"{where} ({kind_name}) reads images, but [input] has no image_column; set input.image_column")
+    classify = _parse_classify(t, where) if kind.classify else {}
+    fields = column_fields(kind, names)
+    if kind.open_fields and not (fields or uses_text or uses_image or prompt_column or classify.get("labels_column")):
+        raise JobError(f"{where}.prompt names no input column, so every row would get the same prompt; name the "
+                       f"columns it reads ({{text}}, {{image}}, or any input column such as {{title}}), or set "
+                       f"prompt_column to take each row's prompt from a column")
     return TaskSpec(
         kind=kind_name,
         output_column=output_column,
@@ -550,4 +663,47 @@ def _parse_task(t: Any, n: int, inp: InputSpec) -> TaskSpec:
         generation=params,
         uses_text=uses_text,
         uses_image=uses_image,
+        fields=fields,
+        prompt_column=prompt_column,
+        **classify,
     )
+
+
+def _parse_classify(t: dict, where: str) -> dict:
+    """A classify task's own settings: its labels (fixed, or a column), score mode, multi_label, threshold."""
+    labels, labels_column = t.get("labels"), _str(t, "labels_column", where)
+    if labels is None and labels_column is None:
+        raise JobError(f"{where} (classify) has no labels to choose from: set labels = [\"sports\", \"politics\", ...] "
+                       f"for the same candidates on every row, or labels_column = \"<a list<string> column of each "
+                       f"row's candidates>\"")
+    if labels is not None and labels_column is not None:
+        raise JobError(f"{where} sets both labels and labels_column; the candidates come from one of them: the same "
+                       f"list for every row (labels) or a column of each row's own (labels_column)")
+    if labels is not None:
+        if not isinstance(labels, list) or not labels:
+            raise JobError(f"{where}.labels must be a non-empty list of label strings, e.g. labels = [\"yes\", "
+                           f"\"no\"], got {labels!r}")
+        for label in labels:
+            if not isinstance(label, str) or not label.strip():
+                raise JobError(f"{where}.labels holds {label!r}; every label must be a non-empty string")
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise JobError(f"{where}.labels lists {', '.join(map(repr, repeated))} more than once; list each label "
+                           f"once")
+        labels = tuple(labels)
+    score = _choice(t, "score", where, "sum", SCORE_MODES)
+    multi_label = _bool(t, "multi_label", where, False)
+    threshold = t.get("threshold")
+    if threshold is not None:
+        if not multi_label:
+            raise JobError(f"{where}.threshold applies with multi_label = true only (a single-label task returns its "
+                           f"most probable label); set multi_label = true or remove threshold")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise JobError(f"{where}.threshold must be a probability in [0, 1] (every label whose probability is at "
+                           f"or above it is returned), got {threshold!r}")
+        threshold = float(threshold)
+    elif multi_label:
+        raise JobError(f"{where}: multi_label = true needs a threshold: every label whose probability (softmax over "
+                       f"the row's labels) is at or above it is returned, e.g. threshold = 0.3")
+    return {"labels": labels, "labels_column": labels_column, "score": score, "multi_label": multi_label,
+            "threshold": threshold}

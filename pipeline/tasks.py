@@ -1,18 +1,25 @@
-"""The three tasks a job can run: caption, summarize, translate.
+"""The task kinds a job can run: the presets caption, summarize, translate; generate; classify.
 
-Each task kind has a default prompt template, a default output column and its own generation
-defaults; a job's [[task]] table may override any of them. Templates are Python format strings
-with these fields:
+Each task kind has a default prompt template (generate has none), a default output column and its
+own generation defaults; a job's [[task]] table may override any of them. Templates are Python
+format strings. The presets fill fixed fields:
 
-  {text}              the row's text (summarize, translate; caption may use it too)
-  {image}             where the row's image goes (caption; becomes the tokenizer's image marker)
+  {text}              the row's text, from input.text_column (summarize, translate; caption may use it too)
+  {image}             where the row's image goes, from input.image_column (becomes the tokenizer's image marker)
   {source_language}   translate only
   {target_language}   translate only
 
-Literal braces are written {{ and }}. Templates are checked when the job is loaded: an unknown
-field, a missing {text} or {image}, or a translate task without its languages fails early.
+generate and classify templates are open: besides {text} and {image} (the same columns as above),
+every other field names an input column, read as text ({title}, {question}, {year}: string or
+binary UTF-8 columns, numbers and booleans written as text); classify also fills {labels} with the
+row's candidate labels joined by ", " (in a generate template {labels} is a column like any other).
 
-Not here: parsing the job file (spec.py), tokenizing prompts (operators/prepare.py).
+Literal braces are written {{ and }}. Templates are checked when the job is loaded: an unknown
+field of a preset, a missing {text} or {image}, or a translate task without its languages fails
+early.
+
+Not here: parsing the job file (spec.py), tokenizing prompts (operators/prepare.py), scoring
+labels (model/score.py).
 """
 
 from __future__ import annotations
@@ -51,12 +58,18 @@ GENERATION_FIELDS: dict[str, type | tuple[type, ...]] = _generation_fields()
 class TaskKind:
     """What a task kind needs and what it does by default."""
 
-    name: str  # caption | summarize | translate
-    template: str  # default prompt template
+    name: str  # caption | summarize | translate | generate | classify
+    template: str | None  # default prompt template (None: the job must give prompt or prompt_column)
     output_column: str  # default output column
     required_fields: frozenset[str]  # template fields that must appear
-    allowed_fields: frozenset[str]  # template fields that may appear
+    allowed_fields: frozenset[str]  # template fields that may appear (open kinds: besides input columns)
     generation: dict = field(default_factory=dict)  # the kind's defaults for GenerationParams fields
+    open_fields: bool = False  # any other field names an input column (generate, classify)
+    classify: bool = False  # scores candidate labels instead of generating text
+
+
+# Fields an open template fills itself; every other field is an input column.
+TEXT_FIELD, IMAGE_FIELD, LABELS_FIELD = "text", "image", "labels"
 
 
 TASK_KINDS: dict[str, TaskKind] = {
@@ -85,6 +98,24 @@ TASK_KINDS: dict[str, TaskKind] = {
         allowed_fields=frozenset({"text", "source_language", "target_language"}),
         generation={"max_new_tokens": 256},
     ),
+    "generate": TaskKind(
+        name="generate",
+        template=None,
+        output_column="output",
+        required_fields=frozenset(),
+        allowed_fields=frozenset({TEXT_FIELD, IMAGE_FIELD}),
+        generation={"max_new_tokens": 128},
+        open_fields=True,
+    ),
+    "classify": TaskKind(
+        name="classify",
+        template="Classify the following text as one of: {labels}.\n\n{text}\n\nAnswer:",
+        output_column="label",
+        required_fields=frozenset(),
+        allowed_fields=frozenset({TEXT_FIELD, IMAGE_FIELD, LABELS_FIELD}),
+        open_fields=True,
+        classify=True,
+    ),
 }
 
 
@@ -109,7 +140,7 @@ def check_template(kind: TaskKind, template: str) -> set[str]:
         names = template_fields(template)
     except ValueError as exc:
         raise ValueError(f"prompt template is malformed: {exc}") from exc
-    unknown = names - kind.allowed_fields
+    unknown = set() if kind.open_fields else names - kind.allowed_fields
     if unknown:
         raise ValueError(
             f"prompt uses {', '.join('{' + n + '}' for n in sorted(unknown))}, which a {kind.name} task does not "
@@ -122,3 +153,10 @@ def check_template(kind: TaskKind, template: str) -> set[str]:
             f"the row's {' and '.join(sorted(missing))} go"
         )
     return names
+
+
+def column_fields(kind: TaskKind, names: set[str]) -> tuple[str, ...]:
+    """The template fields of an open kind that name input columns (not {text}, {image}, {labels})."""
+    if not kind.open_fields:
+        return ()
+    return tuple(sorted(names - kind.allowed_fields))

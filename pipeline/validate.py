@@ -4,18 +4,20 @@
 settings), the input files' footers, and the output path (a probe object written and deleted; a
 directory that holds another job's outputs is refused; one that the input paths reach is
 refused), and returns a Validated: the files, the units of work, the output id type and store,
-and what the run report and the plan need. Inputs: each named column must be usable in at least
-one file, and the id column in every file with types that cast losslessly to one; a file whose
-text or image column is missing or unusable (schema drift) does not fail the job: its rows get
-column_missing / column_type errors (policy in inputs.py), and validation warns about it. With an
-id column, ids that repeat are found (inputs.find_duplicate_ids): duplicate_id error rows, or a
-JobError with input.unique_ids.
+and what the run report and the plan need. Inputs: each column a task reads (text, image, the
+fields of its prompt template, prompt_column, labels_column) must be usable in at least one file,
+and the id column and every output.keep_columns column in every file with types that cast to
+one; a file whose task column is missing or unusable (schema drift) does not fail the job: its
+rows get column_missing / column_type errors (policy in inputs.py), and validation warns about it.
+With an id column, ids that repeat are found (inputs.find_duplicate_ids): duplicate_id error
+rows, or a JobError with input.unique_ids.
 
 Not here: running the job (run.py), parsing the job file (spec.py).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from dataclasses import dataclass
@@ -28,12 +30,14 @@ from operators import columns as C
 from .commit import MANIFEST, PART_PREFIX, OutputStore
 from .inputs import (
     COLUMN_TYPE,
+    ExtraColumn,
     InputFile,
     Unit,
     column_problem,
     find_duplicate_ids,
     id_output_type,
     id_transport_type,
+    keep_output_type,
     list_inputs,
     make_units,
     read_footers,
@@ -58,6 +62,8 @@ class Validated:
     weight_bytes: int  # size of the checkpoint's weight files
     drift: tuple[str, ...] = ()  # warnings: input files whose rows get column_missing / column_type errors
     duplicate_rows: int = 0  # rows whose id appeared earlier in the input (duplicate_id error rows)
+    keep: tuple[pa.Field, ...] = ()  # output.keep_columns with their output types, in order
+    extra: tuple[ExtraColumn, ...] = ()  # what the read stage reads besides id, text and image
 
     @property
     def provenance(self) -> dict:
@@ -67,6 +73,10 @@ class Validated:
     @property
     def output_columns(self) -> list[str]:
         return [t.output_column for t in self.spec.tasks]
+
+    @property
+    def output_tasks(self) -> list[C.OutputTask]:
+        return [t.output_task for t in self.spec.tasks]
 
 
 def _check_model(spec: JobSpec):
@@ -110,26 +120,30 @@ def _check_ids(column: str | None, files: list[InputFile]) -> pa.DataType:
         ) from None
 
 
-def _check_column(spec: JobSpec, role: str, column: str, files: list[InputFile]) -> list[str]:
+def _check_column(role: str, column: str, files: list[InputFile], readers: list[str], setting: str = "",
+                  fix: str = "") -> list[str]:
     """Fail the job when no file has a usable `role` column; else warnings about the files that lack one.
 
     Files without a usable column are schema drift, handled per row (inputs.py): their rows get
-    error kind column_missing / column_type in the tasks that read the column.
+    error kind column_missing / column_type in the tasks that read the column (`readers`). `setting`
+    names the column in messages, `fix` says how to point it elsewhere.
     """
-    setting = f"input.{role}_column"
-    problems = [(f, column_problem(f.uri, f.schema, role, column)) for f in files]
+    setting = setting or f"input.{role}_column"
+    fix = fix or f"set {setting} to"
+    problems = [(f, column_problem(f.uri, f.schema, role, column, setting)) for f in files]
     bad = [(f, p) for f, p in problems if p is not None]
     if len(bad) == len(files):
         typed = [p for _, p in bad if p.kind == COLUMN_TYPE]
         if typed:
             raise JobError(f"no input file has a usable {setting}: {typed[0].message}")
         first, names = files[0].uri, ", ".join(files[0].schema.names)
+        close = difflib.get_close_matches(column, sorted({n for f in files for n in f.schema.names}), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         if len(files) == 1:
-            raise JobError(f"{setting} {column!r} is not a column of {first} (columns: {names}); set {setting} to "
-                           f"one of them")
-        raise JobError(f"{setting} {column!r} is not a column of any of the {len(files)} input files; set {setting} "
-                       f"to a column they have (e.g. {first} has: {names})")
-    readers = [t.output_column for t in spec.tasks if (t.uses_text if role == "text" else t.uses_image)]
+            raise JobError(f"{setting} {column!r} is not a column of {first} (columns: {names}); {fix} one of "
+                           f"them{hint}")
+        raise JobError(f"{setting} {column!r} is not a column of any of the {len(files)} input files; {fix} a "
+                       f"column they have (e.g. {first} has: {names}){hint}")
     if not bad or not readers:
         return []  # a column no task reads is never read, whatever the files hold
     rows = sum(f.num_rows for f, _ in bad)
@@ -151,8 +165,53 @@ def _check_inputs(spec: JobSpec) -> tuple[list[InputFile], pa.DataType, list[str
     drift = []
     for role, column in (("text", inp.text_column), ("image", inp.image_column)):
         if column:
-            drift += _check_column(spec, role, column, files)
+            readers = [t.output_column for t in spec.tasks if (t.uses_text if role == "text" else t.uses_image)]
+            drift += _check_column(role, column, files, readers)
+    for (column, role), (setting, fix, readers) in _task_columns(spec).items():
+        drift += _check_column(role, column, files, readers, setting, fix)
     return files, id_type, drift
+
+
+def _task_columns(spec: JobSpec) -> dict[tuple[str, str], tuple[str, str, list[str]]]:
+    """(column, role) -> (how messages name it, the fix, the tasks reading it) for every input column
+    the tasks read beyond text and image: template fields, prompt_column ("field"), labels_column."""
+    found: dict[tuple[str, str], tuple[str, str, list[str]]] = {}
+    for n, task in enumerate(spec.tasks):
+        for column, role in task.input_columns().items():
+            if role == "labels":
+                setting, fix = f"task[{n}].labels_column", f"set task[{n}].labels_column to"
+            elif column == task.prompt_column:
+                setting, fix = f"task[{n}].prompt_column", f"set task[{n}].prompt_column to"
+            else:
+                setting = f"task[{n}].prompt field"
+                fix = f"fix task[{n}].prompt (fields name input columns; {{{{ and }}}} write a brace) to use"
+            entry = found.setdefault((column, role), (setting, fix, []))
+            entry[2].append(task.output_column)
+    return found
+
+
+def _check_keep(spec: JobSpec, files: list[InputFile]) -> tuple[pa.Field, ...]:
+    """output.keep_columns with their output types: every file must have each, with types that unify."""
+    fields = []
+    for name in spec.output.keep_columns:
+        for f in files:
+            if name not in f.schema.names:
+                raise JobError(f"output.keep_columns names {name!r}, which is not a column of {f.uri} (columns: "
+                               f"{', '.join(f.schema.names)}); every input file needs it, since it is copied into "
+                               f"every output row: add it to that file or remove it from keep_columns")
+        try:
+            fields.append(pa.field(name, keep_output_type([f.schema.field(name).type for f in files])))
+        except ValueError as exc:
+            raise JobError(f"output.keep_columns {name!r} has no one type across the input files: {exc}; make its "
+                           f"type the same in every file, or remove it from keep_columns") from None
+    return tuple(fields)
+
+
+def _read_columns(spec: JobSpec, keep: tuple[pa.Field, ...]) -> tuple[ExtraColumn, ...]:
+    """The columns the read stage reads besides id, text and image."""
+    extra = [ExtraColumn(column, role, setting=setting)
+             for (column, role), (setting, _, _) in _task_columns(spec).items()]
+    return tuple(extra) + tuple(ExtraColumn(f.name, "keep", f.type) for f in keep)
 
 
 def _check_output(spec: JobSpec, store: OutputStore, run_hash: str) -> None:
@@ -235,6 +294,7 @@ def validate(spec: JobSpec) -> Validated:
     run_hash = spec.run_config_hash()
     checkpoint = _check_model(spec)
     files, id_type, drift = _check_inputs(spec)
+    keep = _check_keep(spec, files)
     for warning in drift:
         log.warning(warning)
     try:
@@ -248,4 +308,5 @@ def validate(spec: JobSpec) -> Validated:
     return Validated(spec=spec, files=tuple(files), units=tuple(units), id_type=id_type,
                      model_revision=checkpoint.revision, run_hash=run_hash, store=store,
                      weight_bytes=checkpoint.weight_bytes,
-                     drift=tuple(drift), duplicate_rows=sum(len(m) for m in duplicates.values()))
+                     drift=tuple(drift), duplicate_rows=sum(len(m) for m in duplicates.values()),
+                     keep=keep, extra=_read_columns(spec, keep))

@@ -108,7 +108,7 @@ class FaultyInferActor(InferActor):
 
     def __init__(self, settings):
         super().__init__(settings)
-        self.faults = ActorFaults.if_armed(self.model, self.tasks, self.pixel_shape)
+        self.faults = ActorFaults.if_armed(self.model, self.tasks, self.pixel_shape, self.generator.pixel_normalizer)
 
     @staticmethod
     def choose_device(gpus_per_actor: float) -> str:
@@ -136,13 +136,16 @@ class ActorFaults:
     """The test fault hooks of one model actor (see above); inert unless their variables are set."""
 
     @classmethod
-    def if_armed(cls, model, tasks: list[InferTask], pixel_shape: tuple[int, ...]) -> ActorFaults | None:
+    def if_armed(cls, model, tasks: list[InferTask], pixel_shape: tuple[int, ...],
+                 pixel_normalizer=None) -> ActorFaults | None:
         """The hooks for this actor when any fault variable is set, else None (production)."""
-        return cls(model, tasks, pixel_shape) if any(os.environ.get(env) for env in FAULT_ENVS) else None
+        armed = any(os.environ.get(env) for env in FAULT_ENVS)
+        return cls(model, tasks, pixel_shape, pixel_normalizer) if armed else None
 
-    def __init__(self, model, tasks: list[InferTask], pixel_shape: tuple[int, ...]):
+    def __init__(self, model, tasks: list[InferTask], pixel_shape: tuple[int, ...], pixel_normalizer=None):
         self.tasks = tasks
         self.pixel_shape = pixel_shape
+        self.pixel_normalizer = pixel_normalizer  # the actor's: uint8 pixels -> what the encoder sees
         self.calls = 0  # calls of this process
         self.batch = ""  # "<unit>:<first row>" of the batch in the running call
         self.poison_prompts: list[tuple[int, ...]] = []  # text prompts of the OOM hook's poison rows
@@ -207,7 +210,7 @@ class ActorFaults:
             shipped = [torch.from_numpy(C.pixels_from_bytes(pixels[r], self.pixel_shape))[None]
                        for r in rows if pixels[r] is not None]
             # as the encoder sees them: the uint8 shipped, finished on the device
-            self.poison_images = [self.generator.pixel_normalizer(image)[0] for image in shipped]
+            self.poison_images = [self.pixel_normalizer(image)[0] for image in shipped]
 
     def _out_of_memory(self, encode):
         import torch

@@ -32,10 +32,11 @@ def test_usage_and_unknown_command(capsys):
 
 
 def test_run_and_rerun(ray_cluster, job_file, tmp_path, capsys):
-    assert cli.main(["run", str(job_file), "--set", "resources.rows_per_call=4"]) == 0
+    # The input has two bad texts: complete, with error rows (exit 3), now and on a rerun that computes nothing.
+    assert cli.main(["run", str(job_file), "--set", "resources.rows_per_call=4"]) == cli.EXIT_ERROR_ROWS
     out = capsys.readouterr().out
     assert "rows in 6, written now 6, already done 0" in out
-    assert cli.main(["run", str(job_file)]) == 0
+    assert cli.main(["run", str(job_file)]) == cli.EXIT_ERROR_ROWS
     assert "written now 0, already done 6" in capsys.readouterr().out
 
 

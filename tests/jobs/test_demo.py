@@ -162,14 +162,20 @@ def test_generation_is_deterministic(tmp_path):
 def test_job_files_hold_absolute_paths_and_cpu_resources(tmp_path):
     paths = demo.write_job_files(tmp_path, max_new_tokens=5)
     assert set(paths) == {job.name for job in demo.DEMO_JOBS}
+    kinds = {job.name: job.task["kind"] for job in demo.DEMO_JOBS}
+    assert sorted(kinds.values()) == ["caption", "classify", "classify", "summarize", "translate"]
     for name, path in paths.items():
         job = tomllib.loads(path.read_text())
         assert Path(job["model"]["source"]).is_absolute()
         assert Path(job["input"]["path"]).is_absolute() and job["input"]["path"].endswith("*.parquet")
         assert job["output"]["path"].startswith(str(tmp_path.resolve()))
         assert job["resources"]["gpus_per_actor"] == 0
-        assert job["task"][0]["max_new_tokens"] == 5
-        assert job["task"][0]["kind"] == name
+        assert job["task"][0]["kind"] == kinds[name]
+        if kinds[name] == "classify":  # scores its labels, generates nothing
+            assert "max_new_tokens" not in job["task"][0] and job["task"][0]["labels"]
+            assert job["output"]["keep_columns"]
+        else:
+            assert job["task"][0]["max_new_tokens"] == 5
 
 
 def test_job_files_parse_as_job_specs(tmp_path):
@@ -217,8 +223,18 @@ def test_demo_runs_end_to_end(tmp_path, capsys, ray_cluster):
         for row in outputs:  # a result or an error, never both
             has_result = row[job.task["output_column"]] is not None
             assert has_result != bool(row[columns.ERROR_KIND]), row
+        if job.classify:  # a label of the job's, every candidate's probability, the kept columns beside
+            by_id = {r["id"]: r for r in inputs}
+            for row in outputs:
+                assert all(row[k] == by_id[row[columns.ID]][k] for k in job.keep_columns)
+                if not row[columns.ERROR_KIND]:
+                    assert row[job.task["output_column"]] in job.task["labels"]
+                    scores = row[f"{job.task['output_column']}_scores"]
+                    assert [e["label"] for e in scores] == job.task["labels"]
+                    assert abs(sum(e["probability"] for e in scores) - 1) < 1e-9
     printed = capsys.readouterr().out
     assert "img-bad-truncated" in printed and "Demo finished" in printed
+    assert "classify-topics" in printed and "(kept)" in printed and "yes 0." in printed
     # Before the runs, the dry run of the first job: its rows, prompt lengths and estimate.
     dry = printed[printed.index("=== dry run"):printed.index("=== summarize")]
     assert "the job is valid" in dry and "input     24 rows in 4 file(s)" in dry

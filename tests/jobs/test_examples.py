@@ -22,8 +22,14 @@ README = Path(jobs.__file__).resolve().parent.parent / "README.md"
 REAL_CHECKPOINT = "google/t5gemma-2-270m-270m"
 
 
-def test_the_three_examples_exist():
-    assert [p.name for p in EXAMPLES] == ["caption-images.toml", "summarize-corpus.toml", "translate-corpus.toml"]
+# The task kinds each example runs.
+KINDS = {"caption-images.toml": {"caption"}, "classify-corpus.toml": {"classify"},
+         "summarize-corpus.toml": {"summarize"}, "translate-corpus.toml": {"translate"},
+         "vqa-images.toml": {"generate", "classify"}}
+
+
+def test_the_examples_exist():
+    assert [p.name for p in EXAMPLES] == sorted(KINDS)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -40,7 +46,7 @@ def test_example_runs_the_real_checkpoint_on_gpus(path):
     assert job["resources"]["gpus_per_actor"] > 0
     assert job["input"]["path"].startswith("s3://") and job["output"]["path"].startswith("s3://")
     kinds = {task["kind"] for task in job["task"]}
-    assert kinds == {path.stem.split("-")[0]}
+    assert kinds == KINDS[path.name]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -56,6 +62,19 @@ def test_every_field_is_commented(path):
         if stripped:
             previous = stripped
     assert not uncommented, "fields without a comment:\n" + "\n".join(uncommented)
+
+
+def test_the_labeling_examples_use_what_labeling_needs():
+    """classify-corpus: fixed and per-row labels, mean scores, multi-label, keep columns, a field beyond
+    {text}; vqa-images: a question column with the image, and a yes/no classify task."""
+    topic, tags = load_job(EXAMPLES_DIR / "classify-corpus.toml").tasks
+    assert topic.labels and topic.score == "mean" and topic.fields == ("title",) and topic.uses_text
+    assert tags.labels_column == "candidate_tags" and tags.multi_label and 0 < tags.threshold < 1
+    vqa = load_job(EXAMPLES_DIR / "vqa-images.toml")
+    answer, person = vqa.tasks
+    assert answer.kind == "generate" and answer.fields == ("question",) and answer.uses_image
+    assert person.labels == ("yes", "no") and person.uses_image
+    assert vqa.output.keep_columns == ("question", "image_file")
 
 
 def _readme_job() -> str:

@@ -120,3 +120,28 @@ def test_inductor_step_gives_eager_and_reference_tokens(tmp_path):
                            eos_token_id=[SPECIAL["eos"]])[0, 1:].tolist()
         want = out[: out.index(SPECIAL["eos"]) + 1] if SPECIAL["eos"] in out else out
         assert res.token_ids == want
+
+
+def test_runs_of_one_shape_reuse_the_decode_buffers(tiny):
+    """Compiled, a run of the last run's shape decodes in the same buffers, and rows leaving move to
+    their front: every step of two generate() calls reads keys, positions and tokens at the same
+    addresses (what a recorded CUDA graph needs to replay, not record again), with eager's tokens."""
+    torch._dynamo.reset()
+    gen = model.Generator(tiny, compile=True, compile_options={"backend": CompileCounter()}, check_every=2)
+    addresses = []
+    step = gen._step
+
+    def recording(kind, cache, rows, *rest):
+        addresses.append((cache.layers[0].keys.data_ptr(), cache.masks["sliding_attention"].data_ptr(),
+                          cache.position.data_ptr(), cache.lengths.data_ptr(), rows.out.data_ptr(),
+                          rows.done.data_ptr()))
+        return step(kind, cache, rows, *rest)
+
+    gen._step = recording
+    for seed in (7, 8):  # 6 rows -> 8 slots, leaving as they finish (4..14 tokens): 8 -> 4 -> 2 -> 1
+        ids = prompts([3, 9, 5, 12, 6, 10], seed=seed)
+        reqs = [model.Request(p, params=model.GenerationParams(max_new_tokens=4 + 2 * i, min_new_tokens=4 + 2 * i))
+                for i, p in enumerate(ids)]
+        assert tokens(gen.generate(reqs)) == tokens(model.Generator(tiny).generate(reqs))
+    assert gen.stats.decode_row_steps < 2 * 8 * 14, "rows never left the batch"
+    assert len(set(addresses)) == 1, f"{len(set(addresses))} different buffer sets over {len(addresses)} steps"

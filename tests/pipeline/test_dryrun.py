@@ -61,7 +61,8 @@ def test_the_dry_run_of_a_demo_job_prints_its_estimate(demo_jobs, no_model_work,
     assert "output tokens at most 176 (rows x max_new_tokens 8)" in printed  # 22 rows x 8
     # Priced from the CPU row measured at the demo's own shape (so not moved across shapes).
     assert "from calibration 'cpu-demo'" in printed and "moved from shape" not in printed
-    assert re.search(r"upper bound \(every row to max_new_tokens\): [0-9.e-]+ actor-hours, wall ", printed)
+    assert re.search(r"upper bound \(every row to max_new_tokens\): [0-9.e-]+ actor-hours \([0-9.]+ s of model time\), "
+                     r"wall ", printed)
     assert not (out / "outputs" / "summarize" / "_job.json").exists()  # a dry run writes nothing of a run
 
     # A GPU job: no GPU calibration exists yet, and the estimate says plainly that it is a CPU figure.
@@ -76,6 +77,15 @@ def test_the_dry_run_of_a_demo_job_prints_its_estimate(demo_jobs, no_model_work,
     assert images["sampled_unusable_by_kind"] == {"image_decode": 2, "image_missing": 1}
     (task,) = result["tasks"]
     assert task["sampled_rows"] == demo.image_count(24) and task["prompt_tokens"]["max"] >= demo.DEMO_MM_TOKENS
+
+    # A classify job generates nothing: its candidates are scored, and priced as such.
+    assert cli.main(["run", str(jobs["classify-topics"]), "--dry-run", "--json"]) == cli.EXIT_OK
+    (task,) = json.loads(capsys.readouterr().out)["tasks"]
+    assert task["max_new_tokens"] is None and task["output_tokens_upper_bound"] == 0
+    labels = len(demo.DEMO_TOPICS)
+    assert task["scored_tokens_per_row"] >= 2 * labels  # each label's tokens and its EOS
+    assert cli.main(["run", str(jobs["classify-topics"]), "--dry-run"]) == cli.EXIT_OK
+    assert "candidate tokens scored per row (one decoder pass)" in capsys.readouterr().out
 
 
 def test_a_bad_job_fails_the_dry_run_as_it_fails_the_run(tiny_checkpoint, tmp_path, capsys, no_model_work):

@@ -144,3 +144,100 @@ def test_call_timeout_must_be_positive_seconds(value):
     with pytest.raises(JobError, match=r"resources.call_timeout_s must be a number of seconds > 0, got .*raise it if "
                                        r"a call of rows_per_call rows really takes longer"):
         load_job(job(), [f"resources.call_timeout_s={value}"])
+
+
+# ---- labeling: classify, generate, keep_columns ------------------------------------------------
+
+LABELING = BASE.replace('text_column = "text"', 'text_column = "text"\nimage_column = "img"')
+CLASSIFY = '\n[[task]]\nkind = "classify"\noutput_column = "topic"\n'
+GENERATE = '\n[[task]]\nkind = "generate"\noutput_column = "answer"\n'
+
+
+def test_classify_and_generate_defaults_and_their_run_config():
+    spec = load_job(job(CLASSIFY + 'labels = ["sports", "politics"]\n' + GENERATE + 'prompt = "{image} Q: {question}"\n'
+                        '[[task]]\nkind = "generate"\nprompt_column = "prompt"\n', base=LABELING))
+    summarize, topic, answer, free = spec.tasks
+    assert topic.classify and topic.labels == ("sports", "politics") and topic.score == "sum"
+    assert topic.generation is None and topic.uses_text and topic.fields == () and not topic.multi_label
+    assert "{labels}" in topic.prompt and "{text}" in topic.prompt
+    assert answer.fields == ("question",) and answer.uses_image and not answer.uses_text
+    assert answer.generation.max_new_tokens == 128 and answer.input_columns() == {"question": "field"}
+    assert free.output_column == "output" and free.prompt is None and free.input_columns() == {"prompt": "field"}
+    assert [t.output_task.classify for t in spec.tasks] == [False, True, False, False]
+    # A job without the new settings keeps the run config (and hash) it had: its outputs stay valid.
+    old_keys = {"kind", "output_column", "prompt", "source_language", "target_language", "generation", "uses_text",
+                "uses_image"}
+    assert set(load_job(job()).run_config()["tasks"][0]) == old_keys
+    assert "keep_columns" not in load_job(job()).run_config()
+    config = spec.run_config()["tasks"]
+    assert list(config[1]["labels"]) == ["sports", "politics"] and config[1]["score"] == "sum"
+    assert list(config[2]["fields"]) == ["question"] and config[3]["prompt_column"] == "prompt"
+
+
+def test_classify_settings_change_the_run_config_hash():
+    base = job(CLASSIFY + 'labels = ["a", "b"]\n')
+    a = load_job(base)
+    assert a.run_config_hash() != load_job(base, ["task.1.score=mean"]).run_config_hash()
+    assert a.run_config_hash() != load_job(base, ['task.1.labels=["a", "c"]']).run_config_hash()
+    kept = load_job(base, ['output.keep_columns=["title"]'])
+    assert kept.output.keep_columns == ("title",) and kept.run_config_hash() != a.run_config_hash()
+    multi = load_job(base, ["task.1.multi_label=true", "task.1.threshold=0.25"]).tasks[1]
+    assert multi.multi_label and multi.threshold == 0.25 and multi.output_task.multi_label
+
+
+@pytest.mark.parametrize("extra, overrides, message", [
+    (CLASSIFY, [], r"task\[1\] \(classify\) has no labels to choose from: set labels = .* or labels_column"),
+    (CLASSIFY + 'labels = ["a"]\nlabels_column = "cands"\n', [], r"task\[1\] sets both labels and labels_column"),
+    (CLASSIFY + "labels = []\n", [], r"task\[1\].labels must be a non-empty list of label strings"),
+    (CLASSIFY + 'labels = "sports"\n', [], r"task\[1\].labels must be a non-empty list"),
+    (CLASSIFY + 'labels = ["a", " "]\n', [], r"task\[1\].labels holds ' '; every label must be a non-empty string"),
+    (CLASSIFY + 'labels = ["a", 3]\n', [], r"task\[1\].labels holds 3"),
+    (CLASSIFY + 'labels = ["a", "b", "a"]\n', [], r"task\[1\].labels lists 'a' more than once"),
+    (CLASSIFY + 'labels = ["a"]\nthreshold = 0.5\n', [], r"task\[1\].threshold applies with multi_label = true only"),
+    (CLASSIFY + 'labels = ["a"]\nmulti_label = true\nthreshold = 1.5\n', [],
+     r"task\[1\].threshold must be a probability in \[0, 1\]"),
+    (CLASSIFY + 'labels = ["a"]\nmulti_label = true\nthreshold = -0.1\n', [], r"must be a probability in \[0, 1\]"),
+    (CLASSIFY + 'labels = ["a"]\nmulti_label = true\n', [], r"task\[1\]: multi_label = true needs a threshold"),
+    (CLASSIFY + 'labels = ["a"]\nmulti_label = "yes"\n', [], r"task\[1\].multi_label must be true or false"),
+    (CLASSIFY + 'labels = ["a"]\nscore = "max"\n', [], r"task\[1\].score must be one of 'sum', 'mean', got 'max'"),
+    (CLASSIFY + 'labels = ["a"]\nmax_new_tokens = 5\n', [],
+     r"task\[1\].max_new_tokens is a generation setting, but a classify task generates nothing"),
+    (CLASSIFY + 'labels = ["a"]\n', ["task.max_new_tokens=5"], r"use --set task.N.max_new_tokens"),
+    (CLASSIFY + 'labels = ["a"]\nprompt = "Pick one of {labels}."\n', [], r"task\[1\].prompt names no input column"),
+    (CLASSIFY + 'labels = ["a"]\nprompt = "{image} Is it {labels}?"\n', [],
+     r"task\[1\] \(classify\) reads images, but \[input\] has no image_column"),
+    ('labels = ["a"]\n', [], r"task\[0\].labels applies to classify tasks only"),
+    ('threshold = 0.5\n', [], r"task\[0\].threshold applies to classify tasks only"),
+    (GENERATE, [], r"task\[1\] \(generate\) needs a prompt: a template whose fields name input columns "
+                   r".*prompt_column"),
+    (GENERATE + 'prompt = "Tell me a joke."\n', [], r"task\[1\].prompt names no input column, so every row would get "
+                                                    r"the same prompt"),
+    (GENERATE + 'prompt = "{q}"\nprompt_column = "p"\n', [], r"task\[1\] sets both prompt and prompt_column"),
+    (GENERATE + 'prompt = "Q: {question!r}"\n', [], r"format spec or conversion"),
+    (GENERATE + 'prompt = "{0}"\n', [], r"placeholder \{0\} is not a name"),
+    ('prompt_column = "p"\n', [], r"task\[0\].prompt_column applies to generate and classify tasks"),
+    ('prompt = "Summarize {text} with {labels}"\n', [],
+     r"prompt uses \{labels\}, which a summarize task does not fill"),
+    (GENERATE + 'prompt = "{title}"\nsource_language = "German"\n', [], r"applies to translate tasks only"),
+    ("", ['output.keep_columns=["id"]'], r"output.keep_columns names 'id', which clashes with the output's own"),
+    ("", ['output.keep_columns=["error_message"]'], r"'error_message', which clashes with the output's own"),
+    ("", ['output.keep_columns=["summary"]'], r"'summary', which clashes with task\[0\]'s output columns"),
+    ("", ['output.keep_columns=["summary_finish_reason"]'], r"clashes with task\[0\]'s output columns"),
+    (CLASSIFY + 'labels = ["a"]\n', ['output.keep_columns=["topic_scores"]'], r"clashes with task\[1\]'s output"),
+    ("", ['output.keep_columns=["__unit"]'], r"clashes with the internal columns"),
+    ("", ['output.keep_columns=["title", "title"]'], r"output.keep_columns names 'title' more than once"),
+    ("", ['output.keep_columns="title"'], r"output.keep_columns must be a list of column names"),
+])
+def test_labeling_job_errors_name_the_field_and_fix(extra, overrides, message):
+    with pytest.raises(JobError, match=message):
+        load_job(job(extra), overrides)
+
+
+def test_a_classify_and_a_generate_task_may_read_only_other_columns():
+    """Neither text_column nor image_column is needed when the tasks read other columns."""
+    spec = load_job(BASE.replace('text_column = "text"\n', "").replace('kind = "summarize"',
+                    'kind = "generate"\nprompt = "Title: {title}\\nKeywords:"')
+                    + CLASSIFY + 'labels_column = "choices"\nprompt = "{question} {labels}?"\n')
+    generate, classify = spec.tasks
+    assert generate.fields == ("title",) and not generate.uses_text
+    assert classify.input_columns() == {"question": "field", "choices": "labels"}
