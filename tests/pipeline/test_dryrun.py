@@ -283,3 +283,21 @@ def test_the_calibration_table_in_docs_perf_md_is_the_one_the_code_prices_with()
 
     assert rows == [table_row(c) for c in estimate.CALIBRATIONS]
     assert "no GPU" in section
+
+
+def test_calibrate_times_the_jobs_shape_here_and_prices_from_it(demo_jobs, capsys, monkeypatch, no_model_work):
+    import model
+    from model.weights import load_config
+
+    real = model.random_model
+    built = []
+    monkeypatch.setattr(model, "random_model", lambda config, **kw: built.append(config) or real(config, **kw))
+    out, jobs = demo_jobs
+    assert cli.main(["run", str(jobs["summarize"]), "--dry-run", "--calibrate", "--json"]) == cli.EXIT_OK
+    e = json.loads(capsys.readouterr().out)["estimate"]
+    cal = e["calibration"]
+    assert cal["name"] == "measured now" and cal["device"] == "cpu" and cal["shape"] == "this job's"
+    assert cal["prefill_tokens_per_s"] > 0 and cal["decode_tokens_per_s"] > 0
+    assert "moved from shape" not in e["note"]  # measured at the job's own shape
+    # Random weights at the checkpoint's shape: its config, never its weights (no_model_work).
+    assert built == [load_config(out / "checkpoint")]
