@@ -13,9 +13,9 @@ and times the Generator on three small workloads, best of `repeats` after a warm
   images    `image_rows` prompts of one image and 4 tokens, 1 new token: images / s, once the
             prefill and decode time are taken off. Where what is left is under IMAGE_SHARE of the
             run (tiny towers, as the demo's: the subtraction is then noise) there is no image rate,
-            and the estimate prices the tower's work at the prefill's arithmetic rate. Skipped for
-            towers over 1024 patches, such as the released 896 px SigLIP, whose images take minutes
-            each on a CPU
+            and the estimate prices the tower's work at the prefill's arithmetic rate. Skipped on a
+            CPU for towers over 1024 patches, such as the released 896 px SigLIP, whose images take
+            most of a minute each there
 
 The result is a pipeline.estimate.Calibration; `main` prints it as the row of docs/perf.md's table
 and as the literal for estimate.CALIBRATIONS. These are throughput figures of one process on one
@@ -37,7 +37,7 @@ import torch
 import model
 from pipeline.estimate import Calibration, model_cost
 
-MAX_IMAGE_PATCHES = 1024  # towers with more patches than this are not timed (see above)
+MAX_IMAGE_PATCHES = 1024  # on a CPU, towers with more patches than this are not timed (see above)
 IMAGE_SHARE = 0.3  # below this share of the image run's time, the tower's own time is noise (see measure)
 
 
@@ -121,7 +121,7 @@ def measure(config, *, shape: str, device: str = "cpu", dtype: str = "float32", 
         decode_rate = rows * new_tokens / decode_time
         images_rate = None
         patches = (config.vision.image_size // config.vision.patch_size) ** 2
-        if images and patches <= MAX_IMAGE_PATCHES and image_rows > 0:
+        if images and (dev.type == "cuda" or patches <= MAX_IMAGE_PATCHES) and image_rows > 0:
             prompt = 4 + config.mm_tokens_per_image + 2
             t_images = _best(gen, _requests(config, image_rows, 4, 1, True, seed + 2), dev, repeats)
             image_time = t_images - image_rows * prompt / prefill_rate - image_rows / decode_rate

@@ -85,13 +85,13 @@ class Calibration:
 _BUILD_MACHINE = "AMD EPYC, 1 thread(s) on 2 core(s)"
 CALIBRATIONS: tuple[Calibration, ...] = (
     Calibration(name="cpu-demo", device="cpu", machine=_BUILD_MACHINE, shape="demo", dtype="float32", threads=1,
-                rows=32, prefill_tokens_per_s=27633.3, decode_tokens_per_s=12597.3, images_per_s=None,
+                rows=32, prefill_tokens_per_s=43833.0, decode_tokens_per_s=13457.8, images_per_s=None,
                 prefill_flops=491500.0, decode_flops=704500.0, image_flops=2163000.0, date="2026-12-02"),
     Calibration(name="cpu-small", device="cpu", machine=_BUILD_MACHINE, shape="small", dtype="float32", threads=1,
-                rows=32, prefill_tokens_per_s=2300.8, decode_tokens_per_s=2187.7, images_per_s=None,
+                rows=32, prefill_tokens_per_s=4839.9, decode_tokens_per_s=2753.6, images_per_s=None,
                 prefill_flops=11800000.0, decode_flops=15600000.0, image_flops=8913000.0, date="2026-12-02"),
     Calibration(name="cpu-270m", device="cpu", machine=_BUILD_MACHINE, shape="270m", dtype="float32", threads=1,
-                rows=16, prefill_tokens_per_s=67.1, decode_tokens_per_s=30.1, images_per_s=None,
+                rows=16, prefill_tokens_per_s=358.6, decode_tokens_per_s=69.6, images_per_s=None,
                 prefill_flops=212300000.0, decode_flops=536100000.0, image_flops=3368000000000.0, date="2026-12-02"),
 )
 
