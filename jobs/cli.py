@@ -272,7 +272,7 @@ def cmd_status(argv: list[str]) -> int:
             if args.options:
                 parser.error("--option is for an output path; a job file brings its own [storage]")
             spec = load_job(args.target)
-            status = output_status(spec.output.path, storage=spec.storage)
+            status = output_status(spec.output.path, storage=spec.storage, input_paths=spec.input.paths)
         else:
             status = output_status(args.target, options=_options(args.options))
     except JobError as exc:

@@ -63,6 +63,11 @@ def test_states_of_a_local_output_through_its_life(ray_cluster, tiny_checkpoint,
     assert f"{out}: complete" in capsys.readouterr().out
     assert cli.main(["status", str(job), "--json"]) == cli.EXIT_OK  # the job file names the same output
     assert json.loads(capsys.readouterr().out)["state"] == "complete"
+    # With a job file, the input is the job's as written now: pointed elsewhere, the output is stale for it.
+    other = tmp_path / "other.toml"
+    other.write_text(job.read_text().replace(f"{tmp_path}/in/*.parquet", f"{tmp_path}/in/part-0.parquet"))
+    assert cli.main(["status", str(other)]) == cli.EXIT_STALE
+    assert "1 now" in capsys.readouterr().out
 
     # The input grows: the complete output no longer mirrors it.
     write_inputs(mixed_rows(good=3)[0][:3], str(tmp_path / "more"), files=1)
