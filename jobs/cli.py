@@ -11,7 +11,9 @@
   t5g2 status OUTPUT_PATH | JOB.toml [--option key=value ...] [--json]
       Whether an output is complete, in progress, stale or empty (pipeline/status.py), without Ray.
   t5g2 inspect JOB.toml [--set ...]     validate a job and print its plan, without running it
-  t5g2 inspect CHECKPOINT               print a checkpoint's config summary (dir, URI or hub id)
+  t5g2 inspect CHECKPOINT [--adapter A]  print a checkpoint's config summary (dir, URI or hub id): its
+                                        tokenizer file, generation_config.json, the settings and tensors
+                                        it ignores, and a LoRA adapter checked against it
   t5g2 demo ...                         jobs/demo.py (a dataset, a checkpoint and five jobs)
   t5g2 bench ...                        jobs/bench.py (throughput)
 
@@ -314,7 +316,9 @@ def _inspect_job(path: str, overrides: list[str]) -> int:
     todo = [u for u in v.units if u.key not in done]
     r = spec.resources
     print(f"Job {spec.origin}")
-    print(f"  model     {spec.model.source} ({spec.model.dtype}), revision {v.model_revision or '-'}")
+    print(f"  model     {spec.model.source} ({spec.model.dtype}), revision {v.model_revision or '-'}"
+          f"{f', LoRA adapter {spec.model.adapter}' if spec.model.adapter else ''}"
+          f"{f', tokenizer from {v.checkpoint.tokenizer_file}' if v.checkpoint is not None else ''}")
     print(f"  input     {len(v.files)} file(s), {sum(f.num_rows for f in v.files)} rows; columns "
           f"id={spec.input.id_column or '(derived)'} text={spec.input.text_column or '-'} "
           f"image={spec.input.image_column or '-'}; max_input_tokens {spec.input.max_input_tokens} "
@@ -332,16 +336,44 @@ def _inspect_job(path: str, overrides: list[str]) -> int:
         print(f"  drift     {warning}")
     if v.duplicate_rows:
         print(f"  ids       {v.duplicate_rows} row(s) repeat an earlier id: they become duplicate_id error rows")
+    if v.checkpoint is not None:
+        for line in _checkpoint_notes(v.checkpoint):
+            print(f"  {line}")
     print(f"  run hash  {v.run_hash}")
     return 0
 
 
-def _inspect_checkpoint(source: str) -> int:
+def _checkpoint_notes(summary) -> list[str]:
+    """What a checkpoint brings beyond its shapes: generation_config.json, ignored settings, the adapter."""
+    lines = []
+    g = summary.generation
+    if g is None:
+        lines.append("generation  no generation_config.json: config.json's eos / pad / decoder start ids")
+    else:
+        ids = [f"{name} {value if not isinstance(value, tuple) else list(value)}" for name, value in (
+            ("eos", g.eos_token_ids), ("decoder start", g.decoder_start_token_id), ("bos", g.bos_token_id),
+            ("pad", g.pad_token_id)) if value is not None]
+        lines.append(f"generation  generation_config.json: {', '.join(ids) or 'no token ids'} (its ids are used, over "
+                     f"config.json's)")
+        if g.settings:
+            shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in g.settings)
+            lines.append(f"            {shown}: shown only, not applied; a job's [[task]] settings decide "
+                         f"(greedy by default)")
+    for warning in summary.warnings:
+        lines.append(f"ignored     {warning}")
+    a = summary.adapter
+    if a is not None:
+        base = f"; trained on {a.base_model}" if a.base_model else ""
+        lines.append(f"adapter     {a.description}: {a.describe()}{base}")
+    return lines
+
+
+def _inspect_checkpoint(source: str, adapter: str | None = None) -> int:
     from model.inspect import inspect_checkpoint
     from model.source import CheckpointError
 
     try:
-        summary = inspect_checkpoint(source)
+        summary = inspect_checkpoint(source, adapter=adapter)
     except (CheckpointError, ValueError, OSError) as exc:
         print(f"t5g2 inspect: {exc}", file=sys.stderr)
         return 2
@@ -360,9 +392,13 @@ def _inspect_checkpoint(source: str) -> int:
           f"eoi {c.eoi_token_id}){'' if summary.image_tokens else '; image prompts not possible'}")
     print(f"  weights  {', '.join(summary.weight_files)}: {summary.parameters:,} parameters, "
           f"{'/'.join(summary.weight_dtypes)}, {summary.weight_bytes / 2**20:.1f} MiB")
-    print(f"  files    tokenizer.model {'yes' if 'tokenizer.model' in summary.files else 'no'}; "
+    has = {name: "yes" if name in summary.files else "no" for name in ("tokenizer.model", "tokenizer.json")}
+    print(f"  files    tokenizer read from {summary.tokenizer_file} (tokenizer.model {has['tokenizer.model']}, "
+          f"tokenizer.json {has['tokenizer.json']}); "
           f"{'preprocessor_config.json yes' if summary.has_preprocessor else 'no preprocessor_config.json'} "
           f"(images resized to {summary.image_size}px)")
+    for line in _checkpoint_notes(summary):
+        print(f"  {line}")
     return 0
 
 
@@ -371,10 +407,17 @@ def cmd_inspect(argv: list[str]) -> int:
     parser.add_argument("target", help="a TOML job file, or a checkpoint (directory, fsspec URI or hub id)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="job field override (job files only)")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a PEFT LoRA adapter to check against the checkpoint (checkpoints only; a job file "
+                             "names its own in [model] adapter)")
     args = parser.parse_args(argv)
     if args.target.endswith(".toml") or os.path.isfile(args.target):
+        if args.adapter:
+            print("t5g2 inspect: --adapter is for checkpoints; in a job set [model] adapter (or --set "
+                  "model.adapter=DIR)", file=sys.stderr)
+            return 2
         return _inspect_job(args.target, args.overrides)
-    return _inspect_checkpoint(args.target)
+    return _inspect_checkpoint(args.target, args.adapter)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """T5Gemma 2 in pure PyTorch: config, model, weights, tokenizer, images, generation.
 
 Public API (stable names, see docs/architecture.md):
-    load_pretrained(source, dtype="float32", device="cpu") -> T5Gemma2
-    inspect_checkpoint(source, storage_options) -> CheckpointSummary (no weights loaded)
+    load_pretrained(source, dtype="float32", device="cpu", adapter=None) -> T5Gemma2 (a LoRA adapter merged)
+    inspect_checkpoint(source, storage_options, adapter=None) -> CheckpointSummary (no weights loaded)
     Tokenizer.from_pretrained(source)
     Generator(model).generate([Request(...)]) -> [Result]
     Scorer(model).score([ScoreRequest(input_ids, candidates)]) -> [ScoreResult] (candidate log-likelihoods)
@@ -10,7 +10,8 @@ Public API (stable names, see docs/architecture.md):
 Not here: rows, columns, Ray or storage of outputs (operators/, pipeline/).
 """
 
-from .config import ConfigError, T5Gemma2Config
+from .adapter import AdapterError, LoraAdapter
+from .config import ConfigError, GenerationDefaults, T5Gemma2Config
 from .generate import GenerationParams, Generator, Request, Result
 from .images import ImageError, ImageProcessor
 from .inspect import CheckpointSummary, inspect_checkpoint
@@ -18,15 +19,18 @@ from .score import Scorer, ScoreRequest, ScoreResult
 from .source import CheckpointError, CheckpointSource
 from .t5gemma2 import T5Gemma2
 from .tokenizer import PromptError, Tokenizer
-from .weights import load_config, load_pretrained, random_model, save_pretrained
+from .weights import inspect_adapter, load_config, load_pretrained, random_model, save_pretrained
 
 __all__ = [
+    "AdapterError",
     "CheckpointError",
     "CheckpointSource",
     "CheckpointSummary",
+    "GenerationDefaults",
     "GenerationParams",
     "ImageError",
     "ImageProcessor",
+    "LoraAdapter",
     "PromptError",
     "Tokenizer",
     "Generator",
@@ -38,6 +42,7 @@ __all__ = [
     "ConfigError",
     "T5Gemma2",
     "T5Gemma2Config",
+    "inspect_adapter",
     "inspect_checkpoint",
     "load_config",
     "load_pretrained",

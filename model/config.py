@@ -4,16 +4,23 @@ Reads the nested layout that `T5Gemma2ForConditionalGeneration` checkpoints use
 (`encoder.text_config`, `encoder.vision_config`, `decoder`), in both the current
 `rope_parameters` form and the older `rope_theta` / `rope_local_base_freq` / `rope_scaling`
 form, and checks every option our model implements. Anything we do not implement fails
-here, naming the field, rather than computing something different later.
+here, naming the field, rather than computing something different later. Two settings that
+transformers accepts but never uses are ignored with a warning (`T5Gemma2Config.warnings`):
+`attn_logit_softcapping` (the reference stores it and never applies it) and SigLIP's
+`vision_use_head` (the pooling head exists but T5Gemma 2 reads the patch outputs).
 
-Not here: weights (weights.py), tokenizer ids in tokenizer.model (tokenizer.py).
+`GenerationDefaults` is generation_config.json: its token ids (EOS list, decoder start, pad)
+override config.json's, as they do for transformers' generate(); its sampling settings are
+kept only to be shown, a job's own settings decide.
+
+Not here: weights (weights.py), tokenizer ids in tokenizer.model / tokenizer.json (tokenizer.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 ARCHITECTURE = "T5Gemma2ForConditionalGeneration"
@@ -103,6 +110,9 @@ class VisionConfig:
     patch_size: int  # square patch side in pixels
     num_channels: int  # input channels (3)
     layer_norm_eps: float  # epsilon of the LayerNorms and the soft-embedding RMSNorm
+    # vision_use_head: the checkpoint holds SigLIP's pooling head, which T5Gemma 2 never runs
+    # (it reads the patch outputs); the loader skips its tensors
+    has_unused_head: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -134,6 +144,10 @@ class T5Gemma2Config:
     pad_token_id: int  # padding id
     bos_token_id: int  # decoder start token
     eos_token_ids: tuple[int, ...]  # ids that end generation
+    # settings read but ignored, one sentence each (attention soft-capping, an unused vision head)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    # generation_config.json as read, None without one; its ids are already applied above
+    generation: GenerationDefaults | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.encoder.hidden_size != self.decoder.hidden_size:
@@ -200,9 +214,10 @@ class T5Gemma2Config:
         if not _get(raw, "tie_word_embeddings", True):
             raise ConfigError(f"{where}: tie_word_embeddings is false; T5Gemma 2 checkpoints tie them (set it true)")
 
-        encoder = _text_config(enc_raw["text_config"], f"{where}: encoder.text_config")
-        decoder = _text_config(raw["decoder"], f"{where}: decoder")
-        vision = _vision_config(enc_raw["vision_config"], f"{where}: encoder.vision_config")
+        warnings: list[str] = []
+        encoder = _text_config(enc_raw["text_config"], f"{where}: encoder.text_config", warnings)
+        decoder = _text_config(raw["decoder"], f"{where}: decoder", warnings)
+        vision = _vision_config(enc_raw["vision_config"], f"{where}: encoder.vision_config", warnings)
 
         eos = raw.get("eos_token_id", raw["decoder"].get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -221,6 +236,25 @@ class T5Gemma2Config:
             pad_token_id=_int(raw["decoder"], "pad_token_id", 0, f"{where}: decoder"),
             bos_token_id=_int(raw["decoder"], "bos_token_id", 2, f"{where}: decoder"),
             eos_token_ids=tuple(_require_int(e, f"{where}: eos_token_id") for e in eos_ids),
+            warnings=tuple(warnings),
+        )
+
+    def with_generation_config(self, generation: GenerationDefaults) -> T5Gemma2Config:
+        """This config with generation_config.json's token ids in place of config.json's.
+
+        As transformers' generate() does: its values win; decoder start is decoder_start_token_id,
+        else its bos_token_id. A key it leaves out (or null) keeps config.json's value here, where
+        transformers would have none (no EOS stop at all, or no decoder start).
+        """
+        start = generation.decoder_start_token_id
+        if start is None:
+            start = generation.bos_token_id
+        return replace(
+            self,
+            eos_token_ids=generation.eos_token_ids if generation.eos_token_ids is not None else self.eos_token_ids,
+            bos_token_id=start if start is not None else self.bos_token_id,
+            pad_token_id=generation.pad_token_id if generation.pad_token_id is not None else self.pad_token_id,
+            generation=generation,
         )
 
 
@@ -248,18 +282,19 @@ def _float(raw: dict, key: str, default: float | None, where: str) -> float | No
     return float(value)
 
 
-def _text_config(raw: dict, where: str) -> TextConfig:
+def _text_config(raw: dict, where: str, warnings: list[str]) -> TextConfig:
     activation = _get(raw, "hidden_activation", raw.get("hidden_act", "gelu_pytorch_tanh"))
     if activation != "gelu_pytorch_tanh":
         raise ConfigError(f"{where}.hidden_activation {activation!r} is not supported: Gemma 3 uses gelu_pytorch_tanh")
     if raw.get("attention_bias"):
         raise ConfigError(f"{where}.attention_bias is true; T5Gemma 2 has no attention biases (set it false)")
     if raw.get("attn_logit_softcapping") is not None:
-        # The reference T5Gemma 2 attention never applies this cap (released configs set it to
-        # null); computing it would silently differ from the reference, so we refuse instead.
-        raise ConfigError(
-            f"{where}.attn_logit_softcapping is {raw['attn_logit_softcapping']!r}; T5Gemma 2 does not use "
-            f"attention soft-capping (set it to null)"
+        # The reference T5Gemma 2 attention stores this cap and never applies it (released configs
+        # set it to null): applying it would differ from the reference, so it is ignored, loudly.
+        cap = _float(raw, "attn_logit_softcapping", None, where)
+        warnings.append(
+            f"{where}.attn_logit_softcapping is {cap:g}: ignored, as in transformers, whose T5Gemma 2 "
+            f"attention stores it and never applies it (the logits equal the reference's)"
         )
     num_layers = _int(raw, "num_hidden_layers", 26, where)
     layer_types = raw.get("layer_types")
@@ -319,12 +354,20 @@ def _rope(raw: dict, layer_types: set[str], where: str) -> dict:
     return rope
 
 
-def _vision_config(raw: dict, where: str) -> VisionConfig:
+def _vision_config(raw: dict, where: str, warnings: list[str]) -> VisionConfig:
     model_type = raw.get("model_type", "siglip_vision_model")
     if model_type != "siglip_vision_model":
         raise ConfigError(f"{where}.model_type {model_type!r} is not supported: T5Gemma 2 uses siglip_vision_model")
-    if raw.get("vision_use_head"):
-        raise ConfigError(f"{where}.vision_use_head is true; T5Gemma 2 reads SigLIP's patch outputs (set it false)")
+    # SiglipVisionConfig's default is true; T5Gemma 2 never runs the head (it reads the patch outputs).
+    use_head = _get(raw, "vision_use_head", True)
+    if not isinstance(use_head, bool):
+        raise ConfigError(f"{where}.vision_use_head must be true or false, got {use_head!r}")
+    if use_head:
+        stated = "is true" if "vision_use_head" in raw else "is not set (SiglipVisionConfig's default: true)"
+        warnings.append(
+            f"{where}.vision_use_head {stated}: SigLIP's pooling head is unused by T5Gemma 2 (it reads the patch "
+            f"outputs, as transformers does), so the head's tensors are skipped when the weights load"
+        )
     activation = raw.get("hidden_act", "gelu_pytorch_tanh")
     if activation != "gelu_pytorch_tanh":
         raise ConfigError(f"{where}.hidden_act {activation!r} is not supported: SigLIP uses gelu_pytorch_tanh")
@@ -338,9 +381,68 @@ def _vision_config(raw: dict, where: str) -> VisionConfig:
             patch_size=_int(raw, "patch_size", 16, where),
             num_channels=_int(raw, "num_channels", 3, where),
             layer_norm_eps=_float(raw, "layer_norm_eps", 1e-6, where),
+            has_unused_head=use_head,
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+# ---- generation_config.json ----------------------------------------------------------------
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+_GENERATION_ID_KEYS = ("eos_token_id", "decoder_start_token_id", "bos_token_id", "pad_token_id")
+# Keys transformers writes that say nothing about which tokens are decoded (bookkeeping, what
+# generate() returns, its cache): not worth showing beside the sampling settings.
+_GENERATION_BOOKKEEPING = frozenset({"transformers_version", "_from_model_config", "use_cache", "cache_implementation",
+                                     "return_dict_in_generate", "output_attentions", "output_hidden_states",
+                                     "output_scores", "output_logits"})
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """generation_config.json: token ids that override config.json, and settings shown only."""
+
+    eos_token_ids: tuple[int, ...] | None  # eos_token_id (an int or a list); None where absent or null
+    decoder_start_token_id: int | None  # the decoder's first token; None where absent
+    bos_token_id: int | None  # the decoder start when decoder_start_token_id is absent
+    pad_token_id: int | None  # padding id
+    settings: tuple[tuple[str, Any], ...]  # every other key (do_sample, temperature, ...), sorted: never applied
+
+    @classmethod
+    def from_json_text(cls, text: str | bytes, where: str = GENERATION_CONFIG_FILE,
+                       vocab_size: int | None = None) -> GenerationDefaults:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where} is not valid JSON ({exc}); re-save it with save_pretrained, or delete it "
+                              f"to use config.json's token ids") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where} must hold a JSON object, got {type(raw).__name__}")
+
+        def token(value: Any, key: str) -> int | None:
+            if value is None:
+                return None
+            value = _require_int(value, f"{where}: {key}")
+            if value < 0 or (vocab_size is not None and value >= vocab_size):
+                raise ConfigError(f"{where}: {key} {value} is outside the vocabulary (0..{(vocab_size or 1) - 1}); "
+                                  f"fix it, or remove it to use config.json's")
+            return value
+
+        eos = raw.get("eos_token_id")
+        if isinstance(eos, list):
+            if not eos:
+                raise ConfigError(f"{where}: eos_token_id is an empty list, so generation would never stop at an "
+                                  f"end token; list the end ids, or remove the key to use config.json's")
+            eos_ids = tuple(dict.fromkeys(token(e, "eos_token_id") for e in eos))
+        else:
+            single = token(eos, "eos_token_id")
+            eos_ids = None if single is None else (single,)
+        settings = tuple(sorted((k, v) for k, v in raw.items()
+                                if k not in _GENERATION_ID_KEYS and k not in _GENERATION_BOOKKEEPING))
+        return cls(eos_token_ids=eos_ids,
+                   decoder_start_token_id=token(raw.get("decoder_start_token_id"), "decoder_start_token_id"),
+                   bos_token_id=token(raw.get("bos_token_id"), "bos_token_id"),
+                   pad_token_id=token(raw.get("pad_token_id"), "pad_token_id"), settings=settings)
 
 
 # ---- writing -----------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """What a checkpoint is, without loading its weights: `inspect_checkpoint(source, storage_options)`.
 
-Reads config.json, the safetensors headers (shapes and dtypes, never the tensors), the tokenizer
-and the image preprocessing settings, checks that they fit together, and returns a
-CheckpointSummary: what job validation and `t5g2 inspect` need. Every problem is a
-CheckpointError that names the file and the fix.
+Reads config.json (with generation_config.json's token ids over it), the safetensors headers
+(shapes and dtypes, never the tensors), the tokenizer (tokenizer.model, else tokenizer.json), the
+image preprocessing settings and, when given, a LoRA adapter's config and header; checks that
+they fit together, and returns a CheckpointSummary: what job validation and `t5g2 inspect` need,
+including the settings read but ignored (`warnings`). Every problem is a CheckpointError that
+names the file and the fix.
 
 Not here: loading the weights (weights.py), jobs and their settings (pipeline/).
 """
@@ -16,11 +18,12 @@ import os
 import struct
 from dataclasses import dataclass
 
-from .config import T5Gemma2Config
+from .adapter import LoraAdapter
+from .config import GenerationDefaults, T5Gemma2Config
 from .images import PREPROCESSOR_FILE, ImageProcessor
 from .source import CheckpointError, CheckpointSource
 from .tokenizer import Tokenizer
-from .weights import load_config, weight_files
+from .weights import inspect_adapter, is_unused_head_tensor, load_config, skipped_head_warning, weight_files
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,10 @@ class CheckpointSummary:
     has_preprocessor: bool  # preprocessor_config.json is present (else the defaults at the tower's size)
     image_size: int  # the side images are resized to (equal to the vision tower's)
     files: tuple[str, ...]  # every file of the checkpoint directory
+    tokenizer_file: str = "tokenizer.model"  # the tokenizer file read: tokenizer.model, else tokenizer.json
+    generation: GenerationDefaults | None = None  # generation_config.json (its ids applied, its settings shown only)
+    warnings: tuple[str, ...] = ()  # settings and tensors read but ignored (soft-capping, SigLIP's head)
+    adapter: LoraAdapter | None = None  # the LoRA adapter checked against this model, when one was given
 
 
 def _safetensors_header(src: CheckpointSource, name: str) -> dict:
@@ -51,8 +58,10 @@ def _safetensors_header(src: CheckpointSource, name: str) -> dict:
 
 
 def inspect_checkpoint(source: str | os.PathLike | CheckpointSource, storage_options: dict | None = None,
-                       *, needs_images: bool = False) -> CheckpointSummary:
-    """Summarize and check a checkpoint; with `needs_images`, also that it can take images."""
+                       *, needs_images: bool = False, adapter: str | os.PathLike | None = None,
+                       adapter_storage_options: dict | None = None) -> CheckpointSummary:
+    """Summarize and check a checkpoint; with `needs_images`, also that it can take images; with
+    `adapter`, also that the LoRA adapter there fits it (AdapterError otherwise)."""
     src = source if isinstance(source, CheckpointSource) else CheckpointSource.open(source, storage_options)
     config = load_config(src)
     shards = weight_files(src)
@@ -74,6 +83,7 @@ def inspect_checkpoint(source: str | os.PathLike | CheckpointSource, storage_opt
             f"{src.description}: {PREPROCESSOR_FILE} resizes images to {processor.size[0]}x{processor.size[1]} but "
             f"the vision tower takes {expected[0]}x{expected[1]}; use the checkpoint's own {PREPROCESSOR_FILE}")
     parameters, dtypes, size = 0, set(), 0
+    skipped = []
     for name in shards:
         try:
             size += int(src.fs.size(src.path(name)))
@@ -86,8 +96,16 @@ def inspect_checkpoint(source: str | os.PathLike | CheckpointSource, storage_opt
             if key != "__metadata__":
                 parameters += math.prod(entry["shape"])
                 dtypes.add(entry["dtype"])
+                if is_unused_head_tensor(config, key):
+                    skipped.append(key)
+    warnings = list(config.warnings) + ([skipped_head_warning(skipped)] if skipped else [])
+    lora = None
+    if adapter is not None:
+        options = storage_options if adapter_storage_options is None else adapter_storage_options
+        lora = inspect_adapter(adapter, config, options)
     return CheckpointSummary(
         description=src.description, revision=src.revision, config=config, weight_files=tuple(shards),
         weight_bytes=size, parameters=parameters, weight_dtypes=tuple(sorted(dtypes)),
         tokenizer_vocab_size=tokenizer.vocab_size, image_tokens=image_tokens,
-        has_preprocessor=src.exists(PREPROCESSOR_FILE), image_size=processor.size[0], files=tuple(src.files()))
+        has_preprocessor=src.exists(PREPROCESSOR_FILE), image_size=processor.size[0], files=tuple(src.files()),
+        tokenizer_file=tokenizer.file, generation=config.generation, warnings=tuple(warnings), adapter=lora)

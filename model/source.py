@@ -1,7 +1,8 @@
 """Where a checkpoint lives: a local directory, an fsspec URI of a directory, or a hub id.
 
 `CheckpointSource` gives the rest of model/ one way to list and read a checkpoint's files
-(config.json, safetensors, tokenizer.model, preprocessor_config.json) wherever they are.
+(config.json, generation_config.json, safetensors, tokenizer.model or tokenizer.json,
+preprocessor_config.json; a LoRA adapter's adapter_config.json) wherever they are.
 It is not a cache or a downloader of its own: hub ids go through huggingface_hub's own
 cache, remote URIs through fsspec.
 

@@ -1,7 +1,10 @@
-"""Gemma 3 SentencePiece tokenizer for T5Gemma 2: text <-> ids, special ids, image placeholders.
+"""Gemma 3 tokenizer for T5Gemma 2: text <-> ids, special ids, image placeholders.
 
-Wraps the checkpoint's `tokenizer.model` (loaded from bytes, so it can live on any filesystem) and
-produces the same ids as transformers' Gemma tokenizer and Gemma 3 processor:
+Wraps the checkpoint's `tokenizer.model` (SentencePiece, loaded from bytes, so it can live on any
+filesystem), or, when a checkpoint has none, its `tokenizer.json` (the `tokenizers` library, as
+transformers' save_pretrained writes it), and produces the same ids as transformers' Gemma
+tokenizer on the same files and the Gemma 3 processor. tokenizer.model is preferred when both are
+present; `Tokenizer.file` says which was read. With tokenizer.model:
 
   * Encoding: the text is split at special-token strings (control pieces such as `<bos>`, the
     unknown piece, and the image markers), each of which becomes its single id, as transformers
@@ -19,12 +22,20 @@ produces the same ids as transformers' Gemma tokenizer and Gemma 3 processor:
     and images, the text is the image markers joined by single spaces, the processor's rule when it
     gets images without text.
 
-Special ids come from the checkpoint: pad/eos/bos/unk from the SentencePiece model, the image
-markers by piece name. Gemma 3's own tokenizer.model has no `<image_soft_token>` piece: it is an
-added token, either past the pieces (Gemma 3: 262144) or a renamed reserved slot (T5Gemma 2
-configs say 256001, where Gemma's model has `<unused99>`). Then the id comes from config.json's
-image_token_index, and the marker text maps to it. Every id config.json states is cross-checked
-against the model, and a mismatch fails at load.
+With tokenizer.json, the `tokenizers` library encodes and decodes the text itself, exactly as
+transformers does with that file (its added tokens matched in raw text, its normalizer, byte
+fallback and decoder; its truncation and padding settings off); pad/eos/bos/unk are the tokens
+tokenizer_config.json names (special_tokens_map.json over it, as transformers reads it when
+tokenizer_config.json has no added_tokens_decoder; Gemma's names for tokens neither names).
+Prompts, image expansion and `add_bos` / `add_eos` are the same code for both files, so a
+tokenizer.json converted from a tokenizer.model gives identical prompt ids.
+
+Special ids come from the checkpoint: pad/eos/bos/unk from the SentencePiece model (or
+tokenizer_config.json), the image markers by piece name. Gemma 3's own tokenizer.model has no
+`<image_soft_token>` piece: it is an added token, either past the pieces (Gemma 3: 262144) or a
+renamed reserved slot (T5Gemma 2 configs say 256001, where Gemma's model has `<unused99>`). Then
+the id comes from config.json's image_token_index, and the marker text maps to it. Every id
+config.json states is cross-checked against the model, and a mismatch fails at load.
 
 Not here: chat templates and task prompts (pipeline/tasks.py), image pixels (images.py).
 """
@@ -39,11 +50,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import sentencepiece
+import tokenizers
 
 from .source import CheckpointError, CheckpointSource
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # SentencePiece: preferred when present
+TOKENIZER_JSON = "tokenizer.json"  # the `tokenizers` library's file: read when tokenizer.model is absent
+TOKENIZER_CONFIG = "tokenizer_config.json"  # names the special tokens of tokenizer.json
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"  # older transformers' place for the same names
 CONFIG_FILE = "config.json"
+# The names Gemma's tokenizer gives its special tokens, where tokenizer_config.json names none.
+_GEMMA_SPECIAL_NAMES = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}
 
 BOI_TOKEN = "<start_of_image>"  # marks an image in a prompt; begins the expanded image span
 EOI_TOKEN = "<end_of_image>"  # ends the expanded image span
@@ -106,21 +123,21 @@ class SpecialTokens:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise CheckpointError(
-                    f"{TOKENIZER_FILE} defines no {name} piece (id {value}); use Gemma's tokenizer.model"
+                    f"the tokenizer defines no {name} token (id {value}); use Gemma's tokenizer.model or tokenizer.json"
                 )
         if self.mm_tokens_per_image is not None and self.mm_tokens_per_image <= 0:
             raise CheckpointError(f"mm_tokens_per_image must be positive, got {self.mm_tokens_per_image}")
 
 
-class Tokenizer:
-    """SentencePiece text <-> ids with Gemma's special tokens and image-placeholder expansion."""
+# ---- the two vocabularies: what differs between tokenizer.model and tokenizer.json -------------
 
-    def __init__(self, model_proto: bytes, config: dict[str, Any] | None = None, *, description: str = TOKENIZER_FILE):
-        """`model_proto`: the bytes of tokenizer.model; `config`: config.json as a dict, or None.
 
-        Without a config, text works fully; image prompts need mm_tokens_per_image (and the image
-        token id when the model has no `<image_soft_token>` piece) and raise until given one.
-        """
+class _SentencePieceVocab:
+    """tokenizer.model: SentencePiece encodes the text between special strings; decoding is ours."""
+
+    file = TOKENIZER_FILE
+
+    def __init__(self, model_proto: bytes, description: str):
         self.description = description
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
@@ -133,80 +150,18 @@ class Tokenizer:
         self.piece_count = sp.get_piece_size()
         self._check_normalization()
         # One pass over the vocabulary (262,144 pieces for Gemma 3) builds every table below.
-        self._pieces: list[str] = [sp.id_to_piece(i) for i in range(self.piece_count)]
+        self.pieces: list[str] = [sp.id_to_piece(i) for i in range(self.piece_count)]
         control = [i for i in range(self.piece_count) if sp.is_control(i) or sp.is_unknown(i)]
-
-        config = config or {}
-        boi = self._image_marker_id(BOI_TOKEN, config, ("boi_token_index",), ("boi_token_index",))
-        eoi = self._image_marker_id(EOI_TOKEN, config, ("eoi_token_index",), ("eoi_token_index",))
-        image = self._image_marker_id(
-            IMAGE_TOKEN, config, ("image_token_index", "image_token_id"), ("image_token_index",)
-        )
-        encoder = config.get("encoder") if isinstance(config.get("encoder"), dict) else {}
-        mm_tokens = encoder.get("mm_tokens_per_image", config.get("mm_tokens_per_image"))
-        self.special = SpecialTokens(
-            pad=sp.pad_id(),
-            eos=sp.eos_id(),
-            bos=sp.bos_id(),
-            unk=sp.unk_id(),
-            boi=boi,
-            eoi=eoi,
-            image=image,
-            mm_tokens_per_image=int(mm_tokens) if mm_tokens is not None else None,
-        )
-        self._check_config_ids(config)
-
+        self.pad, self.eos, self.bos, self.unk = sp.pad_id(), sp.eos_id(), sp.bos_id(), sp.unk_id()
         # Strings matched in raw text as one id each, as the reference matches its added tokens.
         # User-defined pieces need no entry: SentencePiece already emits them whole.
-        self._text_specials: dict[str, int] = {self._pieces[i]: i for i in control}
-        for text, token_id in ((BOI_TOKEN, boi), (EOI_TOKEN, eoi), (IMAGE_TOKEN, image)):
-            if token_id is not None:
-                self._text_specials[text] = token_id
-        self._special_re = re.compile(_trie_pattern(self._text_specials)) if self._text_specials else None
-
-        # Decoding tables: text of each id, byte value of byte pieces, ids skipped as special.
-        # Text of ids that are not (or not named as) pieces: added image tokens past the pieces,
-        # and reserved slots that config.json names as an image marker, as the reference renames them.
-        self._added: dict[int, str] = {
-            token_id: text
-            for text, token_id in ((BOI_TOKEN, boi), (EOI_TOKEN, eoi), (IMAGE_TOKEN, image))
-            if token_id is not None and (token_id >= self.piece_count or self._pieces[token_id] != text)
-        }
+        self.raw_specials: dict[str, int] = {self.pieces[i]: i for i in control}
+        self.control = frozenset(control)  # dropped by decode with skip_special_tokens
         self._byte_value: dict[int, int] = {}
-        for i, piece in enumerate(self._pieces):
+        for i, piece in enumerate(self.pieces):
             match = _BYTE_PIECE.match(piece)
             if match and sp.is_byte(i):
                 self._byte_value[i] = int(match.group(1), 16)
-        skip = set(control)
-        skip |= {token_id for token_id in (boi, eoi, image) if token_id is not None}
-        self._skip = frozenset(skip)
-
-    # ---- loading --------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls, source: str | os.PathLike | CheckpointSource, storage_options: dict | None = None
-    ) -> Tokenizer:
-        """From a checkpoint (local dir, fsspec URI or hub id): tokenizer.model and config.json."""
-        src = source if isinstance(source, CheckpointSource) else CheckpointSource.open(source, storage_options)
-        if not src.exists(TOKENIZER_FILE):
-            raise CheckpointError(
-                f"checkpoint {src.description!r} has no {TOKENIZER_FILE} (the Gemma 3 SentencePiece model); "
-                f"copy tokenizer.model from the original hub repo (e.g. google/t5gemma-2-270m-270m) into it"
-            )
-        model_proto = src.read_bytes(TOKENIZER_FILE)
-        config = None
-        if src.exists(CONFIG_FILE):
-            try:
-                config = json.loads(src.read_bytes(CONFIG_FILE))
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(
-                    f"{src.description}/{CONFIG_FILE} is not valid JSON ({exc}); "
-                    f"restore it from the original checkpoint"
-                ) from exc
-            if not isinstance(config, dict):
-                raise CheckpointError(f"{src.description}/{CONFIG_FILE} must hold a JSON object")
-        return cls(model_proto, config, description=f"{src.description}/{TOKENIZER_FILE}")
 
     def _check_normalization(self) -> None:
         # Splitting text at special strings and encoding the chunks apart equals the reference only
@@ -222,10 +177,238 @@ class Tokenizer:
                 f"only; use the checkpoint's Gemma tokenizer.model"
             )
 
+    def piece(self, token_id: int) -> str | None:
+        return self.pieces[token_id] if 0 <= token_id < self.piece_count else None
+
     def piece_to_id(self, piece: str) -> int | None:
-        """Id of a piece of the SentencePiece model, or None when it has no such piece."""
         token_id = self._sp.piece_to_id(piece)
         return token_id if self._sp.id_to_piece(token_id) == piece else None
+
+    def matches_itself(self, text: str, token_id: int) -> bool:
+        return False  # every image marker is split out before SentencePiece sees the text
+
+    def is_reserved(self, token_id: int) -> bool:
+        sp = self._sp
+        piece = sp.id_to_piece(token_id)
+        return bool(
+            sp.is_control(token_id) or sp.is_unused(token_id) or re.fullmatch(r"<[A-Za-z0-9_\-\[\]]+>", piece)
+        ) and not sp.is_byte(token_id)
+
+    def encode(self, chunks: list[str]) -> list[list[int]]:
+        return self._sp.encode(chunks) if chunks else []
+
+    def decode(self, ids: Sequence[int], skip: frozenset[int], added: dict[int, str]) -> str:
+        """Pieces joined with "▁" read as a space; byte runs as UTF-8 (one U+FFFD per byte when invalid)."""
+        parts: list[str] = []
+        run = bytearray()  # consecutive byte pieces, decoded together
+
+        def flush():
+            if run:
+                try:
+                    parts.append(run.decode("utf-8"))
+                except UnicodeDecodeError:
+                    # One replacement character per byte: the reference's rule, not Python's.
+                    parts.append("\ufffd" * len(run))
+                run.clear()
+
+        for token_id in ids:
+            if token_id in skip:
+                continue  # skipped ids do not break a byte run, as in the reference
+            byte = self._byte_value.get(token_id)
+            if byte is not None:
+                run.append(byte)
+                continue
+            flush()
+            text = added.get(token_id)
+            parts.append(text if text is not None else self.pieces[token_id].replace("\u2581", " "))
+        flush()
+        return "".join(parts)
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict with "content"."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+class _TokenizersVocab:
+    """tokenizer.json: the `tokenizers` library encodes and decodes, as transformers does with the file."""
+
+    file = TOKENIZER_JSON
+
+    def __init__(self, tokenizer_json: str | bytes, special_names: dict[str, Any], description: str):
+        """`special_names`: the special token names of tokenizer_config.json (and special_tokens_map.json)."""
+        self.description = description
+        text = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
+        try:
+            self._tk = tokenizers.Tokenizer.from_str(text)
+        except Exception as exc:  # tokenizers raises its own Exception subclass on a bad file
+            raise CheckpointError(
+                f"{description} is not a usable tokenizer.json ({type(exc).__name__}: {exc}); restore it from "
+                f"the original checkpoint, or re-save it with transformers' save_pretrained"
+            ) from exc
+        tk = self._tk
+        # Ids are whole prompts' ids: the file's truncation and padding settings must not cut or pad them.
+        tk.no_truncation()
+        tk.no_padding()
+        vocab = tk.get_vocab(with_added_tokens=True)
+        self.piece_count = max(vocab.values()) + 1 if vocab else 0
+        self._added = {token.content: token_id for token_id, token in tk.get_added_tokens_decoder().items()}
+        ids = {}
+        for name, default in _GEMMA_SPECIAL_NAMES.items():
+            key = f"{name}_token"
+            content = _token_content(special_names.get(key)) or default
+            token_id = tk.token_to_id(content)
+            if token_id is None:
+                named = (f"which {TOKENIZER_CONFIG} names as {key}" if special_names.get(key) else
+                         f"Gemma's {key} ({TOKENIZER_CONFIG} names none)")
+                raise CheckpointError(f"{description} has no token {content!r}, {named}; use the tokenizer files of "
+                                      f"one checkpoint")
+            ids[name] = token_id
+        self.pad, self.eos, self.bos, self.unk = ids["pad"], ids["eos"], ids["bos"], ids["unk"]
+        for key, ours in (("boi_token", BOI_TOKEN), ("eoi_token", EOI_TOKEN), ("image_token", IMAGE_TOKEN)):
+            named = _token_content(special_names.get(key))
+            if named is not None and named != ours:
+                raise CheckpointError(
+                    f"{TOKENIZER_CONFIG} names {key} {named!r}; T5Gemma 2 prompts use {ours!r} (Gemma 3's image "
+                    f"markers). Use the checkpoint's own tokenizer files"
+                )
+        self.raw_specials: dict[str, int] = {}  # the library matches its added tokens itself
+        self.control = frozenset()  # the library's decode drops its own special tokens
+
+    def piece(self, token_id: int) -> str | None:
+        return self._tk.id_to_token(token_id) if token_id >= 0 else None
+
+    def piece_to_id(self, piece: str) -> int | None:
+        return self._tk.token_to_id(piece)
+
+    def matches_itself(self, text: str, token_id: int) -> bool:
+        """The library matches `text` in raw text as `token_id` (one of its added tokens)."""
+        return self._added.get(text) == token_id
+
+    def is_reserved(self, token_id: int) -> bool:
+        piece = self.piece(token_id)
+        return piece is not None and bool(re.fullmatch(r"<[A-Za-z0-9_\-\[\]]+>", piece)) \
+            and not _BYTE_PIECE.match(piece)
+
+    def encode(self, chunks: list[str]) -> list[list[int]]:
+        if not chunks:
+            return []
+        return [e.ids for e in self._tk.encode_batch(chunks, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool, added: dict[int, str]) -> str:
+        """The library's decode; ids it does not know (`added`: image markers only config.json names)
+        are dropped when skipping specials, else their text stands between the decoded stretches."""
+        if not added or not any(i in added for i in ids):
+            return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if skip_special_tokens:
+            return self._tk.decode([i for i in ids if i not in added], skip_special_tokens=True)
+        parts, stretch = [], []
+        for token_id in ids:
+            if token_id in added:
+                parts += [self._tk.decode(stretch, skip_special_tokens=False), added[token_id]]
+                stretch = []
+            else:
+                stretch.append(token_id)
+        parts.append(self._tk.decode(stretch, skip_special_tokens=False))
+        return "".join(parts)
+
+
+class Tokenizer:
+    """Text <-> ids with Gemma's special tokens and image-placeholder expansion (tokenizer.model or .json)."""
+
+    def __init__(self, model_proto: bytes, config: dict[str, Any] | None = None, *, description: str = TOKENIZER_FILE):
+        """`model_proto`: the bytes of tokenizer.model; `config`: config.json as a dict, or None.
+
+        Without a config, text works fully; image prompts need mm_tokens_per_image (and the image
+        token id when the model has no `<image_soft_token>` piece) and raise until given one.
+        """
+        self._setup(_SentencePieceVocab(model_proto, description), config)
+
+    @classmethod
+    def from_tokenizer_json(cls, tokenizer_json: str | bytes, tokenizer_config: dict[str, Any] | None = None,
+                            config: dict[str, Any] | None = None, *, description: str = TOKENIZER_JSON) -> Tokenizer:
+        """From tokenizer.json's text, tokenizer_config.json (special token names) and config.json, as dicts."""
+        self = cls.__new__(cls)
+        self._setup(_TokenizersVocab(tokenizer_json, tokenizer_config or {}, description), config)
+        return self
+
+    def _setup(self, vocab: _SentencePieceVocab | _TokenizersVocab, config: dict[str, Any] | None) -> None:
+        self._vocab = vocab
+        self.description = vocab.description
+        self.file = vocab.file  # which file the ids come from: tokenizer.model or tokenizer.json
+        self.piece_count = vocab.piece_count
+
+        config = config or {}
+        boi = self._image_marker_id(BOI_TOKEN, config, ("boi_token_index",), ("boi_token_index",))
+        eoi = self._image_marker_id(EOI_TOKEN, config, ("eoi_token_index",), ("eoi_token_index",))
+        image = self._image_marker_id(
+            IMAGE_TOKEN, config, ("image_token_index", "image_token_id"), ("image_token_index",)
+        )
+        encoder = config.get("encoder") if isinstance(config.get("encoder"), dict) else {}
+        mm_tokens = encoder.get("mm_tokens_per_image", config.get("mm_tokens_per_image"))
+        self.special = SpecialTokens(
+            pad=vocab.pad,
+            eos=vocab.eos,
+            bos=vocab.bos,
+            unk=vocab.unk,
+            boi=boi,
+            eoi=eoi,
+            image=image,
+            mm_tokens_per_image=int(mm_tokens) if mm_tokens is not None else None,
+        )
+        self._check_config_ids(config)
+
+        # Strings matched in raw text as one id each, as the reference matches its added tokens:
+        # the vocabulary's own (SentencePiece's control pieces), and the image markers it does not
+        # match itself.
+        self._text_specials: dict[str, int] = dict(vocab.raw_specials)
+        for text, token_id in ((BOI_TOKEN, boi), (EOI_TOKEN, eoi), (IMAGE_TOKEN, image)):
+            if token_id is not None and not vocab.matches_itself(text, token_id):
+                self._text_specials[text] = token_id
+        self._special_re = re.compile(_trie_pattern(self._text_specials)) if self._text_specials else None
+
+        # Text of ids that are not (or not named as) pieces: added image tokens past the pieces,
+        # and reserved slots that config.json names as an image marker, as the reference renames them.
+        self._added: dict[int, str] = {
+            token_id: text
+            for text, token_id in ((BOI_TOKEN, boi), (EOI_TOKEN, eoi), (IMAGE_TOKEN, image))
+            if token_id is not None and vocab.piece(token_id) != text
+        }
+        skip = set(vocab.control)
+        skip |= {token_id for token_id in (boi, eoi, image) if token_id is not None}
+        self._skip = frozenset(skip)  # what tokenizer.model decoding drops (tokenizer.json: the library decides)
+
+    # ---- loading --------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, source: str | os.PathLike | CheckpointSource, storage_options: dict | None = None
+    ) -> Tokenizer:
+        """From a checkpoint (local dir, fsspec URI or hub id): tokenizer.model (else tokenizer.json
+        with tokenizer_config.json) and config.json."""
+        src = source if isinstance(source, CheckpointSource) else CheckpointSource.open(source, storage_options)
+        if not src.exists(TOKENIZER_FILE) and not src.exists(TOKENIZER_JSON):
+            raise CheckpointError(
+                f"checkpoint {src.description!r} has no {TOKENIZER_FILE} (the Gemma 3 SentencePiece model) and no "
+                f"{TOKENIZER_JSON}; copy tokenizer.model from the original hub repo (e.g. "
+                f"google/t5gemma-2-270m-270m) into it, or save the tokenizer there with transformers' save_pretrained"
+            )
+        config = _read_json(src, CONFIG_FILE)
+        if src.exists(TOKENIZER_FILE):
+            return cls(src.read_bytes(TOKENIZER_FILE), config, description=f"{src.description}/{TOKENIZER_FILE}")
+        names = dict(_read_json(src, TOKENIZER_CONFIG) or {})
+        if "added_tokens_decoder" not in names:
+            # transformers' legacy rule: without added_tokens_decoder in tokenizer_config.json, the
+            # names in special_tokens_map.json are read over it; with one, that file is not read.
+            names.update(_read_json(src, SPECIAL_TOKENS_MAP) or {})
+        return cls.from_tokenizer_json(src.read_bytes(TOKENIZER_JSON), names, config,
+                                       description=f"{src.description}/{TOKENIZER_JSON}")
+
+    def piece_to_id(self, piece: str) -> int | None:
+        """Id of a piece (token) of the vocabulary, or None when it has no such piece."""
+        return self._vocab.piece_to_id(piece)
 
     def _image_marker_id(
         self, text: str, config: dict, top_keys: tuple[str, ...], encoder_keys: tuple[str, ...]
@@ -240,7 +423,7 @@ class Tokenizer:
                 if value != piece_id:
                     raise CheckpointError(
                         f"config.json {field} is {value}, but {self.description} has {text} at id {piece_id}; "
-                        f"the config and tokenizer.model come from different checkpoints. Use the pair from one "
+                        f"the config and {self.file} come from different checkpoints. Use the pair from one "
                         f"checkpoint (or set {field} to {piece_id})"
                     )
             return piece_id
@@ -255,24 +438,15 @@ class Tokenizer:
         (value,) = values
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise CheckpointError(f"config.json {next(iter(stated))} must be a non-negative int, got {value!r}")
-        if value < self.piece_count and not self._is_reserved(value):
+        if self._vocab.piece(value) is not None and not self._vocab.is_reserved(value):
             # Only a reserved slot may be renamed; an ordinary piece there would make plain text
             # produce image tokens.
             raise CheckpointError(
                 f"config.json says {text} is id {value}, but {self.description} has the text piece "
-                f"{self._sp.id_to_piece(value)!r} there and no {text} piece; use the tokenizer.model that "
+                f"{self._vocab.piece(value)!r} there and no {text} piece; use the {self.file} that "
                 f"belongs to this config"
             )
         return value
-
-    def _is_reserved(self, token_id: int) -> bool:
-        """A slot that never occurs in encoded text on its own: control, unused, or a `<name>` marker
-        such as Gemma's `<unused99>` (the slot T5Gemma 2 configs name as the image token)."""
-        sp = self._sp
-        piece = sp.id_to_piece(token_id)
-        return bool(
-            sp.is_control(token_id) or sp.is_unused(token_id) or re.fullmatch(r"<[A-Za-z0-9_\-\[\]]+>", piece)
-        ) and not sp.is_byte(token_id)
 
     def _check_config_ids(self, config: dict) -> None:
         """pad/eos/bos in config.json (top level, decoder, encoder.text_config) must match the pieces."""
@@ -293,14 +467,14 @@ class Tokenizer:
                 if not ok:
                     raise CheckpointError(
                         f"config.json {prefix}{key} is {value}, but {self.description} has id {expected} for it; "
-                        f"the config and tokenizer.model come from different checkpoints. Use the pair from one "
+                        f"the config and {self.file} come from different checkpoints. Use the pair from one "
                         f"checkpoint"
                     )
             vocab = section.get("vocab_size")
             if isinstance(vocab, int) and vocab < self.vocab_size:
                 raise CheckpointError(
                     f"config.json {prefix}vocab_size is {vocab}, but the tokenizer needs ids up to "
-                    f"{self.vocab_size - 1}; the embedding table would not cover them. Use the matching tokenizer.model"
+                    f"{self.vocab_size - 1}; the embedding table would not cover them. Use the matching {self.file}"
                 )
 
     # ---- properties -----------------------------------------------------------------------
@@ -324,10 +498,10 @@ class Tokenizer:
         if token_id in self._added:
             return self._added[token_id]
         self._check_id(token_id)
-        return self._pieces[token_id]
+        return self._vocab.piece(token_id)
 
     def _check_id(self, token_id: int) -> None:
-        if not 0 <= token_id < self.piece_count and token_id not in self._added:
+        if token_id not in self._added and self._vocab.piece(token_id) is None:
             raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     # ---- encoding -------------------------------------------------------------------------
@@ -352,7 +526,7 @@ class Tokenizer:
                     chunks.append(part)
                 plan.append(part)
             plans.append(plan)
-        encoded = iter(self._sp.encode(chunks)) if chunks else iter(())
+        encoded = iter(self._vocab.encode(chunks))
         out = []
         for plan in plans:
             ids = [self.special.bos] if add_bos else []
@@ -469,36 +643,33 @@ class Tokenizer:
         return [self.decode_one(ids, skip_special_tokens=skip_special_tokens) for ids in ids_batch]
 
     def decode_one(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        parts: list[str] = []
-        run = bytearray()  # consecutive byte pieces, decoded together
-
-        def flush():
-            if run:
-                try:
-                    parts.append(run.decode("utf-8"))
-                except UnicodeDecodeError:
-                    # One replacement character per byte: the reference's rule, not Python's.
-                    parts.append("\ufffd" * len(run))
-                run.clear()
-
+        ids = [int(token_id) for token_id in ids]
         for token_id in ids:
-            token_id = int(token_id)
             self._check_id(token_id)
-            if skip_special_tokens and token_id in self._skip:
-                continue  # skipped ids do not break a byte run, as in the reference
-            byte = self._byte_value.get(token_id)
-            if byte is not None:
-                run.append(byte)
-                continue
-            flush()
-            text = self._added.get(token_id)
-            parts.append(text if text is not None else self._pieces[token_id].replace("\u2581", " "))
-        flush()
-        return "".join(parts)
+        if isinstance(self._vocab, _TokenizersVocab):
+            return self._vocab.decode(ids, skip_special_tokens, self._added)
+        return self._vocab.decode(ids, self._skip if skip_special_tokens else frozenset(), self._added)
+
+
+def _read_json(src: CheckpointSource, name: str) -> dict | None:
+    """A checkpoint's JSON file as a dict, None when absent; a broken one names the file and the fix."""
+    if not src.exists(name):
+        return None
+    try:
+        raw = json.loads(src.read_bytes(name))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(
+            f"{src.description}/{name} is not valid JSON ({exc}); restore it from the original checkpoint"
+        ) from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{src.description}/{name} must hold a JSON object")
+    return raw
 
 
 __all__ = [
     "BOI_TOKEN",
+    "TOKENIZER_FILE",
+    "TOKENIZER_JSON",
     "EOI_TOKEN",
     "IMAGE_TOKEN",
     "PromptError",

@@ -12,12 +12,19 @@ vs `encoder.layers`, `vision_tower.vision_model.encoder` vs `vision_tower.encode
 (`FusedLinear`: q|k|v, gate|up) stay separate tensors in checkpoints: `fused_parts` says which
 rows of a fused parameter each checkpoint tensor fills, for loading and for writing.
 
+Lenient only where transformers is: with `vision_use_head` true, the tensors of SigLIP's pooling
+head (`_VISION_HEAD`, which T5Gemma 2 never runs) are skipped with a warning naming them; any
+other tensor we do not use is still refused. `load_config` applies generation_config.json's token
+ids over config.json's (config.GenerationDefaults). With `adapter`, a PEFT LoRA adapter is merged
+into the checkpoint's tensors as they are read, before q|k|v and gate|up are joined (adapter.py).
+
 Not here: the model math (t5gemma2.py), tokenizer and image settings (tokenizer.py, images.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -25,7 +32,8 @@ import tempfile
 import torch
 from safetensors import safe_open
 
-from .config import T5Gemma2Config
+from .adapter import LoraAdapter, adapter_deltas, read_adapter
+from .config import GENERATION_CONFIG_FILE, GenerationDefaults, T5Gemma2Config
 from .layers import FusedLinear
 from .source import CheckpointError, CheckpointSource
 from .t5gemma2 import T5Gemma2
@@ -52,6 +60,25 @@ _RENAMES: list[tuple[re.Pattern, str | None]] = [
     ]
 ]
 _NO_MATCH = object()
+# SigLIP's attention-pooling head (SiglipMultiheadAttentionPoolingHead): present when vision_use_head
+# is true, never run by T5Gemma 2. Only these names are skipped; anything else unknown is refused.
+_VISION_HEAD = re.compile(
+    r"^model\.encoder\.vision_tower\.(?:vision_model\.)?head\."
+    r"(?:probe|attention\.(?:in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)"
+    r"|layernorm\.(?:weight|bias)|mlp\.fc[12]\.(?:weight|bias))$"
+)
+
+log = logging.getLogger(__name__)
+
+
+def is_unused_head_tensor(config: T5Gemma2Config, checkpoint_key: str) -> bool:
+    """A tensor of SigLIP's pooling head, skipped because config.json says the checkpoint has one."""
+    return config.vision.has_unused_head and _VISION_HEAD.match(checkpoint_key) is not None
+
+
+def skipped_head_warning(keys: list[str]) -> str:
+    return (f"skipped {len(keys)} tensor(s) of SigLIP's pooling head (vision_use_head is true; T5Gemma 2 never runs "
+            f"it, as in transformers): {', '.join(sorted(keys))}")
 
 
 def parameter_name(checkpoint_key: str):
@@ -87,10 +114,36 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_config(source: str | os.PathLike | CheckpointSource, storage_options: dict | None = None) -> T5Gemma2Config:
+    """config.json, with generation_config.json's token ids over its own where that file is present."""
     src = source if isinstance(source, CheckpointSource) else CheckpointSource.open(source, storage_options)
     if not src.exists("config.json"):
         raise CheckpointError(f"checkpoint {src.description!r} has no config.json: pass the model directory itself")
-    return T5Gemma2Config.from_json_text(src.read_bytes("config.json"), where=f"{src.description}/config.json")
+    config = T5Gemma2Config.from_json_text(src.read_bytes("config.json"), where=f"{src.description}/config.json")
+    if src.exists(GENERATION_CONFIG_FILE):
+        generation = GenerationDefaults.from_json_text(src.read_bytes(GENERATION_CONFIG_FILE),
+                                                       where=f"{src.description}/{GENERATION_CONFIG_FILE}",
+                                                       vocab_size=config.vocab_size)
+        config = config.with_generation_config(generation)
+    return config
+
+
+def expected_shapes(model: T5Gemma2) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[str, int, int]]]:
+    """(our parameter name -> shape as checkpoints hold it, fused_parts): fused weights listed as their parts."""
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    fused = fused_parts(model)
+    for name, (target, start, end) in fused.items():  # checkpoints hold the parts, not the fused tensor
+        expected[name] = (end - start, *expected[target][1:])
+    for target in {target for target, _, _ in fused.values()}:
+        del expected[target]
+    return expected, fused
+
+
+def inspect_adapter(adapter: str | os.PathLike | CheckpointSource, config: T5Gemma2Config,
+                    storage_options: dict | None = None) -> LoraAdapter:
+    """Check a LoRA adapter against a model config (headers only, no tensors read)."""
+    with torch.device("meta"):
+        expected, _ = expected_shapes(T5Gemma2(config))
+    return read_adapter(adapter, expected, parameter_name, storage_options)
 
 
 def weight_files(src: CheckpointSource) -> list[str]:
@@ -133,22 +186,32 @@ def load_pretrained(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     storage_options: dict | None = None,
+    adapter: str | os.PathLike | None = None,
+    adapter_storage_options: dict | None = None,
 ) -> T5Gemma2:
-    """Build the model from a checkpoint directory, fsspec URI or hub id, in eval mode."""
+    """Build the model from a checkpoint directory, fsspec URI or hub id, in eval mode.
+
+    `adapter`: a PEFT LoRA adapter directory (local, fsspec URI or hub id) merged into the weights
+    (adapter.py); `adapter_storage_options` are its fsspec options (default: `storage_options`).
+    """
     torch_dtype = resolve_dtype(dtype)
     src = CheckpointSource.open(source, storage_options)
     config = load_config(src)
+    for warning in config.warnings:
+        log.warning(warning)
     shards = weight_files(src)
     with torch.device("meta"):
         model = T5Gemma2(config)
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    fused = fused_parts(model)
-    for name, (target, start, end) in fused.items():  # checkpoints hold the parts, not the fused tensor
-        expected[name] = (end - start, *expected[target][1:])
-    for target in {target for target, _, _ in fused.values()}:
-        del expected[target]
+    expected, fused = expected_shapes(model)
+    lora = None
+    deltas: dict[str, torch.Tensor] = {}
+    if adapter is not None:
+        options = storage_options if adapter_storage_options is None else adapter_storage_options
+        lora = read_adapter(adapter, expected, parameter_name, options)
+        deltas = adapter_deltas(lora, options)
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
+    skipped: list[str] = []
     wrong_shape: list[str] = []
     wrong_shape_names: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="t5g2-weights-") as scratch:
@@ -166,13 +229,15 @@ def load_pretrained(
                 if name is None:
                     continue
                 if name is _NO_MATCH or name not in expected:
-                    unexpected.append(key)
+                    (skipped if is_unused_head_tensor(config, key) else unexpected).append(key)
                     continue
                 tensor = handle.get_tensor(key)
                 if tuple(tensor.shape) != tuple(expected[name]):
                     wrong_shape.append(f"{key} {tuple(tensor.shape)} != expected {tuple(expected[name])}")
                     wrong_shape_names.add(name)
                     continue
+                if name in deltas:  # W + scale * B @ A, in float32, before the cast and before fusing
+                    tensor = tensor.float() + deltas.pop(name)
                 state[name] = tensor.to(device=device, dtype=torch_dtype)
             if src.local_path(shard) is None:
                 os.remove(path)  # keep at most one remote shard on disk at a time
@@ -188,6 +253,8 @@ def load_pretrained(
         raise CheckpointError(
             f"checkpoint {src.description!r} does not match its config.json: " + " | ".join(problems)
         )
+    if skipped:
+        log.warning(skipped_head_warning(skipped))
     for target in sorted({target for target, _, _ in fused.values()}):
         names = sorted((n for n, (t, _, _) in fused.items() if t == target), key=lambda n: fused[n][1])
         state[target] = torch.cat([state.pop(n) for n in names])
@@ -195,6 +262,8 @@ def load_pretrained(
     model.reset_buffers()
     model.source = src.description
     model.revision = src.revision
+    model.adapter = lora
+    model.skipped_tensors = tuple(sorted(skipped))
     return model.eval()
 
 

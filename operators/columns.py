@@ -12,6 +12,8 @@ of a job has, per input row:
     OUT_input_tokens       prompt tokens the model saw (after truncation, images included)
     OUT_output_tokens      generated tokens (EOS included)
     OUT_finish_reason      "eos" | "length" (null on error)
+    (with num_return_sequences = n > 1, OUT, OUT_output_tokens and OUT_finish_reason are lists of
+     the n sequences' values: the n best beams, best first, or the n samples, sample 0 first)
     OUT_error_kind         one of ERROR_KINDS (null when fine)
     OUT_error_message      what went wrong, for a person (null when fine)
   per classify task:
@@ -165,7 +167,7 @@ class TaskColumns:
     scores: str  # classify: every candidate's score and probability
     # internal, between stages:
     prompt_ids: str  # list<int32> prompt ids from prepare (null on error)
-    output_ids: str  # list<int32> generated ids from infer (null on error)
+    output_ids: str  # list<int32> generated ids from infer, list<list<int32>> for n sequences (null on error)
     candidates: str  # classify: list<list<int32>> each candidate's token ids (no EOS), from prepare
     labels: str  # classify: list<string> the candidates as text, from prepare
     candidate_scores: str  # classify: list<float64> each candidate's score, from infer
@@ -187,17 +189,19 @@ class TaskColumns:
             candidate_scores=f"__{output_column}_candidate_scores",
         )
 
-    def output_fields(self, classify: bool = False, multi_label: bool = False) -> list[pa.Field]:
-        """The task's output columns: a generating task's, or a classify task's (see the module docstring)."""
+    def output_fields(self, classify: bool = False, multi_label: bool = False, sequences: int = 1) -> list[pa.Field]:
+        """The task's output columns: a generating task's (with `sequences` > 1 its text, output tokens and
+        finish reasons are lists), or a classify task's (see the module docstring)."""
         errors = [pa.field(self.error_kind, pa.string()), pa.field(self.error_message, pa.string())]
         if classify:
             return [pa.field(self.text, pa.list_(pa.string()) if multi_label else pa.string()),
                     pa.field(self.scores, SCORES_TYPE), pa.field(self.input_tokens, pa.int32()), *errors]
+        many = (lambda t: pa.list_(t)) if sequences > 1 else (lambda t: t)  # noqa: E731
         return [
-            pa.field(self.text, pa.string()),
+            pa.field(self.text, many(pa.string())),
             pa.field(self.input_tokens, pa.int32()),
-            pa.field(self.output_tokens, pa.int32()),
-            pa.field(self.finish_reason, pa.string()),
+            pa.field(self.output_tokens, many(pa.int32())),
+            pa.field(self.finish_reason, many(pa.string())),
             *errors,
         ]
 
@@ -209,6 +213,7 @@ class OutputTask:
     name: str  # its output_column
     classify: bool = False  # a classify task (label and scores) rather than a generating one
     multi_label: bool = False  # classify: the label column is a list of labels
+    sequences: int = 1  # generating: outputs per row (num_return_sequences); > 1 makes list columns
 
     @classmethod
     def of(cls, task: str | OutputTask) -> OutputTask:
@@ -216,7 +221,7 @@ class OutputTask:
         return task if isinstance(task, OutputTask) else cls(task)
 
     def output_fields(self) -> list[pa.Field]:
-        return TaskColumns.of(self.name).output_fields(self.classify, self.multi_label)
+        return TaskColumns.of(self.name).output_fields(self.classify, self.multi_label, self.sequences)
 
 
 RESERVED = frozenset({ID, ERROR_KIND, ERROR_MESSAGE, MODEL_SOURCE, MODEL_REVISION, RUN_CONFIG_HASH, INPUT_FILE,

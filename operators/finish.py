@@ -35,6 +35,7 @@ class FinishTask:
     classify: bool = False  # a classify task: scores in, label(s) and probabilities out
     multi_label: bool = False  # classify: every label at or above threshold, as a list
     threshold: float | None = None  # classify with multi_label: the probability a label needs
+    sequences: int = 1  # generating: outputs per row (num_return_sequences); > 1: list columns
 
     def __post_init__(self):
         if self.multi_label and (not self.classify or self.threshold is None):
@@ -108,13 +109,19 @@ class Finish:
                 task_out.update(self._labels(task, batch.column(cols.labels).to_pylist(), made, ok))
             else:
                 finish = batch.column(cols.finish_reason).to_pylist()
-                task_out[cols.text] = pa.array(
-                    [self.tokenizer.decode_one(ids, skip_special_tokens=True) if good else None
-                     for ids, good in zip(made, ok)], type=pa.string())
-                task_out[cols.output_tokens] = pa.array([len(ids) if good else None for ids, good in zip(made, ok)],
-                                                        type=pa.int32())
+                decode = lambda ids: self.tokenizer.decode_one(ids, skip_special_tokens=True)  # noqa: E731
+                if task.sequences > 1:  # per row, a list over its sequences
+                    text = [[decode(ids) for ids in seqs] if good else None for seqs, good in zip(made, ok)]
+                    counts = [[len(ids) for ids in seqs] if good else None for seqs, good in zip(made, ok)]
+                    many = pa.list_
+                else:
+                    text = [decode(ids) if good else None for ids, good in zip(made, ok)]
+                    counts = [len(ids) if good else None for ids, good in zip(made, ok)]
+                    many = lambda t: t  # noqa: E731
+                task_out[cols.text] = pa.array(text, type=many(pa.string()))
+                task_out[cols.output_tokens] = pa.array(counts, type=many(pa.int32()))
                 task_out[cols.finish_reason] = pa.array([f if good else None for f, good in zip(finish, ok)],
-                                                        type=pa.string())
+                                                        type=many(pa.string()))
             task_out[cols.input_tokens] = pa.array(n_in, type=pa.int32())
             task_out[cols.error_kind] = pa.array(kinds, type=pa.string())
             task_out[cols.error_message] = pa.array(messages, type=pa.string())

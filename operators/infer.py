@@ -1,13 +1,14 @@
 """Model stage: prepared rows -> generated token ids (or candidate scores), one model call per batch.
 
-`Infer(source, dtype, device, tasks, ...)` loads the model once (in `__init__`, so once per actor)
-and on each call turns every task's prompt ids (and the row's PIXELS, uint8, rescaled and
-normalized on the model's device by the generator or scorer) into a `model.Request`, runs all
-requests of the batch, every generating task together, through one `Generator.generate` call
-(which sorts and packs them by a token budget itself) and writes each task's output ids and finish
-reason. Classify tasks go to the Scorer instead (model/score.py), all of them in one `score` call:
-a row's prompt and its candidates (prepare's token ids) make one ScoreRequest, and each
-candidate's score (its summed log-probability, or per token with score = "mean") is written.
+`Infer(source, dtype, device, tasks, ...)` loads the model once (in `__init__`, so once per actor;
+with `adapter`, a PEFT LoRA adapter merged into its weights) and on each call turns every task's
+prompt ids (and the row's PIXELS, uint8, rescaled and normalized on the model's device by the
+generator or scorer) into a `model.Request`, runs all requests of the batch, every generating task
+together, through one `Generator.generate` call (which sorts and packs them by a token budget
+itself) and writes each task's output ids and finish reason. Classify tasks go to the Scorer
+instead (model/score.py), all of them in one `score` call: a row's prompt and its candidates
+(prepare's token ids) make one ScoreRequest, and each candidate's score (its summed
+log-probability, or per token with score = "mean") is written.
 Rows that prepare already marked as errors are passed through untouched, and so are the keep
 columns. A request the model cannot run becomes that row's error (its kind from the generator or
 scorer: out_of_memory, invalid_request); an unexpected exception of a whole call is retried one
@@ -67,6 +68,8 @@ class Infer:
         model=None,
         image_processor: ImageProcessor | None = None,
         keep: tuple[str, ...] = (),
+        adapter: str | None = None,
+        adapter_storage_options: dict | None = None,
     ):
         """`model` and `image_processor` let a caller pass them ready (tests); otherwise they are loaded
         here from the checkpoint (the processor only when a task reads images: it finishes the uint8
@@ -75,7 +78,8 @@ class Infer:
         self.tasks = list(tasks)
         self.keep = tuple(keep)
         self.model = model if model is not None else load_pretrained(
-            source, dtype=dtype, device=device, storage_options=storage_options
+            source, dtype=dtype, device=device, storage_options=storage_options, adapter=adapter,
+            adapter_storage_options=adapter_storage_options,
         )
         self.config = self.model.config
         normalizer = None
@@ -143,6 +147,9 @@ class Infer:
             if result.finish_reason == "error":
                 kinds[t][r] = result.error_kind or "model_error"
                 messages[t][r] = result.error or "generation failed"
+            elif self.tasks[t].params.num_return_sequences > 1:  # n sequences: lists, best or sample 0 first
+                output_ids[t][r] = [ids for ids, _ in result.sequences or [(result.token_ids, result.finish_reason)]]
+                finish[t][r] = [reason for _, reason in result.sequences or [(result.token_ids, result.finish_reason)]]
             else:
                 output_ids[t][r] = result.token_ids
                 finish[t][r] = result.finish_reason
@@ -163,8 +170,10 @@ class Infer:
                 out[cols.labels] = batch.column(cols.labels)
                 out[cols.candidate_scores] = pa.array(candidate_scores[t], type=pa.list_(pa.float64()))
             else:
-                out[cols.output_ids] = pa.array(output_ids[t], type=pa.list_(pa.int32()))
-                out[cols.finish_reason] = pa.array(finish[t], type=pa.string())
+                many = task.params.num_return_sequences > 1
+                ids_type, reason_type = pa.list_(pa.int32()), pa.string()
+                out[cols.output_ids] = pa.array(output_ids[t], type=pa.list_(ids_type) if many else ids_type)
+                out[cols.finish_reason] = pa.array(finish[t], type=pa.list_(reason_type) if many else reason_type)
             out[cols.error_kind] = pa.array(kinds[t], type=pa.string())
             out[cols.error_message] = pa.array(messages[t], type=pa.string())
         return pa.table(out)

@@ -70,7 +70,7 @@ class ReadSettings:
 class PrepareSettings:
     """What the prepare stage takes (operators.prepare.Prepare is built from it once per worker)."""
 
-    source: str  # checkpoint (for tokenizer.model and preprocessor_config.json)
+    source: str  # checkpoint (for tokenizer.model or tokenizer.json, and preprocessor_config.json)
     storage_options: dict  # fsspec options for the checkpoint
     tasks: tuple  # PromptTask per task
     max_input_tokens: int  # longest prompt, image tokens included (input.max_input_tokens)
@@ -91,6 +91,8 @@ class InferSettings:
     cpus: float  # CPUs Ray reserved for the actor (torch threads on CPU)
     call_timeout_s: float  # the hang guard's limit on one call
     keep: tuple[str, ...] = ()  # output.keep_columns, passed through
+    adapter: str | None = None  # PEFT LoRA adapter merged into the weights at load (model.adapter)
+    adapter_storage_options: dict = field(default_factory=dict)  # fsspec options for the adapter
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,8 @@ class InferActor(Infer):
             torch.set_num_threads(max(1, int(settings.cpus)))
         super().__init__(source=settings.source, dtype=settings.dtype, device=device, tasks=list(settings.tasks),
                          max_batch_tokens=settings.max_batch_tokens, storage_options=settings.storage_options,
-                         keep=settings.keep)
+                         keep=settings.keep, adapter=settings.adapter,
+                         adapter_storage_options=settings.adapter_storage_options)
         self.watchdog = CallWatchdog(settings.call_timeout_s)
 
     @staticmethod
@@ -392,5 +395,5 @@ def infer_tasks(spec_tasks) -> tuple[InferTask, ...]:
 
 def finish_tasks(spec_tasks) -> tuple[FinishTask, ...]:
     return tuple(FinishTask(output_column=t.output_column, classify=t.classify, multi_label=t.multi_label,
-                            threshold=t.threshold) for t in spec_tasks)
+                            threshold=t.threshold, sequences=t.sequences) for t in spec_tasks)
 

@@ -51,7 +51,7 @@ from .inputs import InputFile, Unit
 from .paths import StorageError, open_fs
 from .run import apply_limit, limited_spec, make_plan
 from .spec import JobError, JobSpec
-from .validate import _check_model, validate
+from .validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def dry_run(spec: JobSpec, *, limit: int | None = None, sample_rows: int = DEFAU
     chosen = sample_plan(files, sample_rows)
     as_run, without_limit, raw = prepared_sample(v, chosen, files, plan.prepare, plan.read)
     sampled = sum(t.num_rows for t in as_run)
-    checkpoint = _check_model(spec)
+    checkpoint = v.checkpoint
     cost = estimate.model_cost(checkpoint.config)
     limit_tokens = spec.input.max_input_tokens
     edges = histogram_edges(limit_tokens)

@@ -28,14 +28,16 @@ def unit_stats(table: pa.Table, output_columns: list[str]) -> dict:
         cols = C.TaskColumns.of(name)
         task_kinds = Counter(k for k in table.column(cols.error_kind).to_pylist() if k is not None)
         generates = cols.finish_reason in table.column_names  # a classify task has neither of these columns
-        reasons = Counter(r for r in table.column(cols.finish_reason).to_pylist() if r is not None) if generates \
-            else Counter()
+        # num_return_sequences > 1: list columns, counted over every sequence
+        flat = (lambda c: pc.list_flatten(c) if pa.types.is_list(c.type) else c)  # noqa: E731
+        reasons = Counter(r for r in flat(table.column(cols.finish_reason)).to_pylist() if r is not None) \
+            if generates else Counter()
         stats["tasks"][name] = {
             "ok": table.num_rows - sum(task_kinds.values()),
             "errors": dict(task_kinds),
             "finish_reasons": dict(reasons),
             "input_tokens": int(pc.sum(table.column(cols.input_tokens)).as_py() or 0),
-            "output_tokens": int(pc.sum(table.column(cols.output_tokens)).as_py() or 0) if generates else 0,
+            "output_tokens": int(pc.sum(flat(table.column(cols.output_tokens))).as_py() or 0) if generates else 0,
         }
     return stats
 

@@ -84,9 +84,22 @@ def limited_spec(spec: JobSpec) -> JobSpec:
     """The job with its output moved to <output.path>/_limit/<run config hash>/, where `--limit N` runs
     write: never the job's own output (readers, reruns and `t5g2 status` of the job's output skip names
     that start with "_"), one directory per set of settings, so trying another prompt on the first rows
-    never meets the output of the one before, and the same settings rerun resume there."""
+    never meets the output of the one before, and the same settings rerun resume there. The hash is the
+    one validation will find: with an adapter, its files' identity is resolved first (resolved_spec)."""
+    spec = resolved_spec(spec)
     path = f"{spec.output.path.rstrip('/')}/{LIMIT_DIR}/{spec.run_config_hash()[:16]}"
     return replace(spec, output=replace(spec.output, path=path))
+
+
+def resolved_spec(spec: JobSpec) -> JobSpec:
+    """`spec` with what validation resolves into the run config (the adapter's identity), checked as
+    validation checks it; the spec itself when there is no adapter."""
+    from .validate import _check_adapter, _check_model
+
+    if not spec.model.adapter or spec.model.adapter_identity:
+        return spec
+    _, identity = _check_adapter(spec, _check_model(spec).config)
+    return replace(spec, model=replace(spec.model, adapter_identity=identity))
 
 
 def apply_limit(v: Validated, limit: int | None) -> Validated:
@@ -204,7 +217,10 @@ def make_plan(v: Validated, todo: list[Unit]) -> build.Plan:
         infer=build.InferSettings(source=spec.model.source, dtype=spec.model.dtype,
                                   tasks=build.infer_tasks(spec.tasks), max_batch_tokens=r.max_batch_tokens,
                                   storage_options=model_options, gpus_per_actor=r.gpus_per_actor,
-                                  cpus=r.cpus_per_actor, call_timeout_s=r.call_timeout_s, keep=keep),
+                                  cpus=r.cpus_per_actor, call_timeout_s=r.call_timeout_s, keep=keep,
+                                  adapter=spec.model.adapter,
+                                  adapter_storage_options=spec.storage_options(spec.model.adapter)
+                                  if spec.model.adapter else {}),
         min_actors=r.min_actors,
         max_actors=r.max_actors,
         cpus_per_actor=r.cpus_per_actor,
@@ -326,6 +342,7 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
     except Interrupted as stop:
         log.error(f"stopped by {stop.name} during validation, before any work; nothing was written")
         raise
+    spec = v.spec  # with what validation resolved (the adapter's identity, part of the run config)
     inputs = inputs_record(v)
     v = apply_limit(v, limit)
     store = v.store

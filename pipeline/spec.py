@@ -8,7 +8,8 @@ Only the file itself is checked here; whether the input columns, the model and t
 are really usable is checked against storage by `pipeline.run.validate` before any GPU work.
 
 Schema (README.md shows a whole job; jobs/examples/ holds commented ones):
-  [model]      source (required), dtype = "bfloat16" | "float16" | "float32"
+  [model]      source (required), dtype = "bfloat16" | "float16" | "float32", adapter (a PEFT LoRA
+               adapter directory, local or fsspec URI or hub id, merged into the weights at load)
   [input]      path (required; string or list; fsspec paths or globs), id_column, text_column,
                image_column, max_input_tokens (8192), long_input = "error" | "truncate",
                unique_ids (false: a repeated id is a duplicate_id error row; true: the job fails
@@ -109,6 +110,10 @@ class JobError(ValueError):
 class ModelSpec:
     source: str  # hub id, local directory or fsspec URI of the checkpoint directory
     dtype: str  # weights and compute dtype on the device
+    adapter: str | None = None  # PEFT LoRA adapter directory (local, fsspec URI or hub id) merged at load
+    # the adapter's files as stored (size plus ETag or mtime, per file), filled in by validation:
+    # a rewritten adapter at the same path is a different output
+    adapter_identity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,13 @@ class TaskSpec:
     @property
     def output_task(self) -> columns.OutputTask:
         """What the output layout needs of this task (operators/columns.py)."""
-        return columns.OutputTask(self.output_column, classify=self.classify, multi_label=self.multi_label)
+        return columns.OutputTask(self.output_column, classify=self.classify, multi_label=self.multi_label,
+                                  sequences=self.sequences)
+
+    @property
+    def sequences(self) -> int:
+        """Outputs per row: num_return_sequences (1 for classify tasks)."""
+        return self.generation.num_return_sequences if self.generation is not None else 1
 
     def input_columns(self) -> dict[str, str]:
         """Input columns this task reads beyond text and image: column -> what for ("field", "labels")."""
@@ -172,6 +183,7 @@ class TaskSpec:
 # their defaults, so a job that does not use them keeps its run config hash (and its outputs).
 _LATER_TASK_FIELDS = {"fields": (), "prompt_column": None, "labels": None, "labels_column": None, "score": None,
                       "multi_label": False, "threshold": None}
+_LATER_GENERATION_FIELDS = {"num_return_sequences": 1}  # the same for GenerationParams fields
 
 
 @dataclass(frozen=True)
@@ -208,10 +220,16 @@ class JobSpec:
             for key, default in _LATER_TASK_FIELDS.items():
                 if task[key] == default or (isinstance(default, tuple) and tuple(task[key]) == default):
                     del task[key]
+            for key, default in _LATER_GENERATION_FIELDS.items():
+                if task["generation"] is not None and task["generation"][key] == default:
+                    del task["generation"][key]
             tasks.append(task)
         config = {
             "format_version": FORMAT_VERSION,
-            "model": {"source": self.model.source, "dtype": self.model.dtype},
+            "model": {"source": self.model.source, "dtype": self.model.dtype,
+                      # only with an adapter, so that jobs without one keep their run config hash
+                      **({"adapter": self.model.adapter, "adapter_identity": self.model.adapter_identity}
+                         if self.model.adapter else {})},
             "input": {
                 "id_column": self.input.id_column,
                 "text_column": self.input.text_column,
@@ -332,7 +350,7 @@ def _set_path(table: dict, parts: list[str], value: Any, key: str) -> None:
 # ---- validation ----------------------------------------------------------------------------
 
 _SECTIONS = {"model", "input", "output", "task", "resources", "storage"}
-_MODEL_KEYS = {"source", "dtype"}
+_MODEL_KEYS = {"source", "dtype", "adapter"}
 _INPUT_KEYS = {"path", "id_column", "text_column", "image_column", "max_input_tokens", "long_input", "unique_ids"}
 _OUTPUT_KEYS = {"path", "rows_per_file", "compression", "keep_columns"}
 _CLASSIFY_KEYS = {"labels", "labels_column", "score", "multi_label", "threshold"}
@@ -448,8 +466,11 @@ def parse_job(raw: dict, origin: str = "<job>") -> JobSpec:
     model = ModelSpec(
         source=_str(m, "source", "model", required=True),
         dtype=_choice(m, "dtype", "model", "bfloat16", DTYPES),
+        adapter=_str(m, "adapter", "model"),
     )
     _check_path_text(model.source, "model.source")
+    if model.adapter:
+        _check_path_text(model.adapter, "model.adapter")
 
     i = _table(raw, "input")
     _unknown(i, _INPUT_KEYS, "input")

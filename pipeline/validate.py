@@ -1,16 +1,18 @@
 """Validation: every check a job passes before any GPU work, in the driver, with the fix in each error.
 
-`validate(spec)` checks the checkpoint (config.json, weights present, tokenizer.model, image
-settings), the input files' footers, and the output path (a probe object written and deleted; a
-directory that holds another job's outputs is refused; one that the input paths reach is
-refused), and returns a Validated: the files, the units of work, the output id type and store,
-and what the run report and the plan need. Inputs: each column a task reads (text, image, the
-fields of its prompt template, prompt_column, labels_column) must be usable in at least one file,
-and the id column and every output.keep_columns column in every file with types that cast to
-one; a file whose task column is missing or unusable (schema drift) does not fail the job: its
-rows get column_missing / column_type errors (policy in inputs.py), and validation warns about it.
-With an id column, ids that repeat are found (inputs.find_duplicate_ids): duplicate_id error
-rows, or a JobError with input.unique_ids.
+`validate(spec)` checks the checkpoint (config.json, weights present, tokenizer.model or
+tokenizer.json, image settings; the settings it ignores are logged as warnings), the LoRA adapter
+of model.adapter against it (its files' identity goes into the run config), the input files'
+footers, and the output path (a probe object written and deleted; a directory that holds another
+job's outputs is refused; one that the input paths reach is refused), and returns a Validated:
+the files, the units of work, the output id type and store, and what the run report and the plan
+need. Inputs: each column a task reads (text, image, the fields of its prompt template,
+prompt_column, labels_column) must be usable in at least one file, and the id column and every
+output.keep_columns column in every file with types that cast to one; a file whose task column is
+missing or unusable (schema drift) does not fail the job: its rows get column_missing /
+column_type errors (policy in inputs.py), and validation warns about it. With an id column, ids
+that repeat are found (inputs.find_duplicate_ids): duplicate_id error rows, or a JobError with
+input.unique_ids.
 
 Not here: running the job (run.py), parsing the job file (spec.py).
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import fsspec
 import pyarrow as pa
@@ -34,6 +36,7 @@ from .inputs import (
     InputFile,
     Unit,
     column_problem,
+    file_identity,
     find_duplicate_ids,
     id_output_type,
     id_transport_type,
@@ -64,6 +67,7 @@ class Validated:
     duplicate_rows: int = 0  # rows whose id appeared earlier in the input (duplicate_id error rows)
     keep: tuple[pa.Field, ...] = ()  # output.keep_columns with their output types, in order
     extra: tuple[ExtraColumn, ...] = ()  # what the read stage reads besides id, text and image
+    checkpoint: object = None  # model.CheckpointSummary: tokenizer file, generation_config, warnings, adapter
 
     @property
     def provenance(self) -> dict:
@@ -90,6 +94,25 @@ def _check_model(spec: JobSpec):
                                   needs_images=any(t.uses_image for t in spec.tasks))
     except (CheckpointError, ValueError, OSError) as exc:
         raise JobError(f"model.source {source!r} is not a usable checkpoint: {exc}") from exc
+
+
+def _check_adapter(spec: JobSpec, config) -> tuple[object, str]:
+    """(the model.LoraAdapter of model.adapter, checked against the checkpoint's config, and its files'
+    identity), or a JobError naming model.adapter and the fix."""
+    from model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from model.source import CheckpointError
+    from model.weights import inspect_adapter
+
+    adapter = spec.model.adapter
+    try:
+        lora = inspect_adapter(adapter, config, spec.storage_options(adapter))
+        src = lora.source
+        identity = ";".join(f"{name}:{file_identity(src.fs.info(src.path(name)))}"
+                            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+    except (CheckpointError, ValueError, OSError) as exc:
+        raise JobError(f"model.adapter {adapter!r} is not a usable LoRA adapter for model.source "
+                       f"{spec.model.source!r}: {exc}") from exc
+    return lora, identity + (f";revision={src.revision}" if src.revision else "")
 
 
 def _check_ids(column: str | None, files: list[InputFile]) -> pa.DataType:
@@ -290,9 +313,18 @@ def _check_duplicates(spec: JobSpec, files: list[InputFile]) -> dict:
 
 
 def validate(spec: JobSpec) -> Validated:
-    """Every check that needs no GPU; raises JobError with the fix."""
-    run_hash = spec.run_config_hash()
+    """Every check that needs no GPU; raises JobError with the fix.
+
+    The returned Validated.spec is `spec` with what validation resolved: the adapter's identity.
+    """
     checkpoint = _check_model(spec)
+    if spec.model.adapter:
+        lora, identity = _check_adapter(spec, checkpoint.config)
+        spec = replace(spec, model=replace(spec.model, adapter_identity=identity))
+        checkpoint = replace(checkpoint, adapter=lora)
+    for warning in checkpoint.warnings:
+        log.warning(f"model.source {spec.model.source!r}: {warning}")
+    run_hash = spec.run_config_hash()
     files, id_type, drift = _check_inputs(spec)
     keep = _check_keep(spec, files)
     for warning in drift:
@@ -309,4 +341,4 @@ def validate(spec: JobSpec) -> Validated:
                      model_revision=checkpoint.revision, run_hash=run_hash, store=store,
                      weight_bytes=checkpoint.weight_bytes,
                      drift=tuple(drift), duplicate_rows=sum(len(m) for m in duplicates.values()),
-                     keep=keep, extra=_read_columns(spec, keep))
+                     keep=keep, extra=_read_columns(spec, keep), checkpoint=checkpoint)

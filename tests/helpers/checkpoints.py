@@ -39,13 +39,14 @@ SHAPES = {"A": TEXT_A, "B": TEXT_B, "C": TEXT_C}
 SPECIAL = dict(pad=0, eos=1, bos=2, boi=4, eoi=5, image=6)
 
 
-def hf_config(text: dict, vocab_size: int = 512, mm_tokens_per_image: int = 4, decoder: dict | None = None):
+def hf_config(text: dict, vocab_size: int = 512, mm_tokens_per_image: int = 4, decoder: dict | None = None,
+              vision: dict | None = None):
     from transformers import T5Gemma2Config
 
     enc = dict(text, vocab_size=vocab_size)
     dec = dict(decoder or text, vocab_size=vocab_size)
     return T5Gemma2Config(
-        encoder=dict(text_config=enc, vision_config=VISION, mm_tokens_per_image=mm_tokens_per_image,
+        encoder=dict(text_config=enc, vision_config=vision or VISION, mm_tokens_per_image=mm_tokens_per_image,
                      boi_token_index=SPECIAL["boi"], eoi_token_index=SPECIAL["eoi"],
                      image_token_index=SPECIAL["image"]),
         decoder=dec,
@@ -81,6 +82,25 @@ def save_checkpoint(ref_model, directory: Path, max_shard_size: str | None = Non
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     ref_model.save_pretrained(directory, **kwargs)
     return directory
+
+
+def add_tokenizer(directory: Path) -> dict:
+    """Train a SentencePiece tokenizer.model into a saved checkpoint (vocabulary 512) and point
+    config.json's image ids at its pieces, so that inspect_checkpoint and the pipeline accept it.
+    Returns the special ids (helpers.spm.special_token_ids)."""
+    import json
+
+    from helpers.spm import special_token_ids, train_sentencepiece
+
+    directory = Path(directory)
+    ids = special_token_ids(train_sentencepiece(directory, vocab_size=512))
+    assert ids["piece_count"] <= 512 and (ids["pad"], ids["eos"], ids["bos"]) == (0, 1, 2), ids
+    config = json.loads((directory / "config.json").read_text())
+    config["image_token_index"] = config["encoder"]["image_token_index"] = ids["image"]
+    config["eoi_token_index"] = config["encoder"]["eoi_token_index"] = ids["eoi"]
+    config["encoder"]["boi_token_index"] = ids["boi"]
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return ids
 
 
 def random_prompts(lengths, seed: int = 0) -> list[list[int]]:

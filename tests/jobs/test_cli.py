@@ -60,7 +60,55 @@ def test_inspect_job_and_checkpoint(job_file, tiny_checkpoint, capsys):
     assert cli.main(["inspect", str(tiny_checkpoint)]) == 0
     out = capsys.readouterr().out
     assert "encoder  3 layers (2 sliding (window 5) + 1 full)" in out and "tokenizer.model yes" in out
+    assert "tokenizer read from tokenizer.model" in out and "generation  generation_config.json: eos [1]" in out
+    assert "ignored" not in out and "adapter" not in out
     assert cli.main(["inspect", str(tiny_checkpoint) + "-missing"]) == 2
+
+
+def test_inspect_shows_what_a_checkpoint_brings(tiny_checkpoint, job_file, tmp_path, capsys):
+    """tokenizer.json read, generation_config.json's ids and settings, ignored settings, an adapter."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from helpers.checkpoints import TEXT_A, build_reference
+    from tests.model.test_tokenizer_json import convert_to_tokenizer_json
+
+    ckpt = tmp_path / "ckpt"
+    convert_to_tokenizer_json(tiny_checkpoint, ckpt)
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["decoder"]["attn_logit_softcapping"] = 50.0
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 3], "bos_token_id": 2,
+                                                             "do_sample": True, "temperature": 0.6}))
+    adapter = tmp_path / "adapter"
+    get_peft_model(build_reference(TEXT_A), LoraConfig(r=2, lora_alpha=6, target_modules=["k_proj", "up_proj"])
+                   ).save_pretrained(adapter)
+    assert cli.main(["inspect", str(ckpt), "--adapter", str(adapter)]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer read from tokenizer.json (tokenizer.model no, tokenizer.json yes)" in out
+    assert "eos [1, 3]" in out and "generation_config.json: eos [1, 3], bos 2 (its ids are used" in out
+    assert 'do_sample=true, temperature=0.6: shown only, not applied; a job\'s [[task]] settings decide' in out
+    assert "ignored     " in out and "decoder.attn_logit_softcapping is 50: ignored" in out
+    assert f"adapter     {adapter}: LoRA rank 2, alpha 6 (scale 3), 14 projections: k_proj, up_proj" in out
+    (adapter / "adapter_model.safetensors").unlink()
+    assert cli.main(["inspect", str(ckpt), "--adapter", str(adapter)]) == 2
+    assert "has no adapter_model.safetensors" in capsys.readouterr().err
+    assert cli.main(["inspect", str(job_file), "--adapter", str(adapter)]) == 2
+
+
+def test_inspect_job_shows_its_adapter(job_file, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from helpers.checkpoints import TEXT_A, build_reference
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(build_reference(TEXT_A), LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"])
+                   ).save_pretrained(adapter)
+    assert cli.main(["inspect", str(job_file), "--set", f"model.adapter={adapter}"]) == 0
+    out = capsys.readouterr().out
+    assert f"LoRA adapter {adapter}, tokenizer from tokenizer.model" in out
+    assert f"adapter     {adapter}: LoRA rank 2, alpha 2 (scale 1)" in out
 
 
 def test_demo_and_bench_are_imported_lazily(monkeypatch):

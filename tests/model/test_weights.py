@@ -152,11 +152,11 @@ def test_malformed_config_json(checkpoint, tmp_path, text, message):
     [
         (lambda c: c["decoder"].update(hidden_activation="relu"),
          r"decoder\.hidden_activation 'relu' is not supported"),
-        (lambda c: c["decoder"].update(attn_logit_softcapping=50.0), r"decoder\.attn_logit_softcapping"),
         (lambda c: c["decoder"].update(num_key_value_heads=3), r"must be a multiple of num_key_value_heads"),
         (lambda c: c["encoder"]["text_config"].update(layer_types=["sliding_attention"]), r"layer_types has 1 entries"),
         (lambda c: c["decoder"]["rope_parameters"]["full_attention"].update(rope_type="yarn"), r"rope_type 'yarn'"),
-        (lambda c: c["encoder"]["vision_config"].update(vision_use_head=True), r"vision_use_head"),
+        (lambda c: c["encoder"]["vision_config"].update(vision_use_head="yes"), r"vision_use_head must be true or"),
+        (lambda c: c["decoder"].update(attn_logit_softcapping="50"), r"decoder\.attn_logit_softcapping must be a num"),
         (lambda c: c["decoder"].update(hidden_size="64"), r"decoder\.hidden_size must be an integer"),
     ],
 )

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -269,3 +270,47 @@ def test_a_dying_model_actor_still_gives_exactly_one_row_per_input(ray_cluster, 
     assert not fault.exists()  # it fired
     assert report["rows_out"] == len(rows) and report["complete"]
     check_output(read_output(str(out)), rows, expected)
+
+
+def test_several_outputs_per_row(ray_cluster, tiny_checkpoint, dataset, tmp_path):
+    """num_return_sequences: n samples or the n best beams per row, as list columns (error rows null), each
+    sample the text of its own tokens; the report counts every sequence's tokens."""
+    rows, expected = dataset
+    write_inputs(rows, str(tmp_path / "in"))
+    tasks = """
+[[task]]
+kind = "summarize"
+max_new_tokens = 5
+temperature = 1.5
+seed = 3
+num_return_sequences = 3
+
+[[task]]
+kind = "translate"
+output_column = "german"
+source_language = "English"
+target_language = "German"
+max_new_tokens = 4
+num_beams = 3
+num_return_sequences = 2
+"""
+    out = tmp_path / "out"
+    report = run_job(load_job(job_toml(str(tiny_checkpoint), f"{tmp_path}/in/*.parquet", str(out), tasks=tasks)))
+    table = read_output(str(out))
+    assert table.num_rows == len(rows)
+    assert table.schema.field("summary").type.value_type == pa.string()
+    assert table.schema.field("german_output_tokens").type.value_type == pa.int32()
+    produced = 0
+    for row in table.to_pylist():
+        bad = expected.get(row[C.ID], {}).get("text")
+        for column, n in (("summary", 3), ("german", 2)):
+            if bad:
+                assert row[column] is None and row[f"{column}_error_kind"] == bad
+                continue
+            assert len(row[column]) == len(row[f"{column}_output_tokens"]) == len(row[f"{column}_finish_reason"]) == n
+            assert all(isinstance(text, str) for text in row[column])
+            assert set(row[f"{column}_finish_reason"]) <= {"eos", "length"}
+            produced += sum(row[f"{column}_output_tokens"])
+    assert report["output_tokens"] == produced > 0
+    samples = [tuple(row["summary"]) for row in table.to_pylist() if row["summary"]]
+    assert any(len(set(s)) > 1 for s in samples), "the samples of every row are all the same"
