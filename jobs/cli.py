@@ -1,8 +1,15 @@
-"""The `t5g2` command line: run | inspect | demo | bench.
+"""The `t5g2` command line: run | status | inspect | demo | bench.
 
-  t5g2 run JOB.toml [--set key=value ...] [--address RAY_ADDRESS]
+  t5g2 run JOB.toml [--set key=value ...] [--address RAY_ADDRESS] [--limit N]
       Validate the job (fails before any GPU work with the fix), then run or resume it. Without an
-      address it starts a local Ray; with one (or RAY_ADDRESS) it joins that cluster.
+      address it starts a local Ray; with one (or RAY_ADDRESS) it joins that cluster. The last line
+      it prints on stdout is the path of the run report, whenever the run wrote one. --limit N runs
+      the first N rows only, into an output of their own (pipeline.run.limited_spec).
+  t5g2 run JOB.toml --dry-run [--limit N] [--sample N] [--calibrate] [--json]
+      Validate the job exactly as a run does, sample and tokenize rows, and print what the run would
+      do and cost (pipeline/dryrun.py), without Ray and without loading the model's weights.
+  t5g2 status OUTPUT_PATH | JOB.toml [--option key=value ...] [--json]
+      Whether an output is complete, in progress, stale or empty (pipeline/status.py), without Ray.
   t5g2 inspect JOB.toml [--set ...]     validate a job and print its plan, without running it
   t5g2 inspect CHECKPOINT [--adapter A]  print a checkpoint's config summary (dir, URI or hub id): its
                                         tokenizer file, generation_config.json, the settings and tensors
@@ -11,9 +18,11 @@
   t5g2 bench ...                        jobs/bench.py (throughput)
 
 demo and bench are imported only when asked for, so `run` works whatever state they are in.
-Exit codes: 0 done, 1 the run failed or is incomplete, 2 the job or its arguments are invalid (or
-the Ray cluster named does not answer), 128 + N stopped by signal N (130 for Ctrl-C / SIGINT, 143
-for SIGTERM): what was committed stays, and the same command resumes.
+Exit codes (EXIT_*; the README's table): 0 complete, 3 complete with error rows, 2 the job or its
+arguments are invalid (nothing was computed), 4 infrastructure failure (storage, the Ray cluster,
+model actors: committed units stay, the same command resumes), 1 an unexpected error (a traceback is
+printed), 128 + N stopped by signal N (130 for Ctrl-C / SIGINT, 143 for SIGTERM). `t5g2 status` adds
+5 in progress, 6 stale and 7 empty.
 
 Not here: what a run does (pipeline/run.py).
 """
@@ -29,6 +38,17 @@ import sys
 from dataclasses import asdict
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Exit codes, for schedulers (the README's table). A job's fault is never retried by itself; an
+# infrastructure failure may be, and the rerun resumes from what was committed.
+EXIT_OK = 0  # complete: one output row per input row, none an error row (a dry run: the job is valid)
+EXIT_UNEXPECTED = 1  # an error nobody classified (a bug): Python's own code, with its traceback
+EXIT_INVALID = 2  # the job or the arguments are invalid: nothing was computed; the message names the fix
+EXIT_ERROR_ROWS = 3  # complete, and some output rows are error rows (counted by kind in the report)
+EXIT_INFRASTRUCTURE = 4  # storage, the Ray cluster or the model actors failed: committed units stay
+EXIT_IN_PROGRESS = 5  # status: a run started on the output and has not completed (running, or stopped)
+EXIT_STALE = 6  # status: the output was complete but no longer mirrors its input (or its records)
+EXIT_EMPTY = 7  # status: no run has written to the output
 _PACKAGES = ("pipeline", "operators", "model", "jobs")  # the project's loggers, one tree per package
 _handlers: list[logging.Handler] = []
 
@@ -71,10 +91,12 @@ def _lower_level_name(record: logging.LogRecord) -> bool:
     return True
 
 
-USAGE = """usage: t5g2 {run,inspect,demo,bench} ...
+USAGE = """usage: t5g2 {run,status,inspect,demo,bench} ...
 
 commands:
-  run JOB.toml [--set key=value ...] [--address ADDR]   run or resume a job
+  run JOB.toml [--set key=value ...] [--address ADDR]   run or resume a job (--limit N: its first N rows)
+  run JOB.toml --dry-run                                 validate, sample and price a job without running it
+  status OUTPUT_PATH | JOB.toml                          is an output complete, in progress, stale or empty
   inspect JOB.toml | CHECKPOINT                          show a job's plan or a checkpoint's config
   demo [...]                                             generate demo data + checkpoint and run the demo jobs
   bench [...]                                            throughput benchmark
@@ -94,28 +116,190 @@ def _job_parser(prog: str, with_address: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_run(argv: list[str]) -> int:
+_TRANSIENT_NAMES = frozenset({"ConnectionError", "TimeoutError", "ConnectTimeoutError", "ReadTimeoutError",
+                              "EndpointConnectionError", "ConnectionClosedError"})
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failure comes from storage or the network being unreachable or overloaded, anywhere in
+    its chain of causes (connection refused or timed out, an S3 5xx after the bounded retries): then a
+    JobError raised by validation is an infrastructure failure, not a wrong job."""
+    for e in _causes(exc):
+        if isinstance(e, (ConnectionError, TimeoutError)) or any(k.__name__ in _TRANSIENT_NAMES
+                                                                 for k in type(e).__mro__):
+            return True
+        status = (getattr(e, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode", 0) \
+            if isinstance(getattr(e, "response", None), dict) else 0
+        if status >= 500:
+            return True
+    return False
+
+
+def is_infrastructure(exc: BaseException) -> bool:
+    """Whether a run that raised `exc` failed under the job rather than because of it: storage (after
+    the bounded retries), the Ray cluster (one that does not answer, Ray's own errors), model actors
+    that kept dying or hung (InfrastructureError), or a transient storage failure during validation."""
     from pipeline.paths import StorageError
+    from pipeline.run import ClusterError, InfrastructureError
+    from pipeline.spec import JobError
+
+    if isinstance(exc, (ClusterError, InfrastructureError, StorageError)):
+        return True
+    if isinstance(exc, JobError):
+        return is_transient(exc)
+    return type(exc).__module__.split(".")[0] == "ray" or is_transient(exc)
+
+
+def _print_report_path(report: dict | None) -> None:
+    """The run report's path as the last line on stdout (what a scheduler reads with `tail -n 1`)."""
+    from pipeline.run import report_location
+
+    if report and report.get("output"):
+        for handler in _handlers:
+            handler.flush()
+        print(report_location(report["output"]), flush=True)
+
+
+def cmd_run(argv: list[str]) -> int:
     from pipeline.run import INTERRUPTED_EXIT_BASE, Interrupted, run_job
     from pipeline.spec import JobError, load_job
 
-    args = _job_parser("t5g2 run", with_address=True).parse_args(argv)
+    parser = _job_parser("t5g2 run", with_address=True)
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="run only the first N rows (in file, row order), into OUTPUT/_limit/<run hash>/: to "
+                             "check a prompt before the full run")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the job, sample and tokenize rows, and print what the run would compute and "
+                             "cost; starts no Ray and loads no model weights")
+    parser.add_argument("--sample", type=int, default=None, metavar="N",
+                        help="--dry-run: rows to sample over the input files (default 512)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="--dry-run: time a tiny run of the job's model shape (random weights) on the configured "
+                             "device and price the job from it, instead of the table in docs/perf.md")
+    parser.add_argument("--json", action="store_true", help="--dry-run: print the result as JSON")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be a number of rows >= 1, got {args.limit}")
+    if args.sample is not None and args.sample < 1:
+        parser.error(f"--sample must be >= 1, got {args.sample}")
+    if not args.dry_run and (args.sample is not None or args.calibrate or args.json):
+        parser.error("--sample, --calibrate and --json go with --dry-run")
     configure_logging(args.log_level)
+    if args.dry_run:
+        return _dry_run(args)
     try:
         spec = load_job(args.job, args.overrides)
-        report = run_job(spec, address=args.address)
+        report = run_job(spec, address=args.address, limit=args.limit)
     except Interrupted as stop:  # run_job has said what was committed and how to resume
+        _print_report_path(getattr(stop, "report", None))
         return stop.exit_code
     except KeyboardInterrupt:  # before run_job took over the signals: nothing was started
         print("t5g2 run: interrupted before the job started; nothing was written", file=sys.stderr)
         return INTERRUPTED_EXIT_BASE + signal.SIGINT
-    except JobError as exc:
-        print(f"t5g2 run: the job cannot run: {exc}", file=sys.stderr)
-        return 2
-    except StorageError as exc:  # storage failed mid-run: committed units stay, a rerun resumes
+    except Exception as exc:
+        if isinstance(exc, JobError) and not is_infrastructure(exc):
+            print(f"t5g2 run: the job cannot run: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        if not is_infrastructure(exc):
+            raise  # a bug: Python prints the traceback and exits with 1 (EXIT_UNEXPECTED)
+        # Committed units stay; the same command, run again, resumes.
         print(f"t5g2 run: the job stopped: {exc}", file=sys.stderr)
-        return 1
-    return 0 if report.get("complete") else 1
+        _print_report_path(getattr(exc, "report", None))
+        return EXIT_INFRASTRUCTURE
+    _print_report_path(report)
+    return run_exit_code(report)
+
+
+def run_exit_code(report: dict) -> int:
+    """The exit code of a run that returned `report`: complete (with or without error rows) or not."""
+    if not report.get("complete"):
+        return EXIT_INFRASTRUCTURE  # every unit should be committed when run_job returns: rows went missing
+    errors = sum((report.get("all_runs") or {}).get("errors_by_kind", {}).values())
+    return EXIT_ERROR_ROWS if errors else EXIT_OK
+
+
+def _dry_run(args) -> int:
+    from pipeline.dryrun import dry_run, summary
+    from pipeline.spec import JobError, load_job
+
+    try:
+        spec = load_job(args.job, args.overrides)
+        calibration = None
+        if args.calibrate:
+            from jobs.calibrate import calibrate_for_job
+
+            calibration = calibrate_for_job(spec)
+        result = dry_run(spec, limit=args.limit, sample_rows=args.sample or 512, calibration=calibration)
+    except KeyboardInterrupt:
+        print("t5g2 run --dry-run: interrupted; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as exc:
+        if isinstance(exc, JobError) and not is_infrastructure(exc):
+            print(f"t5g2 run: the job cannot run: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        if not is_infrastructure(exc):
+            raise
+        print(f"t5g2 run --dry-run: stopped: {exc}", file=sys.stderr)
+        return EXIT_INFRASTRUCTURE
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else summary(result))
+    return EXIT_OK
+
+
+STATUS_EXIT = {"complete": EXIT_OK, "in_progress": EXIT_IN_PROGRESS, "stale": EXIT_STALE, "empty": EXIT_EMPTY}
+
+
+def cmd_status(argv: list[str]) -> int:
+    from pipeline.spec import JobError, load_job
+    from pipeline.status import output_status, summary
+
+    parser = argparse.ArgumentParser(prog="t5g2 status", description="Is an output complete, in progress, stale or "
+                                     "empty? Reads only what the commit protocol wrote (and lists the input again); "
+                                     "no Ray, no model.")
+    parser.add_argument("target", help="the output path or URI, or a job file (its output.path and [storage])")
+    parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                        help="an fsspec option for the output's store, e.g. --option endpoint_url=http://host:9000 "
+                             "(repeatable; credentials come from the standard chains, never from here)")
+    parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    args = parser.parse_args(argv)
+    try:
+        if args.target.endswith(".toml") or os.path.isfile(args.target):
+            if args.options:
+                parser.error("--option is for an output path; a job file brings its own [storage]")
+            spec = load_job(args.target)
+            status = output_status(spec.output.path, storage=spec.storage, input_paths=spec.input.paths)
+        else:
+            status = output_status(args.target, options=_options(args.options))
+    except JobError as exc:
+        print(f"t5g2 status: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as exc:  # the store cannot be read (StorageError is an OSError)
+        print(f"t5g2 status: cannot read the output: {exc}", file=sys.stderr)
+        return EXIT_INFRASTRUCTURE
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else summary(status))
+    if status["state"] == "complete" and status.get("error_rows"):
+        return EXIT_ERROR_ROWS
+    return STATUS_EXIT[status["state"]]
+
+
+def _options(items: list[str]) -> dict:
+    from pipeline.spec import JobError, check_no_credentials, parse_value
+
+    options = {}
+    for item in items:
+        if "=" not in item:
+            raise JobError(f"--option {item!r} must be key=value, e.g. --option endpoint_url=http://127.0.0.1:9000")
+        key, value = item.split("=", 1)
+        options[key.strip()] = parse_value(value.strip())
+    check_no_credentials(options, "--option")
+    return options
 
 
 def _inspect_job(path: str, overrides: list[str]) -> int:
@@ -245,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()  # `run --log-level` sets its own
     if command == "run":
         return cmd_run(rest)
+    if command == "status":
+        return cmd_status(rest)
     if command == "inspect":
         return cmd_inspect(rest)
     if command == "demo":

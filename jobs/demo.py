@@ -12,7 +12,8 @@ What it does, with nothing downloaded:
   3. writes summarize, caption and translate job files to OUT/jobs/, and two labeling jobs:
      classify-topics (each document's topic, chosen among fixed labels by scoring them, the
      document's language kept beside it) and ask-images (a yes/no question on every image, also
-     by scoring); runs them on a local Ray, then prints each run report and a few output rows.
+     by scoring); prints the dry run of the first (`t5g2 run JOB.toml --dry-run`: what it would
+     compute and cost), runs them on a local Ray, then prints each run report and a few output rows.
 
 What it is not: a quality demo. The weights are random, so the generated text is fluent nonsense in
 the demo vocabulary; the demo shows the machinery (sharded reads, CPU actors, per-row errors,
@@ -744,6 +745,16 @@ def show_rows(job: DemoJob, out: Path, shown: int = 4) -> None:
             print(f"    {task.text:>12}: {_clip(json.dumps(row[task.text], ensure_ascii=False), 56)} {how}")
 
 
+def show_dry_run(job_path: Path) -> dict:
+    """Print the dry run of one job file (pipeline/dryrun.py): no Ray, no model weights."""
+    from pipeline.dryrun import dry_run, summary
+    from pipeline.spec import load_job
+
+    result = dry_run(load_job(job_path))
+    print(f"\n=== dry run: t5g2 run {job_path} --dry-run\n{summary(result)}")
+    return result
+
+
 def run_jobs(job_paths: dict[str, Path], out: Path, address: str | None = None) -> dict[str, dict]:
     """Run the demo jobs one after another; return each run report by job name."""
     from pipeline.run import run_job
@@ -810,6 +821,7 @@ def main(argv=None) -> int:
     # Outputs are always rewritten: the demo shows a whole run, not a resume of an earlier one.
     shutil.rmtree(out / OUTPUTS_DIR, ignore_errors=True)
     job_paths = write_job_files(out, args.max_new_tokens)
+    show_dry_run(job_paths[DEMO_JOBS[0].name])
     started = time.perf_counter()
     run_jobs(job_paths, out, address=args.address)
     for job in DEMO_JOBS:

@@ -27,7 +27,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -152,10 +152,64 @@ def make_units(files: list[InputFile], rows_per_file: int, run_hash: str,
         for start in range(0, f.num_rows, rows_per_file):
             stop = min(start + rows_per_file, f.num_rows)
             dups = tuple((row, marks[row].message()) for row in sorted(marks) if start <= row < stop)
-            text = "\0".join([run_hash, f.uri, f.identity, str(start), str(stop), json.dumps(dups)])
-            key = hashlib.sha256(text.encode()).hexdigest()[:32]
+            key = unit_key(run_hash, f.uri, f.identity, start, stop, dups)
             units.append(Unit(key=key, uri=f.uri, start=start, stop=stop, identity=f.identity, duplicates=dups))
     return units
+
+
+def unit_key(run_hash: str, uri: str, identity: str, start: int, stop: int,
+             duplicates: tuple[tuple[int, str], ...]) -> str:
+    """The key that names a unit's output: a hash of everything that decides its rows."""
+    text = "\0".join([run_hash, uri, identity, str(start), str(stop), json.dumps(duplicates)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def first_rows(files: list[InputFile], units: list[Unit], limit: int,
+               run_hash: str) -> tuple[list[InputFile], list[Unit]]:
+    """The files and units of the first `limit` rows in (file, row) order (`t5g2 run --limit`): the
+    files past them are dropped, the file where the limit falls keeps its first rows, and a unit cut
+    by the limit becomes a shorter unit with a key of its own."""
+    kept_files, remaining = [], limit
+    for f in files:
+        if remaining <= 0:
+            break
+        kept_files.append(f if f.num_rows <= remaining else replace(f, num_rows=remaining))
+        remaining -= f.num_rows
+    rows_of = {f.uri: f.num_rows for f in kept_files}
+    kept_units = []
+    for u in units:
+        stop = min(u.stop, rows_of.get(u.uri, 0))
+        if stop <= u.start:
+            continue
+        if stop < u.stop:
+            dups = tuple((row, message) for row, message in u.duplicates if row < stop)
+            u = replace(u, key=unit_key(run_hash, u.uri, u.identity, u.start, stop, dups), stop=stop, duplicates=dups)
+        kept_units.append(u)
+    return kept_files, kept_units
+
+
+def inputs_fingerprint(identities: list[tuple[str, str]]) -> str:
+    """One hash of the input files as stored: their URIs and identities (file_identity), in any order.
+    The run report records it; `t5g2 status` lists the input again and compares."""
+    text = "\n".join(f"{uri}\0{identity}" for uri, identity in sorted(identities))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def current_identities(paths: tuple[str, ...], options: dict, threads: int = 16) -> list[tuple[str, str]]:
+    """(URI, identity) of every file `paths` names now, from a listing and each file's info (no footer
+    is read): what inputs_fingerprint takes, computed as read_footers computes identities."""
+    uris = list_inputs(paths, options)
+
+    def one(uri: str) -> tuple[str, str]:
+        fs, p = open_fs(uri, options)
+        try:
+            fs.invalidate_cache(p)
+            return uri, file_identity(fs.info(p))
+        except Exception as exc:
+            raise StorageError(f"cannot read the info of input file {uri!r} ({type(exc).__name__}: {exc})") from exc
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
+        return list(pool.map(one, uris))
 
 
 def _fingerprints(ids: pa.ChunkedArray) -> np.ndarray:

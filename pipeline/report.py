@@ -82,10 +82,15 @@ class RunStats:
 
 def make_report(*, job: str, output: str, run_config_hash: str, provenance: dict, rows_in: int, units_total: int,
                 skipped: RunStats, computed: RunStats, wall_seconds: float, compute_seconds: float,
-                retracted_units: int = 0, retracted_rows: int = 0, interrupted: str | None = None) -> dict:
+                retracted_units: int = 0, retracted_rows: int = 0, interrupted: str | None = None,
+                failed: str | None = None, limit: int | None = None, inputs: dict | None = None,
+                duplicate_rows_dropped: int = 0) -> dict:
     """The report of one run. Units are counted three ways: computed by this run, reused (committed by
     an earlier run of the same input) and retracted (outputs of input that changed or is gone, deleted
-    at the end of this run); after a complete run the output holds computed + reused units."""
+    at the end of this run); after a complete run the output holds computed + reused units.
+
+    Its keys are documented in the README ("The run report"); tests/pipeline/test_report_schema.py
+    checks that the documented keys are exactly these."""
     this_run = computed.as_dict()
     return {
         "job": job,
@@ -93,8 +98,14 @@ def make_report(*, job: str, output: str, run_config_hash: str, provenance: dict
         "run_config_hash": run_config_hash,
         "model_source": provenance.get(C.MODEL_SOURCE),
         "model_revision": provenance.get(C.MODEL_REVISION),
-        "complete": interrupted is None and skipped.rows + computed.rows == rows_in,
+        "complete": interrupted is None and failed is None and skipped.rows + computed.rows == rows_in,
         "interrupted": interrupted,  # the signal that stopped the run (SIGINT, SIGTERM), or None
+        "failed": failed,  # why the run stopped when something failed under it, or None
+        "limit": limit,  # `t5g2 run --limit N`: only the first N rows, in an output of their own; else None
+        # What the run read: the input paths as written, the files listed, and a fingerprint of their
+        # identities (inputs.inputs_fingerprint) that `t5g2 status` compares with the input as it is now;
+        # `storage` is the job's [storage] tables (never credentials), to list the input again.
+        "inputs": inputs or {"paths": [], "files": 0, "fingerprint": None, "storage": {}},
         "rows_in": rows_in,
         "rows_out": computed.rows,  # rows written by this run
         "rows_skipped": skipped.rows,  # rows already committed by earlier runs (not recomputed)
@@ -111,6 +122,7 @@ def make_report(*, job: str, output: str, run_config_hash: str, provenance: dict
         "rows_per_second": round(computed.rows / compute_seconds, 3) if compute_seconds > 0 else None,
         "wall_seconds": round(wall_seconds, 3),
         "all_runs": {"errors_by_kind": _merge(skipped, computed)},
+        "duplicate_rows_dropped": duplicate_rows_dropped,  # second copies of rows (retried Ray tasks), dropped
     }
 
 

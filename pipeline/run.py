@@ -14,7 +14,14 @@
      changed, renamed or removed), so the output mirrors the current input.
   5. Writes the report to <output>/_report.json, prints a summary, and returns the report.
   SIGINT / SIGTERM stop it between two commits (Interrupted): the report says so, the log says what
-  was committed and that the same command resumes.
+  was committed and that the same command resumes. A run that fails under it (model actors that keep
+  dying, rows that never come back: InfrastructureError; Ray's own errors) writes the report with
+  "failed" before the error goes on; one that failed on the output store writes none (the store
+  has just refused, and a further write could take minutes of retries to fail again).
+
+`run_job(spec, limit=N)` runs the job on its first N rows only, into an output of their own under
+the job's output (limited_spec): a prompt is checked on a few rows, and nothing of it can be taken
+for the job's output.
 
 Tests reach inside a run only through RunHooks (a model actor class that injects faults, a callback
 at each commit step); production code never sets them, and imports no test hook.
@@ -34,14 +41,15 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from operators import columns as C
 
 from . import build
 from . import report as reports
 from .commit import MANIFEST, REPORT, Committer
-from .inputs import Unit
+from .inputs import Unit, first_rows, inputs_fingerprint
+from .paths import StorageError, family
 from .spec import JobError, JobSpec
 from .validate import Validated, validate
 
@@ -49,6 +57,7 @@ PROGRESS_SECONDS = 10.0
 ACTOR_MEMORY_HEADROOM = 1 << 30  # host memory per model actor beyond its weights
 CONNECT_TIMEOUT_S = 10.0  # how long a cluster address may take to answer before the run fails
 INTERRUPTED_EXIT_BASE = 128  # a run stopped by signal N exits with 128 + N, as shells report it
+LIMIT_DIR = "_limit"  # `--limit N` outputs live under <output>/_limit/<run hash>/ (readers skip "_" names)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,61 @@ class RunHooks:
 
 class ClusterError(JobError):
     """The Ray cluster to join does not answer; the message names the address and the fix."""
+
+
+class InfrastructureError(RuntimeError):
+    """The run stopped because what it runs on failed (model actors that kept dying or hung, a plan
+    that lost rows); the message says what and that committed units stay. Not the job's fault: the
+    same command, run again, resumes."""
+
+
+def limited_spec(spec: JobSpec) -> JobSpec:
+    """The job with its output moved to <output.path>/_limit/<run config hash>/, where `--limit N` runs
+    write: never the job's own output (readers, reruns and `t5g2 status` of the job's output skip names
+    that start with "_"), one directory per set of settings, so trying another prompt on the first rows
+    never meets the output of the one before, and the same settings rerun resume there. The hash is the
+    one validation will find: with an adapter, its files' identity is resolved first (resolved_spec)."""
+    spec = resolved_spec(spec)
+    path = f"{spec.output.path.rstrip('/')}/{LIMIT_DIR}/{spec.run_config_hash()[:16]}"
+    return replace(spec, output=replace(spec.output, path=path))
+
+
+def resolved_spec(spec: JobSpec) -> JobSpec:
+    """`spec` with what validation resolves into the run config (the adapter's identity), checked as
+    validation checks it; the spec itself when there is no adapter."""
+    from .validate import _check_adapter, _check_model
+
+    if not spec.model.adapter or spec.model.adapter_identity:
+        return spec
+    _, identity = _check_adapter(spec, _check_model(spec).config)
+    return replace(spec, model=replace(spec.model, adapter_identity=identity))
+
+
+def apply_limit(v: Validated, limit: int | None) -> Validated:
+    """`v` restricted to the first `limit` rows of its input, in (file, row) order (None: all)."""
+    if limit is None:
+        return v
+    files, units = first_rows(list(v.files), list(v.units), limit, v.run_hash)
+    return replace(v, files=tuple(files), units=tuple(units))
+
+
+def inputs_record(v: Validated) -> dict:
+    """What the run report says about the input it read (before any --limit): the paths as written, the
+    files, a fingerprint of their identities, and the [storage] tables to list them again with."""
+    return {"paths": list(v.spec.input.paths), "files": len(v.files),
+            "fingerprint": inputs_fingerprint([(f.uri, f.identity) for f in v.files]),
+            "storage": v.spec.storage}
+
+
+def report_location(output_path: str) -> str:
+    """Where the report of an output lives, as `t5g2 run` prints it: an absolute path on local disks,
+    the URI elsewhere."""
+    from .paths import open_fs
+
+    fs, root = open_fs(output_path.rstrip("/"), None)
+    if family(fs) == "file":
+        return os.path.join(os.path.abspath(root), REPORT)
+    return f"{output_path.rstrip('/')}/{REPORT}"
 
 
 def _check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
@@ -251,20 +315,27 @@ class _StopOnSignals:
             raise Interrupted(self.pending)
 
 
-def run_job(spec: JobSpec, address: str | None = None, hooks: RunHooks | None = None) -> dict:
+def run_job(spec: JobSpec, address: str | None = None, hooks: RunHooks | None = None,
+            limit: int | None = None) -> dict:
     """Run (or resume) a job; returns the run report (also written and printed).
 
-    SIGINT or SIGTERM stops it: what was committed stays, the report is written with "interrupted",
-    an error is logged saying how much is done and that running the same command again resumes, and
-    Interrupted is raised (the command line exits with its exit_code). Progress, warnings and the
-    summary go to the "pipeline" loggers (the command line prints them).
+    With `limit`, only the first `limit` rows, into limited_spec's output. SIGINT or SIGTERM stops it:
+    what was committed stays, the report is written with "interrupted", an error is logged saying how
+    much is done and that running the same command again resumes, and Interrupted is raised (the
+    command line exits with its exit_code). An error that stops the run after validation carries the
+    report written for it, if any, as its `report` attribute (Interrupted too). Progress, warnings and
+    the summary go to the "pipeline" loggers (the command line prints them).
     """
+    if limit is not None:
+        if limit < 1:
+            raise JobError(f"--limit must be a number of rows >= 1, got {limit}")
+        spec = limited_spec(spec)
     signals = _StopOnSignals()
     with signals.active():
-        return _run(spec, address, signals, hooks or RunHooks())
+        return _run(spec, address, signals, hooks or RunHooks(), limit)
 
 
-def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: RunHooks) -> dict:
+def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: RunHooks, limit: int | None) -> dict:
     started = time.perf_counter()
     try:
         v = validate(spec)
@@ -272,6 +343,8 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
         log.error(f"stopped by {stop.name} during validation, before any work; nothing was written")
         raise
     spec = v.spec  # with what validation resolved (the adapter's identity, part of the run config)
+    inputs = inputs_record(v)
+    v = apply_limit(v, limit)
     store = v.store
     done = store.done()
     skipped = reports.RunStats()
@@ -288,6 +361,9 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
     # units no longer in the plan are retracted only at the end of a run that committed everything.
     store.clean_leftovers(set(done) | {u.key for u in todo})
     rows_in = sum(f.num_rows for f in v.files)
+    if limit is not None:
+        log.info(f"--limit {limit}: the first {rows_in} rows only, into {spec.output.path} (an output of their own, "
+                 f"not the job's)")
     log.info(f"Job {spec.origin}: {rows_in} rows in {len(v.files)} file(s) -> {len(v.units)} unit(s); "
              f"{len(v.units) - len(todo)} already done, {len(todo)} to compute")
 
@@ -298,14 +374,13 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
     connected_here = False
     retracted = (0, 0)
 
-    def report(interrupted: str | None = None) -> dict:
+    def report(interrupted: str | None = None, failed: str | None = None) -> dict:
         result = reports.make_report(
             job=spec.origin, output=spec.output.path, run_config_hash=v.run_hash, provenance=v.provenance,
             rows_in=rows_in, units_total=len(v.units), skipped=skipped, computed=committer.stats,
             retracted_units=retracted[0], retracted_rows=retracted[1], wall_seconds=time.perf_counter() - started,
-            compute_seconds=time.perf_counter() - compute_started if todo else 0.0, interrupted=interrupted)
-        if committer.duplicates:
-            result["duplicate_rows_dropped"] = committer.duplicates
+            compute_seconds=time.perf_counter() - compute_started if todo else 0.0, interrupted=interrupted,
+            failed=failed, limit=limit, inputs=inputs, duplicate_rows_dropped=committer.duplicates)
         store.write_json(REPORT, result)
         return result
 
@@ -327,6 +402,16 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
                   f"committed stays: run the same command again to resume, it computes only the rest")
         if connected_here:
             _disconnect()  # stops this driver's Ray job: its actors and tasks end with it
+        stop.report = result
+        raise
+    except Exception as exc:
+        # After a storage failure the store is not written again; a JobError (a pool the cluster cannot
+        # hold, a cluster that does not answer) stops the run before any work, and leaves the output as it was.
+        if not isinstance(exc, (StorageError, JobError)):
+            try:
+                exc.report = report(failed=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            except Exception as also:  # the report is a courtesy here; the failure itself goes on
+                log.warning(f"could not write the run report after the failure ({type(also).__name__}: {also})")
         raise
 
     result = report()
@@ -374,9 +459,9 @@ def _stream(spec: JobSpec, v: Validated, todo: list[Unit], committer: Committer,
         why = _stuck_model_message(exc, spec, f"{committer.stats.units}/{len(todo)}")
         if why is None:
             raise
-        raise RuntimeError(why) from exc
+        raise InfrastructureError(why) from exc
     if committer.committed != set(committer.units):
-        raise RuntimeError(
+        raise InfrastructureError(
             f"{len(todo) - committer.stats.units} unit(s) did not get all their rows back from the plan; "
             f"nothing of them was committed, so running the job again computes exactly those"
         )

@@ -210,16 +210,7 @@ class JobSpec:
     def storage_options(self, path: str) -> dict:
         """fsspec options for `path`'s protocol (a copy; empty for local paths), with the bounded
         retries and timeouts of S3_CONFIG_DEFAULTS for S3 where [storage.s3] does not set its own."""
-        protocol = protocol_of(path)
-        aliases = {"s3a": "s3", "gs": "gcs", "abfs": "az", "abfss": "az"}
-        family = aliases.get(protocol, protocol)
-        options = copy.deepcopy(dict(self.storage.get(protocol) or self.storage.get(family, {})))
-        if family == "s3":
-            config = dict(options.get("config_kwargs") or {})
-            for key, value in S3_CONFIG_DEFAULTS.items():
-                config.setdefault(key, copy.deepcopy(value))
-            options["config_kwargs"] = config
-        return options
+        return storage_options(self.storage, path)
 
     def run_config(self) -> dict:
         """Everything that decides the output rows' content and layout (no paths, no resources)."""
@@ -257,6 +248,21 @@ class JobSpec:
         """Hash of the run's prompts, generation settings and layout: keys outputs and provenance."""
         text = json.dumps(self.run_config(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def storage_options(storage: dict, path: str) -> dict:
+    """fsspec options for `path`'s protocol from [storage] tables (`storage`: protocol -> options), as
+    JobSpec.storage_options gives them; also used where there is no job file (`t5g2 status`)."""
+    protocol = protocol_of(path)
+    aliases = {"s3a": "s3", "gs": "gcs", "abfs": "az", "abfss": "az"}
+    family = aliases.get(protocol, protocol)
+    options = copy.deepcopy(dict(storage.get(protocol) or storage.get(family, {})))
+    if family == "s3":
+        config = dict(options.get("config_kwargs") or {})
+        for key, value in S3_CONFIG_DEFAULTS.items():
+            config.setdefault(key, copy.deepcopy(value))
+        options["config_kwargs"] = config
+    return options
 
 
 def protocol_of(path: str) -> str:
@@ -413,6 +419,16 @@ def _choice(table: dict, key: str, where: str, default: str, choices: Sequence[s
     if value not in choices:
         raise JobError(f"{where}.{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def check_no_credentials(options: Any, where: str) -> None:
+    """Refuse options whose names hold secrets (JobError naming `where` and the standard chains)."""
+    _check_no_credentials(options, where)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: a TOML value, or the text itself when it does not parse as one."""
+    return _parse_value(text)
 
 
 def _check_no_credentials(options: Any, where: str) -> None:

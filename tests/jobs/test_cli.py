@@ -26,16 +26,17 @@ def job_file(tiny_checkpoint, tmp_path):
 
 
 def test_usage_and_unknown_command(capsys):
-    assert cli.main(["--help"]) == 0 and "t5g2 {run,inspect,demo,bench}" in capsys.readouterr().out
+    assert cli.main(["--help"]) == 0 and "t5g2 {run,status,inspect,demo,bench}" in capsys.readouterr().out
     assert cli.main([]) == 2
     assert cli.main(["frobnicate"]) == 2 and "unknown command 'frobnicate'" in capsys.readouterr().err
 
 
 def test_run_and_rerun(ray_cluster, job_file, tmp_path, capsys):
-    assert cli.main(["run", str(job_file), "--set", "resources.rows_per_call=4"]) == 0
+    # The input has two bad texts: complete, with error rows (exit 3), now and on a rerun that computes nothing.
+    assert cli.main(["run", str(job_file), "--set", "resources.rows_per_call=4"]) == cli.EXIT_ERROR_ROWS
     out = capsys.readouterr().out
     assert "rows in 6, written now 6, already done 0" in out
-    assert cli.main(["run", str(job_file)]) == 0
+    assert cli.main(["run", str(job_file)]) == cli.EXIT_ERROR_ROWS
     assert "written now 0, already done 6" in capsys.readouterr().out
 
 
@@ -122,3 +123,62 @@ def test_demo_and_bench_are_imported_lazily(monkeypatch):
 
     monkeypatch.setattr(jobs, "bench", fake, raising=False)
     assert cli.main(["bench", "--shape", "tiny"]) == 0 and calls == [["--shape", "tiny"]]
+
+
+def test_run_exit_codes_by_failure(job_file, capsys, monkeypatch):
+    """What cmd_run makes of each way run_job can end (the README's exit-code table)."""
+    import pipeline.run
+    from pipeline.paths import StorageError
+    from pipeline.run import ClusterError, InfrastructureError, Interrupted
+
+    out = str(job_file.parent / "out")
+
+    def ending(result=None, error=None, report=None):
+        def run_job(spec, address=None, limit=None):
+            if error is not None:
+                if report is not None:
+                    error.report = report
+                raise error
+            return result
+        monkeypatch.setattr(pipeline.run, "run_job", run_job)
+        code = cli.main(["run", str(job_file)])
+        return code, capsys.readouterr()
+
+    complete = {"output": out, "complete": True, "all_runs": {"errors_by_kind": {}}}
+    code, seen = ending(result=complete)
+    assert code == cli.EXIT_OK and seen.out.splitlines()[-1] == f"{out}/_report.json"
+    code, seen = ending(result={**complete, "all_runs": {"errors_by_kind": {"text_empty": 2}}})
+    assert code == cli.EXIT_ERROR_ROWS and seen.out.splitlines()[-1] == f"{out}/_report.json"
+    assert ending(result={**complete, "complete": False})[0] == cli.EXIT_INFRASTRUCTURE
+    code, seen = ending(error=InfrastructureError("actors kept dying"), report={"output": out})
+    assert code == cli.EXIT_INFRASTRUCTURE and "the job stopped: actors kept dying" in seen.err
+    assert seen.out.splitlines()[-1] == f"{out}/_report.json"  # the report written for the failure
+    code, seen = ending(error=StorageError("cannot write 'part-x.parquet'"))
+    assert code == cli.EXIT_INFRASTRUCTURE and not seen.out.strip()  # no report after a storage failure
+    assert ending(error=ClusterError("no Ray cluster answers at 1.2.3.4:6379"))[0] == cli.EXIT_INFRASTRUCTURE
+    ray_error = type("RaySystemError", (Exception,), {"__module__": "ray.exceptions"})
+    assert ending(error=ray_error("the GCS went away"))[0] == cli.EXIT_INFRASTRUCTURE
+    code, seen = ending(error=Interrupted(15), report={"output": out})
+    assert code == 143 and seen.out.splitlines()[-1] == f"{out}/_report.json"
+    with pytest.raises(KeyError):  # a bug is not hidden behind an exit code: the traceback, exit 1
+        ending(error=KeyError("oops"))
+
+
+def test_a_transient_storage_error_in_validation_is_infrastructure():
+    from pipeline.paths import StorageError
+    from pipeline.spec import JobError
+
+    def chained(*errors):
+        for outer, inner in zip(errors, errors[1:]):
+            outer.__cause__ = inner
+        return errors[0]
+
+    refused = chained(JobError("input.path ..."), StorageError("cannot list"), ConnectionRefusedError(111, "refused"))
+    assert cli.is_infrastructure(refused)
+    slow_down = Exception("SlowDown")
+    slow_down.response = {"ResponseMetadata": {"HTTPStatusCode": 503}}
+    assert cli.is_infrastructure(chained(JobError("x"), StorageError("y"), slow_down))
+    denied = Exception("AccessDenied")
+    denied.response = {"ResponseMetadata": {"HTTPStatusCode": 403}}
+    assert not cli.is_infrastructure(chained(JobError("no write access"), StorageError("y"), denied))
+    assert not cli.is_infrastructure(chained(JobError("not a column"), FileNotFoundError("gone")))

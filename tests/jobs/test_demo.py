@@ -235,3 +235,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys, ray_cluster):
     printed = capsys.readouterr().out
     assert "img-bad-truncated" in printed and "Demo finished" in printed
     assert "classify-topics" in printed and "(kept)" in printed and "yes 0." in printed
+    # Before the runs, the dry run of the first job: its rows, prompt lengths and estimate.
+    dry = printed[printed.index("=== dry run"):printed.index("=== summarize")]
+    assert "the job is valid" in dry and "input     24 rows in 4 file(s)" in dry
+    assert "prompt length without the limit" in dry and "estimate  for 1 actor(s) x (CPU" in dry

@@ -157,7 +157,8 @@ def run_cli(tmp_path: Path, text: str, ray_cluster: str) -> subprocess.Completed
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(job), "--address", ray_cluster], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    # 3: complete, with error rows (the corpus holds bad rows on purpose; see README, For schedulers)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-4000:]
     return proc
 
 

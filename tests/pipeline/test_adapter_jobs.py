@@ -147,3 +147,21 @@ def test_the_model_actors_merge_the_adapter(ray_cluster, tiny_checkpoint, job, a
     save_adapter(moved, seed=3)
     with pytest.raises(JobError, match=r"different settings \(changed: model\)"):
         run_job(load_job(text, [f"model.adapter={moved}"]))
+
+
+def test_a_limited_run_of_an_adapter_job_gets_a_directory_per_adapter_version(no_ray, job, adapter, tmp_path):
+    """--limit names its directory by the run config validation resolves: a rewritten adapter at the same
+    path is a new directory, never one whose manifest refuses it."""
+    from pipeline.dryrun import dry_run
+
+    _, text = job
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    spec = load_job(text, [f"model.adapter={copy}"])
+    first = dry_run(spec, limit=3)
+    assert first["output"] == f"{tmp_path}/out/_limit/{validate(spec).run_hash[:16]}"
+    weights = copy / "adapter_model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten in place
+    second = dry_run(spec, limit=3)
+    assert second["output"] != first["output"] and second["input"]["rows"] == 3
