@@ -94,14 +94,19 @@ def make_requests(cfg: T5Gemma2Config, workload: str, rows: int, scale: float, s
         length = math.exp(math.log(median * scale) + sigma * torch.randn((), generator=gen).item())
         length = int(min(max(length, 4), longest * scale))
         ids = torch.randint(10, cfg.vocab_size - 10, (length,), generator=gen).tolist()
-        pixels = None
-        if images:
-            block = [cfg.boi_token_id] + [cfg.image_token_id] * cfg.mm_tokens_per_image + [cfg.eoi_token_id]
-            ids = ids[:1] + block + ids[1:]
-            size = cfg.vision.image_size
-            pixels = torch.rand((1, 3, size, size), generator=gen) * 2 - 1
-        requests.append(model.Request(ids, pixel_values=pixels, params=params))
+        requests.append(random_request(cfg, ids, images, params, gen))
     return requests
+
+
+def random_request(cfg: T5Gemma2Config, ids: list[int], images: int, params, gen) -> model.Request:
+    """A request of prompt `ids`, with one random image spliced after the first token when `images`."""
+    pixels = None
+    if images:
+        block = [cfg.boi_token_id] + [cfg.image_token_id] * cfg.mm_tokens_per_image + [cfg.eoi_token_id]
+        ids = ids[:1] + block + ids[1:]
+        size = cfg.vision.image_size
+        pixels = torch.rand((1, 3, size, size), generator=gen) * 2 - 1
+    return model.Request(ids, pixel_values=pixels, params=params)
 
 
 def peak_memory_gb(device: torch.device) -> float:

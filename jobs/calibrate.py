@@ -35,6 +35,7 @@ from dataclasses import replace
 import torch
 
 import model
+from jobs.bench import random_request
 from pipeline.estimate import Calibration, model_cost
 
 MAX_IMAGE_PATCHES = 1024  # on a CPU, towers with more patches than this are not timed (see above)
@@ -75,14 +76,7 @@ def _requests(cfg, rows: int, prompt_tokens: int, new_tokens: int, images: bool,
     params = model.GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     out = []
     for _ in range(rows):
-        ids = _ids(cfg, prompt_tokens, gen)
-        pixels = None
-        if images:
-            block = [cfg.boi_token_id] + [cfg.image_token_id] * cfg.mm_tokens_per_image + [cfg.eoi_token_id]
-            ids = ids[:1] + block + ids[1:]
-            size = cfg.vision.image_size
-            pixels = torch.rand((1, 3, size, size), generator=gen) * 2 - 1
-        out.append(model.Request(ids, pixel_values=pixels, params=params))
+        out.append(random_request(cfg, _ids(cfg, prompt_tokens, gen), images, params, gen))
     return out
 
 

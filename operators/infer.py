@@ -179,33 +179,28 @@ class Infer:
         return pa.table(out)
 
     def _generate(self, requests: list[Request]) -> list[Result]:
-        if not requests:
-            return []
-        try:
-            return self.generator.generate(requests)
-        except Exception as exc:  # a bug or a device fault: find the rows that cause it
-            log.warning("generate failed for a batch of %d requests (%s: %s); retrying one by one",
-                        len(requests), type(exc).__name__, exc)
-        results = []
-        for request in requests:
-            try:
-                results.extend(self.generator.generate([request]))
-            except Exception as exc:
-                results.append(Result([], "error", f"{type(exc).__name__}: {exc}", "model_error"))
-        return results
+        return _isolating("generate", self.generator.generate, requests,
+                          lambda message: Result([], "error", message, "model_error"))
 
     def _score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        if not requests:
-            return []
+        return _isolating("score", self.scorer.score, requests,
+                          lambda message: ScoreResult([], [], message, "model_error"))
+
+
+def _isolating(what: str, run, requests: list, failed) -> list:
+    """run(requests); when the whole call raises (a bug or a device fault), one request at a time, so
+    that only the requests that cause it fail: failed(message) is their result."""
+    if not requests:
+        return []
+    try:
+        return run(requests)
+    except Exception as exc:
+        log.warning("%s failed for a batch of %d requests (%s: %s); retrying one by one",
+                    what, len(requests), type(exc).__name__, exc)
+    results = []
+    for request in requests:
         try:
-            return self.scorer.score(requests)
-        except Exception as exc:  # a bug or a device fault: find the rows that cause it
-            log.warning("score failed for a batch of %d requests (%s: %s); retrying one by one",
-                        len(requests), type(exc).__name__, exc)
-        results = []
-        for request in requests:
-            try:
-                results.extend(self.scorer.score([request]))
-            except Exception as exc:
-                results.append(ScoreResult([], [], f"{type(exc).__name__}: {exc}", "model_error"))
-        return results
+            results.extend(run([request]))
+        except Exception as exc:
+            results.append(failed(f"{type(exc).__name__}: {exc}"))
+    return results
