@@ -27,6 +27,9 @@ of a job has, per input row:
     OUT_input_tokens, OUT_error_kind, OUT_error_message   as above
   model_source, model_revision, run_config_hash   provenance of the result
   input_file, input_row    provenance of the row: the input file's URI and the row's number in it
+  input_hash               a hash of everything in the input row that decides its result (its id
+                           where the job has an id_column, text, image, prompt fields, labels, keep
+                           columns); a rerun reuses the result of a row whose hash it finds
 
 Internal columns (prefixed "__") carry work between stages and are dropped before writing: the
 fixed ones below, and per input column a stage needs beyond id, text and image: FIELD_PREFIX +
@@ -53,6 +56,7 @@ MODEL_REVISION = "model_revision"
 RUN_CONFIG_HASH = "run_config_hash"
 INPUT_FILE = "input_file"
 INPUT_ROW = "input_row"
+INPUT_HASH = "input_hash"  # what in the input row decided its result (inputs.row_hashes); kept by every stage
 
 # Internal columns between stages.
 UNIT = "__unit"  # key of the unit of work (input file + row range) the row belongs to
@@ -96,6 +100,13 @@ def read_error_columns(internal: str) -> tuple[str, str]:
     """(kind, message) columns beside an internal input column, present only in blocks of a file that
     cannot give it (schema drift): TEXT -> (TEXT_ERROR, TEXT_ERROR_MESSAGE), and so on."""
     return f"{internal}_error", f"{internal}_error_message"
+
+
+def row_columns(batch: pa.Table) -> dict[str, pa.ChunkedArray]:
+    """The columns every stage passes on unchanged: the row's unit, row number and id, and its INPUT_HASH
+    (the read stage always gives one; batches built by hand in operator tests may lack it)."""
+    names = [UNIT, ROW, ID] + [INPUT_HASH] * (INPUT_HASH in batch.column_names)
+    return {name: batch.column(name) for name in names}
 
 
 def require(batch: pa.Table, names: list[str], stage: str) -> None:
@@ -225,7 +236,7 @@ class OutputTask:
 
 
 RESERVED = frozenset({ID, ERROR_KIND, ERROR_MESSAGE, MODEL_SOURCE, MODEL_REVISION, RUN_CONFIG_HASH, INPUT_FILE,
-                      INPUT_ROW})
+                      INPUT_ROW, INPUT_HASH})
 
 
 def reserved_names(output_column: str, classify: bool = False) -> list[str]:
@@ -244,5 +255,6 @@ def output_schema(tasks: list[str | OutputTask], id_type: pa.DataType, keep: lis
         pa.field(RUN_CONFIG_HASH, pa.string()),
         pa.field(INPUT_FILE, pa.string()),
         pa.field(INPUT_ROW, pa.int64()),
+        pa.field(INPUT_HASH, pa.string()),
     ]
     return pa.schema(fields)

@@ -83,7 +83,7 @@ class Finish:
     def __call__(self, batch: pa.Table) -> pa.Table:
         C.require(batch, self.required_columns(self.tasks, self.keep), "finish")
         n = batch.num_rows
-        out = {C.UNIT: batch.column(C.UNIT), C.ROW: batch.column(C.ROW), C.ID: batch.column(C.ID)}
+        out = C.row_columns(batch)
         for name in self.keep:
             out[name] = batch.column(C.keep_column(name))
         row_kind: list[str | None] = [None] * n

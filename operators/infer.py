@@ -160,7 +160,7 @@ class Infer:
             else:
                 candidate_scores[t][r] = result.scores(self.tasks[t].score)
 
-        out = {name: batch.column(name) for name in (C.UNIT, C.ROW, C.ID)}  # PIXELS end here
+        out = C.row_columns(batch)  # PIXELS end here
         for name in self.keep:
             out[C.keep_column(name)] = batch.column(C.keep_column(name))
         for t, task in enumerate(self.tasks):

@@ -184,7 +184,7 @@ class Prepare:
                 cand_col.append(candidates if error is None else None)
                 label_col.append(labels if error is None else None)
 
-        out = {C.UNIT: batch.column(C.UNIT), C.ROW: batch.column(C.ROW), C.ID: batch.column(C.ID)}
+        out = C.row_columns(batch)
         for name in self.keep:
             out[C.keep_column(name)] = batch.column(C.keep_column(name))
         if self.needs_image:

@@ -22,6 +22,7 @@ Output layout under [output].path, one part file per unit of work (inputs.py nam
   _done/<key>.json       the done-marker, written after the part file; holds the unit's counts
   _job.json              the run config the directory belongs to; another config is refused
   _report.json           the latest run report
+  _changes.json          what the last complete run changed: rows new, changed, unchanged, removed
   _tmp/                  scratch for local renames; emptied at the start of each run
 
 A rerun lists the markers and skips those units without reading their input. A part file without
@@ -35,8 +36,10 @@ are gone. Readers (pyarrow.dataset, Spark, DuckDB) skip names starting with "_",
 part files.
 
 The Committer buffers the rows of each unit as they stream back from the plan (dropping the
-second copy of a row that a retried Ray task produced) and publishes a unit once all its rows are
-there. Tests can stop it at each step of a commit through its `on_step` callback.
+second copy of a row that a retried Ray task produced), with the rows whose output an earlier run
+holds (add_reused: the same content, found by its input hash in a unit the input no longer has),
+and publishes a unit once all its rows are there. Tests can stop it at each step of a commit
+through its `on_step` callback.
 
 Not here: reading the input (inputs.py), the order of a run (run.py).
 """
@@ -234,11 +237,12 @@ class Committer:
 
     def __init__(self, store: OutputStore, schema: pa.Schema, compression: str, units: list[Unit],
                  output_columns: list[str], *, on_step: Callable[[str, int], None] | None = None,
-                 guard: Callable[[], AbstractContextManager] | None = None):
+                 guard: Callable[[], AbstractContextManager] | None = None, notes: dict[str, dict] | None = None):
         """`schema` is the output schema (columns.output_schema), `units` the units to commit, and
         `output_columns` the tasks' columns (for the counts in each done-marker). `on_step(step, n)`
         is called at each step of COMMIT_STEPS of the n-th commit (tests stop the driver there);
-        `guard()` is entered around each commit (run.py holds stop signals back inside it)."""
+        `guard()` is entered around each commit (run.py holds stop signals back inside it); `notes`
+        holds what each unit's done-marker records besides its counts (incremental.py's changes)."""
         self.store = store
         self.schema = schema
         self.compression = compression
@@ -246,9 +250,12 @@ class Committer:
         self.output_columns = list(output_columns)
         self.on_step = on_step
         self.guard = guard or nullcontext
+        self.notes = notes or {}
         self.parts: dict[str, list[pa.Table]] = defaultdict(list)
         self.seen: dict[str, set[int]] = defaultdict(set)
-        self.stats = reports.RunStats()
+        self.reused: dict[str, set[int]] = defaultdict(set)  # rows given by add_reused, per unit
+        self.stats = reports.RunStats()  # the rows this run computed
+        self.reused_rows = 0  # the rows this run committed from an earlier output (add_reused)
         self.duplicates = 0  # second copies of rows (retried Ray tasks), dropped
         self.committed: set[str] = set()
         self.commits_started = 0
@@ -267,13 +274,32 @@ class Committer:
             by_unit[key].append(i)
         for key, indices in by_unit.items():
             self.parts[key].append(batch.take(pa.array(indices, type=pa.int64())))
-            if len(self.seen[key]) == self.units[key].rows:
-                with self.guard():
-                    self.commit(key)
+            self._commit_when_whole(key)
+
+    def add_reused(self, key: str, rows: pa.Table) -> None:
+        """Rows of unit `key` whose output an earlier run committed (incremental.py): UNIT, ROW and the
+        output columns but input_file and input_row, as the finish stage gives them. They are committed
+        with the unit like computed rows, and counted apart."""
+        numbers = rows.column(C.ROW).to_pylist()
+        if key not in self.units or key in self.committed or self.seen[key] & set(numbers):
+            raise RuntimeError(f"reused rows for unit {key} that is unknown, committed or holds them already")
+        self.seen[key].update(numbers)
+        self.reused[key].update(numbers)
+        self.parts[key].append(rows)
+        self._commit_when_whole(key)
+
+    def _commit_when_whole(self, key: str) -> None:
+        if len(self.seen[key]) == self.units[key].rows:
+            with self.guard():
+                self.commit(key)
 
     def commit(self, key: str) -> None:
         self.commits_started += 1
-        table = pa.concat_tables(self.parts.pop(key))
+        # Computed and reused parts carry the same columns, maybe in another order or type.
+        body = pa.schema([pa.field(C.ROW, pa.int64())] + [f for f in self.schema
+                                                          if f.name not in (C.INPUT_FILE, C.INPUT_ROW)])
+        table = pa.concat_tables([pa.table([part.column(f.name).cast(f.type) for f in body], schema=body)
+                                  for part in self.parts.pop(key)])
         table = table.take(pc.sort_indices(table, sort_keys=[(C.ROW, "ascending")]))
         table = table.append_column(C.INPUT_FILE, pa.array([self.units[key].uri] * table.num_rows, pa.string()))
         table = table.append_column(C.INPUT_ROW, table.column(C.ROW))
@@ -282,7 +308,12 @@ class Committer:
         self.store.publish(key, table, self.compression)
         self._step("after-publish")
         stats = reports.unit_stats(table, self.output_columns)
-        self.store.mark_done(key, stats)
+        self.store.mark_done(key, {**stats, **self.notes.get(key, {})})
+        reused = self.reused.pop(key, set())
+        if reused:
+            mask = pc.invert(pc.is_in(table.column(C.INPUT_ROW), value_set=pa.array(sorted(reused), pa.int64())))
+            stats = reports.unit_stats(table.filter(mask), self.output_columns)
+            self.reused_rows += len(reused)
         self.stats.add(stats)
         del self.seen[key]
         self.committed.add(key)

@@ -84,10 +84,13 @@ def make_report(*, job: str, output: str, run_config_hash: str, provenance: dict
                 skipped: RunStats, computed: RunStats, wall_seconds: float, compute_seconds: float,
                 retracted_units: int = 0, retracted_rows: int = 0, interrupted: str | None = None,
                 failed: str | None = None, limit: int | None = None, inputs: dict | None = None,
-                duplicate_rows_dropped: int = 0) -> dict:
+                duplicate_rows_dropped: int = 0, reused_rows: int = 0, changes: dict | None = None) -> dict:
     """The report of one run. Units are counted three ways: computed by this run, reused (committed by
     an earlier run of the same input) and retracted (outputs of input that changed or is gone, deleted
-    at the end of this run); after a complete run the output holds computed + reused units.
+    at the end of this run); after a complete run the output holds computed + reused units. The rows a
+    run writes are computed, or reused: copied from a retracted unit's row of the same input hash
+    (incremental.py). `computed` counts the computed rows only; `changes` is incremental.changes_record
+    of a complete run.
 
     Its keys are documented in the README ("The run report"); tests/pipeline/test_report_schema.py
     checks that the documented keys are exactly these."""
@@ -98,7 +101,7 @@ def make_report(*, job: str, output: str, run_config_hash: str, provenance: dict
         "run_config_hash": run_config_hash,
         "model_source": provenance.get(C.MODEL_SOURCE),
         "model_revision": provenance.get(C.MODEL_REVISION),
-        "complete": interrupted is None and failed is None and skipped.rows + computed.rows == rows_in,
+        "complete": interrupted is None and failed is None and skipped.rows + computed.rows + reused_rows == rows_in,
         "interrupted": interrupted,  # the signal that stopped the run (SIGINT, SIGTERM), or None
         "failed": failed,  # why the run stopped when something failed under it, or None
         "limit": limit,  # `t5g2 run --limit N`: only the first N rows, in an output of their own; else None
@@ -107,9 +110,13 @@ def make_report(*, job: str, output: str, run_config_hash: str, provenance: dict
         # `storage` is the job's [storage] tables (never credentials), to list the input again.
         "inputs": inputs or {"paths": [], "files": 0, "fingerprint": None, "storage": {}},
         "rows_in": rows_in,
-        "rows_out": computed.rows,  # rows written by this run
+        "rows_out": computed.rows + reused_rows,  # rows written by this run: computed + reused
+        "rows_computed": computed.rows,  # rows the model computed in this run
+        "rows_reused": reused_rows,  # rows written with the result of an earlier run's row of the same input hash
         "rows_skipped": skipped.rows,  # rows already committed by earlier runs (not recomputed)
-        "rows_committed_total": skipped.rows + computed.rows,
+        "rows_committed_total": skipped.rows + computed.rows + reused_rows,
+        # rows new / changed / unchanged / removed since the last complete run (None until this run completes)
+        "changes": (changes or {}).get("rows"),
         "units_total": units_total,
         "units_reused": skipped.units,
         "units_computed": computed.units,
@@ -137,12 +144,16 @@ def summary(report: dict) -> str:
     rate = f"{report['rows_per_second']:.1f} rows/s" if report["rows_per_second"] else "-"
     lines = [
         f"Job {report['job']} -> {report['output']}",
-        f"  rows in {report['rows_in']}, written now {report['rows_out']}, already done {report['rows_skipped']} "
+        f"  rows in {report['rows_in']}, written now {report['rows_out']}"
+        + (f" ({report['rows_reused']} reused from earlier output)" if report["rows_reused"] else "")
+        + f", already done {report['rows_skipped']} "
         f"({report['units_computed']} computed + {report['units_reused']} reused of {report['units_total']} units"
         + (f"; {report['units_retracted']} retracted, {report['rows_retracted']} rows of changed or removed input"
            if report["units_retracted"] else "") + ")"
         + ("" if report["complete"] else "  INCOMPLETE"),
         f"  errors this run: {errors}",
+        *(["  changes since the last complete run: " + ", ".join(f"{k} {v}" for k, v in report["changes"].items())]
+          if report["changes"] else []),
         f"  tokens in {report['input_tokens']}, out {report['output_tokens']}; {rate}; "
         f"wall {report['wall_seconds']:.1f}s",
     ]

@@ -10,8 +10,12 @@
      grow, so there it warns), streams the plan of build.py, and commits each unit as soon as all
      its rows are back (commit.py): rows are deduplicated by (unit, row) first, since Ray may retry
      work (at-least-once), so each input row lands exactly once.
-  4. Once every unit is committed, retracts the outputs of units the input no longer has (files
-     changed, renamed or removed), so the output mirrors the current input.
+     Rows of new units whose result a unit the input no longer has already holds (same input hash:
+     a renamed, moved or re-sharded file, the unchanged rows of an edited one) are not computed: their
+     result is copied (incremental.py).
+  4. Once every unit is committed, writes what changed (<output>/_changes.json) and retracts the
+     outputs of units the input no longer has (files changed, renamed or removed), so the output
+     mirrors the current input.
   5. Writes the report to <output>/_report.json, prints a summary, and returns the report.
   SIGINT / SIGTERM stop it between two commits (Interrupted): the report says so, the log says what
   was committed and that the same command resumes. A run that fails under it (model actors that keep
@@ -45,7 +49,7 @@ from dataclasses import dataclass, replace
 
 from operators import columns as C
 
-from . import build
+from . import build, incremental
 from . import report as reports
 from .commit import MANIFEST, REPORT, Committer
 from .inputs import Unit, first_rows, inputs_fingerprint
@@ -197,11 +201,16 @@ def _check_capacity(spec: JobSpec, fixed_size: bool) -> None:
     log.warning(f"{message} (waiting for the cluster to grow)")
 
 
+def read_columns(spec: JobSpec) -> dict:
+    """The input columns the read stage gives: "id" / "text" / "image" -> column name or None."""
+    return {"id": spec.input.id_column, "text": spec.input.text_column if any(t.uses_text for t in spec.tasks)
+            else None, "image": spec.input.image_column if any(t.uses_image for t in spec.tasks) else None}
+
+
 def make_plan(v: Validated, todo: list[Unit]) -> build.Plan:
     spec = v.spec
     model_options = spec.storage_options(spec.model.source)
-    columns = {"id": spec.input.id_column, "text": spec.input.text_column if any(t.uses_text for t in spec.tasks)
-               else None, "image": spec.input.image_column if any(t.uses_image for t in spec.tasks) else None}
+    columns = read_columns(spec)
     r = spec.resources
     keep = spec.output.keep_columns
     return build.Plan(
@@ -355,10 +364,12 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
         else:
             todo.append(unit)
     plan_keys = {u.key for u in v.units}
+    stale = {key for key in done if key not in plan_keys}  # committed units the input no longer has
     # A part file without a marker whose unit is about to be recomputed stays until the new one
     # replaces it in one step (same name, same rows), so readers never see its rows vanish;
     # unmarked part files of units no longer in the plan, and scratch files, are deleted. Marked
-    # units no longer in the plan are retracted only at the end of a run that committed everything.
+    # units no longer in the plan are reused from (incremental.py), then retracted only at the end of
+    # a run that committed everything.
     store.clean_leftovers(set(done) | {u.key for u in todo})
     rows_in = sum(f.num_rows for f in v.files)
     if limit is not None:
@@ -373,6 +384,7 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
     compute_started = time.perf_counter()
     connected_here = False
     retracted = (0, 0)
+    changes = None
 
     def report(interrupted: str | None = None, failed: str | None = None) -> dict:
         result = reports.make_report(
@@ -380,26 +392,39 @@ def _run(spec: JobSpec, address: str | None, signals: _StopOnSignals, hooks: Run
             rows_in=rows_in, units_total=len(v.units), skipped=skipped, computed=committer.stats,
             retracted_units=retracted[0], retracted_rows=retracted[1], wall_seconds=time.perf_counter() - started,
             compute_seconds=time.perf_counter() - compute_started if todo else 0.0, interrupted=interrupted,
-            failed=failed, limit=limit, inputs=inputs, duplicate_rows_dropped=committer.duplicates)
+            failed=failed, limit=limit, inputs=inputs, duplicate_rows_dropped=committer.duplicates,
+            reused_rows=committer.reused_rows, changes=changes)
         store.write_json(REPORT, result)
         return result
 
     try:
-        if todo:
-            if store.read_json(MANIFEST) is None:
-                store.write_json(MANIFEST, {"run_config_hash": v.run_hash, "run_config": spec.run_config()})
+        generation, counted = incremental.generation_of(store)
+        read = incremental.ReadSpec(columns=read_columns(spec), storage_options=spec.storage_options(
+            spec.input.paths[0]), extra=v.extra)
+        reuse = incremental.plan_reuse(store, todo, stale, read, generation, counted)
+        committer.notes = reuse.notes
+        if todo and store.read_json(MANIFEST) is None:
+            store.write_json(MANIFEST, {"run_config_hash": v.run_hash, "run_config": spec.run_config()})
+        for key, piece in reuse.pieces:  # units whose rows are all reused are committed here
+            committer.add_reused(key, piece)
+        compute = [u for u in reuse.units if u.key not in committer.committed]
+        if compute:
             connected_here = not _ray_initialized()
             fixed_size = _connect(address)
             signals.take_back()
             _check_capacity(spec, fixed_size=fixed_size)
-            _stream(spec, v, todo, committer, compute_started, hooks)
+            _stream(spec, v, compute, committer, compute_started, hooks)
+        changes = incremental.changes_record(store, list(v.units), done, committer.committed, reuse,
+                                             read.derived_id, stale, v.run_hash)
+        store.write_json(incremental.CHANGES, changes)  # before retracting: see changes_record
         retracted = store.retract(plan_keys, done)
     except Interrupted as stop:
         result = report(interrupted=stop.name)
         units_done = result["units_reused"] + result["units_computed"]
         log.error(f"stopped by {stop.name}: {committer.stats.units} of {len(todo)} units committed in this run "
-                  f"({committer.stats.rows} rows); {units_done} of {len(v.units)} units are done in all. Everything "
-                  f"committed stays: run the same command again to resume, it computes only the rest")
+                  f"({committer.stats.rows + committer.reused_rows} rows); {units_done} of {len(v.units)} units are "
+                  f"done in all. Everything committed stays: run the same command again to resume, it computes only "
+                  f"the rest")
         if connected_here:
             _disconnect()  # stops this driver's Ray job: its actors and tasks end with it
         stop.report = result
@@ -445,7 +470,7 @@ def _stream(spec: JobSpec, v: Validated, todo: list[Unit], committer: Committer,
         ray.data.DataContext.get_current().enable_progress_bars = False
     ds = build.build_dataset(make_plan(v, todo), actor_cls=hooks.actor_cls or build.InferActor)
     last = time.perf_counter()
-    total_rows = sum(u.rows for u in todo)
+    total_rows = sum(u.rows - len(u.reused) for u in todo)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             committer.add(batch)

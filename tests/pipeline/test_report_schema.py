@@ -23,7 +23,8 @@ def test_the_documented_report_keys_are_the_reports_keys():
     report = reports.make_report(
         job="job.toml", output="/out", run_config_hash="h", provenance={}, rows_in=2, units_total=1,
         skipped=reports.RunStats(), computed=computed, wall_seconds=1.0, compute_seconds=1.0,
-        inputs={"paths": ["/in/*.parquet"], "files": 1, "fingerprint": "f", "storage": {}})
+        inputs={"paths": ["/in/*.parquet"], "files": 1, "fingerprint": "f", "storage": {}},
+        changes={"generation": 1, "rows": {"new": 2, "changed": 0, "unchanged": 0, "removed": 0}})
     documented = documented_keys()
     assert documented and report_keys(report) == documented
     assert "tasks.<column>.finish_reasons" in documented and "all_runs.errors_by_kind" in documented
