@@ -60,7 +60,7 @@ def finished_rows(v: Validated, unit: Unit, rows: list[int] | None = None) -> pa
     ids = [unit_ids(unit)[r - unit.start] for r in rows]
     n = len(rows)
     columns = {C.UNIT: pa.array([unit.key] * n, pa.string()), C.ROW: pa.array(rows, pa.int64()),
-               C.ID: pa.array(ids, pa.string()),
+               C.ID: pa.array(ids, pa.string()), C.INPUT_HASH: pa.array([f"hash of {i}" for i in ids], pa.string()),
                C.ERROR_KIND: pa.nulls(n, pa.string()), C.ERROR_MESSAGE: pa.nulls(n, pa.string())}
     for name in v.output_columns:
         cols = C.TaskColumns.of(name)

@@ -45,7 +45,7 @@ TEXT_ONLY = """
 kind = "summarize"
 max_new_tokens = 2
 """
-OUTPUT_NAME = re.compile(r"part-[0-9a-f]{32}\.parquet|_done/[0-9a-f]{32}\.json|_job\.json|_report\.json")
+OUTPUT_NAME = re.compile(r"part-[0-9a-f]{32}\.parquet|_done/[0-9a-f]{32}\.json|_job\.json|_report\.json|_changes\.json")
 
 
 @pytest.fixture

@@ -67,7 +67,7 @@ def test_read_unit_reads_a_row_range_and_only_needed_columns(inputs):
     blocks = list(read_unit(unit, {"id": "id", "text": "text", "image": "image"}, {}, block_rows=5))
     assert [b.num_rows for b in blocks] == [5, 5, 1]
     table = pa.concat_tables(blocks)
-    assert table.column_names == [C.UNIT, C.ROW, C.ID, C.TEXT, C.IMAGE]  # "big" is never read
+    assert table.column_names == [C.UNIT, C.ROW, C.ID, C.TEXT, C.IMAGE, C.INPUT_HASH]  # "big" is never read
     assert table.column(C.ROW).to_pylist() == list(range(6, 17)) == table.column(C.ID).to_pylist()
     assert table.column(C.TEXT).type == pa.binary() and table.column(C.TEXT)[0].as_py() == b"row 6"
     assert table.column(C.IMAGE)[0].as_py() == bytes([6]) * 3
