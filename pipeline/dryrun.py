@@ -7,7 +7,9 @@
      nothing else), and applies `--limit` as a run would (run.limited_spec, run.apply_limit);
   2. counts what the output already holds as a run counts it: the done-markers of the units of the
      current input are reused, the others would be computed, markers of units the input no longer
-     has would be retracted;
+     has would be retracted; where there are such, the new units' rows are hashed as a run hashes
+     them (incremental.plan_reuse: one read of their input columns), so rows a run would reuse by
+     content are not priced, and their new / changed / unchanged counts are given;
   3. reads a bounded sample of rows spread over the files: at most `sample_rows` rows, at least
      MIN_PER_FILE from each file sampled (files spread evenly over the listing when there are more
      than sample_rows / MIN_PER_FILE), the rows of a file spread over its row groups, each group read
@@ -46,10 +48,10 @@ import pyarrow.parquet as pq
 
 from operators import columns as C
 
-from . import build, estimate
+from . import build, estimate, incremental
 from .inputs import InputFile, Unit
 from .paths import StorageError, open_fs
-from .run import apply_limit, limited_spec, make_plan
+from .run import apply_limit, limited_spec, make_plan, read_columns
 from .spec import JobError, JobSpec
 from .validate import validate
 
@@ -274,7 +276,13 @@ def dry_run(spec: JobSpec, *, limit: int | None = None, sample_rows: int = DEFAU
     todo = [u for u in v.units if u.key not in done]
     retract = [k for k in done if k not in plan_keys]
     rows_total = sum(f.num_rows for f in files)
-    rows_todo = sum(u.rows for u in todo)
+    # What a run would reuse by content (incremental.py): with units to retract, the new units are hashed
+    # as a run hashes them (one read of their input columns); without, there is nothing to reuse.
+    generation, counted = incremental.generation_of(v.store)
+    reuse = incremental.plan_reuse(v.store, todo, set(retract), incremental.ReadSpec(
+        columns=read_columns(spec), storage_options=spec.storage_options(spec.input.paths[0]), extra=v.extra),
+        generation, counted, load=False)
+    rows_todo = reuse.rows_to_compute
 
     plan = make_plan(v, todo or list(v.units))
     chosen = sample_plan(files, sample_rows)
@@ -386,7 +394,8 @@ def dry_run(spec: JobSpec, *, limit: int | None = None, sample_rows: int = DEFAU
         "images": images,
         "units": {"total": len(v.units), "committed": len(v.units) - len(todo), "to_compute": len(todo),
                   "rows_total": rows_total, "rows_committed": rows_total - rows_todo, "rows_to_compute": rows_todo,
-                  "to_retract": len(retract),
+                  "rows_reused": sum(len(u.reused) for u in reuse.units),
+                  "changes": reuse.changes(), "to_retract": len(retract),
                   "rows_to_retract": sum(int((done[k] or {}).get("rows", 0)) for k in retract)},
         "resources": {"device": device, "min_actors": r.min_actors, "max_actors": r.max_actors,
                       "gpus_per_actor": r.gpus_per_actor, "cpus_per_actor": r.cpus_per_actor},
@@ -428,7 +437,8 @@ def summary(d: dict) -> str:
     for warning in inp["drift"]:
         lines.append(f"  drift     {warning}")
     lines.append(f"  output    {d['output']}: {u['total']} unit(s); {u['committed']} already committed "
-                 f"({u['rows_committed']} rows, reused), {u['to_compute']} to compute ({u['rows_to_compute']} rows)"
+                 f"({u['rows_committed']} rows, reused), {u['to_compute']} to compute ({u['rows_to_compute']} rows"
+                 + (f", besides {u['rows_reused']} rows of the same content reused" if u["rows_reused"] else "") + ")"
                  + (f"; {u['to_retract']} unit(s) of changed or removed input ({u['rows_to_retract']} rows) would be "
                     f"retracted" if u["to_retract"] else ""))
     s = d["sample"]

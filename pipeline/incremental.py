@@ -89,8 +89,15 @@ class ReusePlan:
     prior: Prior | None = None  # None when there were no stale units
 
     @property
-    def reused_rows(self) -> int:
-        return sum(p.num_rows for _, p in self.pieces)
+    def rows_to_compute(self) -> int:
+        return sum(u.rows - len(u.reused) for u in self.units)
+
+    def changes(self) -> dict[str, int]:
+        """The change counts of the units to commit (the dry run's preview; a run's record is changes_record)."""
+        counts = Counter()
+        for note in self.notes.values():
+            counts.update(note["changes"])
+        return {kind: counts[kind] for kind in CHANGE_KINDS if kind != "removed"}
 
 
 def generation_of(store: OutputStore) -> tuple[int, set[str]]:
@@ -141,8 +148,9 @@ def read_prior(store: OutputStore, stale: Iterable[str], counted: set[str], deri
 
 
 def plan_reuse(store: OutputStore, todo: list[Unit], stale: set[str], read: ReadSpec, generation: int,
-               counted: set[str]) -> ReusePlan:
-    """Which rows of `todo` an earlier output holds (see the module docstring), and each unit's change counts."""
+               counted: set[str], load: bool = True) -> ReusePlan:
+    """Which rows of `todo` an earlier output holds (see the module docstring), and each unit's change counts.
+    With `load` false (the dry run) the reused results are not read: `pieces` stays empty."""
     if not stale or not todo:
         notes = {u.key: {"generation": generation, "changes": {"new": u.rows}} for u in todo}
         return ReusePlan(generation=generation, units=list(todo), notes=notes)
@@ -179,10 +187,10 @@ def plan_reuse(store: OutputStore, todo: list[Unit], stale: set[str], read: Read
             units.append(replace(unit, reused=tuple(reused)))
             notes[unit.key] = {"generation": generation, "changes": dict(counts)}
     by_key = {u.key: u for u in units}
-    pieces = [(key, piece) for stale_key, rows in sorted(wanted.items())
+    pieces = [(key, piece) for stale_key, rows in sorted(wanted.items()) if load
               for key, piece in _reused_rows(store, stale_key, rows, by_key, read.derived_id)]
     plan = ReusePlan(generation=generation, units=units, pieces=pieces, notes=notes, prior=prior)
-    log.info(f"  {plan.reused_rows} row(s) reused from earlier output, "
+    log.info(f"  {sum(len(u.reused) for u in units)} row(s) reused from earlier output, "
              f"{sum(u.rows - len(u.reused) for u in units)} to compute")
     return plan
 

@@ -26,6 +26,7 @@ from helpers.crash_driver import CRASH_EXIT_CODE
 from helpers.pipeline_data import IMAGE_STRUCT, job_toml
 from operators import columns as C
 from pipeline.commit import COMMIT_STEPS
+from pipeline.dryrun import dry_run
 from pipeline.incremental import CHANGES
 from pipeline.inputs import derived_ids, read_unit, row_hashes
 from pipeline.run import run_job
@@ -103,6 +104,10 @@ def test_a_rerun_computes_only_new_and_edited_rows_and_reuses_the_rest(ray_clust
     before = {r[C.ID]: r for r in read_output(fs, "results/nightly").to_pylist()}
 
     computed_ids = change_the_corpus(fs, corpus)
+    # The dry run says before the rerun what it will compute and reuse, and writes nothing.
+    preview = dry_run(load_job(str(job)), sample_rows=16)["units"]
+    assert (preview["rows_to_compute"], preview["rows_reused"]) == (6, 10)
+    assert preview["changes"] == {"new": 4, "changed": 2, "unchanged": 10}
     second = run_job(load_job(str(job)))
     # Exactly the 4 new and 2 edited rows went through the model; the 4 unedited rows of a and the 6 of the
     # renamed b were reused; c's units and a's and b's old units were retracted.
