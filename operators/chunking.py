@@ -4,7 +4,7 @@ joined into the next prompts (map-reduce). Plain functions over strings and toke
 Cutting (prepare): `text_units(text)` cuts a text at its boundaries, each unit starting with the
 whitespace before it (so that "First. Second." is "First." + " Second.", as SentencePiece reads
 " Second" anyway): a paragraph boundary is a whitespace run with a blank line in it, a sentence
-boundary a whitespace run after ".", "!", "?" or "…" (closing quotes and brackets allowed between),
+boundary a whitespace run after ".", "!", "?", "…", "。", "！" or "？" (closing quotes and brackets allowed between),
 a line break, or the point right after "。", "！", "？". `split_pieces(units' ids, levels, budget)`
 then makes the pieces: every paragraph that fits the budget is one part; a paragraph that does not
 is replaced by its sentences, and a sentence that does not by runs of `budget` tokens (never cut
@@ -34,7 +34,7 @@ SEPARATOR = "\n\n"  # between two outputs joined into one prompt
 MAX_CHUNKS = 256  # pieces per text at most: a longer text is a text_too_long row (prepare.py)
 
 _SPACE = re.compile(r"\s+")
-_SENTENCE_END = frozenset(".!?…")
+_SENTENCE_END = frozenset(".!?…。！？")
 _CLOSERS = "\"')]}»”’"  # may stand between a sentence's end mark and the space after it
 _CJK_END = re.compile(r"[。！？]+")  # end a sentence with no space after them
 
