@@ -100,7 +100,8 @@ def unit_ids(tok, text: str) -> list[int]:
 
 def test_a_long_text_becomes_pieces_whose_prompts_fit(tok):
     limit, text = 96, long_text(3)
-    out = Prepare(tok, None, [SUMMARIZE], max_input_tokens=limit, long_input="chunk")(batch([text, "A short text."]))
+    short_text = "One short text. Two!\n\nThree?"
+    out = Prepare(tok, None, [SUMMARIZE], max_input_tokens=limit, long_input="chunk")(batch([text, short_text]))
     cols = C.TaskColumns.of("s")
     assert out.column(cols.error_kind).to_pylist() == [None, None]
     prompts, short = out.column(cols.chunk_prompts).to_pylist()
@@ -117,7 +118,7 @@ def test_a_long_text_becomes_pieces_whose_prompts_fit(tok):
         pieces)  # cut at sentence boundaries: every piece starts a sentence
     # The text that fits is not split: its prompt is what long_input = "error" gives.
     assert out.column(cols.prompt_ids).to_pylist()[0] is None and short is None
-    plain = Prepare(tok, None, [SUMMARIZE], max_input_tokens=limit)(batch(["A short text."]))
+    plain = Prepare(tok, None, [SUMMARIZE], max_input_tokens=limit)(batch([short_text]))
     assert out.column(cols.prompt_ids).to_pylist()[1] == plain.column(cols.prompt_ids).to_pylist()[0]
 
 
