@@ -70,10 +70,14 @@ class TextConfig:
     query_pre_attn_scalar: float  # attention scale is query_pre_attn_scalar ** -0.5
     rms_norm_eps: float  # epsilon of every RMSNorm
     final_logit_softcapping: float | None  # tanh cap on LM logits (decoder only), None = off
+    # the context the checkpoint was trained for (max_position_embeddings): the longest prompt a job may
+    # ask for (input.max_input_tokens is checked against the encoder's); rotary positions have no table,
+    # so nothing here stops longer inputs, the job check does
+    max_position_embeddings: int = 131_072
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "sliding_window"):
+                     "num_kv_heads", "head_dim", "sliding_window", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
@@ -323,6 +327,7 @@ def _text_config(raw: dict, where: str, warnings: list[str]) -> TextConfig:
             query_pre_attn_scalar=_float(raw, "query_pre_attn_scalar", 256, where),
             rms_norm_eps=_float(raw, "rms_norm_eps", 1e-6, where),
             final_logit_softcapping=_float(raw, "final_logit_softcapping", None, where),
+            max_position_embeddings=_int(raw, "max_position_embeddings", 131_072, where),
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
@@ -470,6 +475,7 @@ def _text_to_hf(cfg: TextConfig, model_type: str, ids: dict) -> dict:
         else cfg.query_pre_attn_scalar,
         "rms_norm_eps": cfg.rms_norm_eps,
         "final_logit_softcapping": cfg.final_logit_softcapping,
+        "max_position_embeddings": cfg.max_position_embeddings,
         "attn_logit_softcapping": None,
         "attention_bias": False,
         "tie_word_embeddings": True,

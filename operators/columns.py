@@ -12,6 +12,9 @@ of a job has, per input row:
     OUT_input_tokens       prompt tokens the model saw (after truncation, images included)
     OUT_output_tokens      generated tokens (EOS included)
     OUT_finish_reason      "eos" | "length" (null on error)
+    OUT_chunks             int32: pieces the text was split into (long_input = "chunk"), 1 when it was
+                           not split (null on error)
+    OUT_chunk_depth        int32: rounds of joining the pieces' outputs, 0 when not split (null on error)
     (with num_return_sequences = n > 1, OUT, OUT_output_tokens and OUT_finish_reason are lists of
      the n sequences' values: the n best beams, best first, or the n samples, sample 0 first)
     OUT_error_kind         one of ERROR_KINDS (null when fine)
@@ -140,7 +143,9 @@ ERROR_KINDS: dict[str, str] = {
     "text_missing": "the text is null",
     "text_empty": "the text is empty or only whitespace",
     "text_invalid_utf8": "the text bytes are not valid UTF-8",
-    "text_too_long": "the prompt is longer than input.max_input_tokens and long_input = \"error\"",
+    "text_too_long": "the prompt is longer than input.max_input_tokens and long_input = \"error\"; with long_input = "
+                     "\"chunk\": the text needs more than MAX_CHUNKS pieces, or its pieces' outputs cannot be joined "
+                     "within max_input_tokens",
     "prompt_images": "the text holds literal image markers that would claim image slots",
     "field_missing": "a column the prompt template names (a field other than {text} and {image}) is null",
     "prompt_missing": "the row's prompt_column value is null",
@@ -160,6 +165,15 @@ DUPLICATE_ID = "duplicate_id"
 COLUMN_MISSING = "column_missing"
 COLUMN_TYPE = "column_type"
 
+
+# A split row's figures from infer to finish (TaskColumns.chunking): pieces, rounds of joining, and the
+# prompt tokens of all its requests (every piece's and every join's).
+CHUNKING_TYPE = pa.struct([("chunks", pa.int32()), ("depth", pa.int32()), ("input_tokens", pa.int64())])
+
+# A split row's prompt frame from prepare to infer (operators/chunking.Frame): the prompt's ids before and
+# after {text}, the ids between two joined outputs, and the longest prompt allowed (max_input_tokens).
+CHUNK_FRAME_TYPE = pa.struct([("prefix", pa.list_(pa.int32())), ("separator", pa.list_(pa.int32())),
+                              ("suffix", pa.list_(pa.int32())), ("limit", pa.int32())])
 
 # A classify task's OUT_scores: every candidate of the row, in the candidates' order.
 SCORES_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64()), ("probability", pa.float64())]))
@@ -182,6 +196,12 @@ class TaskColumns:
     candidates: str  # classify: list<list<int32>> each candidate's token ids (no EOS), from prepare
     labels: str  # classify: list<string> the candidates as text, from prepare
     candidate_scores: str  # classify: list<float64> each candidate's score, from infer
+    # long_input = "chunk" (operators/chunking.py); only in such jobs' batches:
+    chunks: str  # output: int32 pieces of the row's text (1: not split)
+    chunk_depth: str  # output: int32 rounds of joining outputs (0: not split)
+    chunk_prompts: str  # list<list<int32>> each piece's prompt ids, from prepare (null: not split)
+    chunk_frame: str  # CHUNK_FRAME_TYPE: the ids around {text}, the separator and the limit, from prepare
+    chunking: str  # struct<chunks, depth, input_tokens> of a split row, from infer (null: not split)
 
     @classmethod
     def of(cls, output_column: str) -> TaskColumns:
@@ -198,6 +218,11 @@ class TaskColumns:
             candidates=f"__{output_column}_candidates",
             labels=f"__{output_column}_labels",
             candidate_scores=f"__{output_column}_candidate_scores",
+            chunks=f"{output_column}_chunks",
+            chunk_depth=f"{output_column}_chunk_depth",
+            chunk_prompts=f"__{output_column}_chunk_prompts",
+            chunk_frame=f"__{output_column}_chunk_frame",
+            chunking=f"__{output_column}_chunking",
         )
 
     def output_fields(self, classify: bool = False, multi_label: bool = False, sequences: int = 1) -> list[pa.Field]:
@@ -214,6 +239,8 @@ class TaskColumns:
             pa.field(self.output_tokens, many(pa.int32())),
             pa.field(self.finish_reason, many(pa.string())),
             *errors,
+            pa.field(self.chunks, pa.int32()),
+            pa.field(self.chunk_depth, pa.int32()),
         ]
 
 

@@ -2,7 +2,10 @@
 
 `Finish(tokenizer, tasks, provenance, keep)` is a callable over one Arrow batch from infer. Per
 generating task it detokenizes the output ids (special tokens such as the final EOS dropped),
-counts input and output tokens, and keeps the finish reason. Per classify task it turns the
+counts input and output tokens, and keeps the finish reason; with long_input = "chunk" it writes
+how many pieces the row's text was split into and the rounds that joined their outputs (1 and 0
+for a row that was not split; its input tokens are then those of every request it took, from
+infer's TaskColumns.chunking). Per classify task it turns the
 candidates' scores into probabilities (softmax over the row's candidates, in float64), writes
 every candidate's label, score and probability (OUT_scores) and the chosen label: the most
 probable one (ties: the first listed), or with multi_label every label whose probability is at
@@ -105,6 +108,8 @@ class Finish:
                     row_message[r] = prefix + (messages[r] or "")
             n_in = [len(p) if p is not None else None for p in prompt_ids]
             ok = [k is None for k in kinds]
+            split = (batch.column(cols.chunking).to_pylist() if cols.chunking in batch.column_names
+                     else [None] * n)  # only in jobs with long_input = "chunk"
             if task.classify:
                 task_out.update(self._labels(task, batch.column(cols.labels).to_pylist(), made, ok))
             else:
@@ -122,6 +127,11 @@ class Finish:
                 task_out[cols.output_tokens] = pa.array(counts, type=many(pa.int32()))
                 task_out[cols.finish_reason] = pa.array([f if good else None for f, good in zip(finish, ok)],
                                                         type=many(pa.string()))
+                n_in = [c["input_tokens"] if c and good else k for c, k, good in zip(split, n_in, ok)]
+                task_out[cols.chunks] = pa.array([(c["chunks"] if c else 1) if good else None
+                                                  for c, good in zip(split, ok)], type=pa.int32())
+                task_out[cols.chunk_depth] = pa.array([(c["depth"] if c else 0) if good else None
+                                                       for c, good in zip(split, ok)], type=pa.int32())
             task_out[cols.input_tokens] = pa.array(n_in, type=pa.int32())
             task_out[cols.error_kind] = pa.array(kinds, type=pa.string())
             task_out[cols.error_message] = pa.array(messages, type=pa.string())

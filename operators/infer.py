@@ -9,6 +9,13 @@ itself) and writes each task's output ids and finish reason. Classify tasks go t
 instead (model/score.py), all of them in one `score` call: a row's prompt and its candidates
 (prepare's token ids) make one ScoreRequest, and each candidate's score (its summed
 log-probability, or per token with score = "mean") is written.
+A row whose long text prepare split into pieces (long_input = "chunk") is map-reduced here: its
+pieces' prompts go into that same first Generator call, beside the other rows' requests; then, round
+by round, each such row's outputs (EOS dropped) are joined into prompts that fit (chunking.Frame,
+chunking.group_outputs) and run, every row's joins of a round in one Generator call, until a row's
+outputs fit one prompt, whose output is the row's. A failed request of a row fails the row (its kind,
+the message saying which piece or round); outputs that can never be joined into one prompt make the
+row text_too_long. The row's pieces, rounds and prompt tokens go to finish (TaskColumns.chunking).
 Rows that prepare already marked as errors are passed through untouched, and so are the keep
 columns. A request the model cannot run becomes that row's error (its kind from the generator or
 scorer: out_of_memory, invalid_request); an unexpected exception of a whole call is retried one
@@ -31,6 +38,7 @@ from model.images import ImageProcessor
 from model.score import Scorer, ScoreRequest, ScoreResult
 from model.weights import load_pretrained
 
+from . import chunking
 from . import columns as C
 
 log = logging.getLogger(__name__)
@@ -137,8 +145,28 @@ class Infer:
                     requests.append(Request(input_ids=ids, pixel_values=pixel_values, params=task.params))
                     owners.append((t, r))
 
+        # Split rows (long_input = "chunk"): every piece's prompt joins the first Generator call.
+        split: dict[tuple[int, int], _SplitRow] = {}
+        first_round = len(requests)
+        for t, task in enumerate(self.tasks):
+            cols = C.TaskColumns.of(task.output_column)
+            if task.classify or cols.chunk_prompts not in batch.column_names:
+                continue
+            frames = batch.column(cols.chunk_frame).to_pylist()
+            for r, prompts in enumerate(batch.column(cols.chunk_prompts).to_pylist()):
+                if kinds[t][r] is not None or prompts is None:
+                    continue
+                split[(t, r)] = row = _SplitRow(chunking.Frame.from_row(frames[r]), chunks=len(prompts))
+                for prompt in prompts:
+                    row.input_tokens += len(prompt)
+                    requests.append(Request(input_ids=prompt, params=task.params))
+                    owners.append((t, r))
+
         results = self._generate(requests)
         scores = self._score(scoring)
+        if split:
+            self._map_reduce(split, owners[first_round:], results[first_round:])
+            owners, results = owners[:first_round], results[:first_round]
 
         output_ids = [[None] * n for _ in self.tasks]
         finish = [[None] * n for _ in self.tasks]
@@ -153,6 +181,13 @@ class Infer:
             else:
                 output_ids[t][r] = result.token_ids
                 finish[t][r] = result.finish_reason
+        chunk_rows = [[None] * n for _ in self.tasks]
+        for (t, r), row in split.items():
+            if row.error is not None:
+                kinds[t][r], messages[t][r] = row.error
+            else:
+                output_ids[t][r], finish[t][r] = row.result.token_ids, row.result.finish_reason
+                chunk_rows[t][r] = {"chunks": row.chunks, "depth": row.depth, "input_tokens": row.input_tokens}
         for (t, r), result in zip(scored, scores):
             if result.error is not None:
                 kinds[t][r] = result.error_kind or "model_error"
@@ -174,9 +209,44 @@ class Infer:
                 ids_type, reason_type = pa.list_(pa.int32()), pa.string()
                 out[cols.output_ids] = pa.array(output_ids[t], type=pa.list_(ids_type) if many else ids_type)
                 out[cols.finish_reason] = pa.array(finish[t], type=pa.list_(reason_type) if many else reason_type)
+                if cols.chunk_prompts in batch.column_names:
+                    out[cols.chunking] = pa.array(chunk_rows[t], type=C.CHUNKING_TYPE)
             out[cols.error_kind] = pa.array(kinds[t], type=pa.string())
             out[cols.error_message] = pa.array(messages[t], type=pa.string())
         return pa.table(out)
+
+    def _map_reduce(self, split: dict, owners: list[tuple[int, int]], results: list[Result]) -> None:
+        """The split rows from their pieces' results to their final output, round by round (see the
+        module docstring); each round's joins of every row in one Generator call."""
+        for key, result in zip(owners, results):
+            split[key].take(result, self._eos(key[0]))
+        active = list(split)
+        while active:
+            requests, owners = [], []
+            for key in active:
+                row = split[key]
+                if row.error is not None:
+                    continue
+                groups = chunking.group_outputs(row.outputs, row.frame)
+                if groups is None:
+                    longest = max(len(o) for o in row.outputs)
+                    row.error = ("text_too_long", f"the outputs of the text's {len(row.outputs)} parts (up to "
+                                                  f"{longest} tokens each) cannot be joined into prompts of at most "
+                                                  f"input.max_input_tokens = {row.frame.limit} tokens with the prompt "
+                                                  f"template; raise max_input_tokens or lower max_new_tokens")
+                    continue
+                prompts = [row.frame.wrap([row.outputs[i] for i in group]) for group in groups]
+                row.start_round(len(prompts))
+                for prompt in prompts:
+                    row.input_tokens += len(prompt)
+                    requests.append(Request(input_ids=prompt, params=self.tasks[key[0]].params))
+                    owners.append(key)
+            for key, result in zip(owners, self._generate(requests)):
+                split[key].take(result, self._eos(key[0]))
+            active = [key for key in dict.fromkeys(owners) if split[key].result is None and split[key].error is None]
+
+    def _eos(self, t: int) -> tuple[int, ...]:
+        return self.tasks[t].params.eos_token_ids or self.config.eos_token_ids
 
     def _generate(self, requests: list[Request]) -> list[Result]:
         return _isolating("generate", self.generator.generate, requests,
@@ -185,6 +255,41 @@ class Infer:
     def _score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         return _isolating("score", self.scorer.score, requests,
                           lambda message: ScoreResult([], [], message, "model_error"))
+
+
+class _SplitRow:
+    """One split row's map-reduce state in Infer._map_reduce."""
+
+    def __init__(self, frame: chunking.Frame, chunks: int):
+        self.frame = frame  # the prompt around {text}, and its limit
+        self.chunks = chunks  # pieces of the text (the first round's requests)
+        self.depth = 0  # rounds of joining started
+        self.input_tokens = 0  # prompt tokens of every request so far (updated as each is made)
+        self.expected = chunks  # requests of the current round
+        self.outputs: list[list[int]] = []  # the current round's outputs so far, EOS dropped
+        self.result: Result | None = None  # the final output (set by the round that had one request)
+        self.error: tuple[str, str] | None = None  # (kind, message) once a request failed
+
+    def start_round(self, requests: int) -> None:
+        self.depth += 1
+        self.expected = requests
+        self.outputs = []
+
+    def take(self, result: Result, eos: tuple[int, ...]) -> None:
+        """One result of the current round, in request order."""
+        if self.error is not None:
+            return
+        if result.finish_reason == "error":
+            where = (f"piece {len(self.outputs) + 1} of {self.chunks}" if self.depth == 0 else
+                     f"join {len(self.outputs) + 1} of {self.expected} in round {self.depth}")
+            self.error = (result.error_kind or "model_error", f"{where}: {result.error or 'generation failed'}")
+            return
+        ids = list(result.token_ids)
+        if result.finish_reason == "eos" and ids and ids[-1] in eos:
+            ids = ids[:-1]
+        self.outputs.append(ids)
+        if self.depth > 0 and self.expected == 1:
+            self.result = result
 
 
 def _isolating(what: str, run, requests: list, failed) -> list:

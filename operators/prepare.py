@@ -19,6 +19,12 @@ fills PIXELS once per row (shared by every task of the row). Nothing here raises
   "truncate") the {text} (else the prompt column's value) is cut at a token boundary until the
   prompt fits; a prompt with neither is text_too_long either way. A value far longer than the limit
   (megabytes) is judged on its head alone, so it is never tokenized whole;
+  with long_input = "chunk" (generating tasks with {text}, no image) the {text} of a prompt over
+  the limit is split into pieces whose prompts fit (operators/chunking.py): the row's prompt ids
+  stay null and it carries, in the task's chunk columns, each piece's prompt ids and the prompt's
+  frame (the ids around {text}, and the separator) from which infer builds the prompts that join
+  the pieces' outputs; a text needing more than chunking.MAX_CHUNKS pieces, or a template that
+  leaves no room for text, is text_too_long;
   image null -> image_missing; unreadable / not allowed / too many pixels -> the ImageError kind;
   the row's file lacks a column the task reads or holds it with an unusable type -> the kind and
   message that the read stage put beside it (columns.read_error_columns: "column_missing" /
@@ -39,6 +45,7 @@ import pyarrow as pa
 from model.images import ImageError, ImageProcessor
 from model.tokenizer import BOI_TOKEN, PromptError, Tokenizer
 
+from . import chunking
 from . import columns as C
 
 
@@ -82,6 +89,17 @@ _PROMPT_KEY = "_row_prompt"  # the template key a prompt_column's value is rende
 _LABELS_KEY = "labels"  # a classify template's field for the row's candidates
 
 
+@dataclass(frozen=True)
+class Chunked:
+    """A row's long text in pieces (long_input = "chunk")."""
+
+    prompts: list[list[int]]  # each piece's prompt ids: the frame around the piece
+    frame: chunking.Frame  # the prompt around {text}, for the prompts that join the pieces' outputs
+
+
+_TEXT_MARK = "\x00{text}\x00"  # stands for {text} when a template is rendered around it (no text holds a NUL pair)
+
+
 class _RowError(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -111,8 +129,13 @@ class Prepare:
         keep: tuple[str, ...] = (),
     ):
         """`keep`: the job's output.keep_columns, whose KEEP columns pass through."""
-        if long_input not in ("error", "truncate"):
-            raise ValueError(f"long_input must be 'error' or 'truncate', got {long_input!r}")
+        if long_input not in ("error", "truncate", "chunk"):
+            raise ValueError(f"long_input must be 'error', 'truncate' or 'chunk', got {long_input!r}")
+        if long_input == "chunk":
+            for t in tasks:
+                if t.classify or not t.uses_text or t.uses_image or t.prompt_column:
+                    raise ValueError(f"task {t.output_column}: long_input = 'chunk' takes generating tasks whose "
+                                     f"template has {{text}} and no {{image}}")
         if any(t.uses_image for t in tasks) and image_processor is None:
             raise ValueError("an image task needs an image processor")
         self.tokenizer = tokenizer
@@ -123,6 +146,8 @@ class Prepare:
         self.keep = tuple(keep)
         self.needs_text = any(t.uses_text for t in self.tasks)
         self.needs_image = any(t.uses_image for t in self.tasks)
+        # between two outputs joined into one prompt (long_input = "chunk")
+        self.separator = tuple(tokenizer.encode_one(chunking.SEPARATOR, add_bos=False)) if long_input == "chunk" else ()
         # Fixed labels are tokenized once: (labels, their ids, or the error every row then gets).
         self.fixed_labels = {t.output_column: self._candidates(list(t.labels)) for t in self.tasks
                              if t.classify and t.labels is not None}
@@ -151,6 +176,7 @@ class Prepare:
 
         pixels: list[bytes | None] = [None] * n
         per_task: dict[str, tuple[list, ...]] = {t.output_column: ([], [], [], [], []) for t in self.tasks}
+        chunked: dict[str, list[Chunked | None]] = {t.output_column: [None] * n for t in self.tasks}
         for r in range(n):
             if id_problems[r] is not None:  # a duplicate: every task fails the same way, nothing is decoded
                 for ids_col, kind_col, msg_col, cand_col, label_col in per_task.values():
@@ -178,6 +204,8 @@ class Prepare:
                         ids, candidates, labels = self._task_row(task, r, text, inputs)
                     except _RowError as exc:
                         error = exc
+                if isinstance(ids, Chunked):
+                    chunked[task.output_column][r], ids = ids, None
                 ids_col.append(ids)
                 kind_col.append(error.kind if error else None)
                 msg_col.append(error.message if error else None)
@@ -198,6 +226,12 @@ class Prepare:
             if task.classify:
                 out[cols.candidates] = pa.array(cand_col, type=pa.list_(pa.list_(pa.int32())))
                 out[cols.labels] = pa.array(label_col, type=pa.list_(pa.string()))
+            if self.long_input == "chunk":
+                pieces = chunked[task.output_column]
+                out[cols.chunk_prompts] = pa.array([p.prompts if p else None for p in pieces],
+                                                   type=pa.list_(pa.list_(pa.int32())))
+                out[cols.chunk_frame] = pa.array([p.frame.to_row() if p else None for p in pieces],
+                                                 type=C.CHUNK_FRAME_TYPE)
         return pa.table(out)
 
     # ---- one task of one row -------------------------------------------------------------------
@@ -319,10 +353,56 @@ class Prepare:
         except PromptError as exc:
             raise _RowError(exc.kind, f"{exc}") from None
 
-    def _prompt_ids(self, template: str, values: dict, cut: str | None, images: int) -> list[int]:
-        """The prompt's ids within max_input_tokens; `cut` is the value long_input = "truncate" may cut."""
+    def _chunked(self, template: str, values: dict) -> Chunked:
+        """The row's {text} in pieces whose prompts (the template around each piece) fit max_input_tokens."""
+        limit, text = self.max_input_tokens, values["text"]
+        if len(text) > chunking.MAX_CHUNKS * limit * _CHARS_PER_TOKEN:  # judged before tokenizing it whole
+            raise _RowError("text_too_long", f"the text ({len(text)} characters) is far more than "
+                                             f"{chunking.MAX_CHUNKS} pieces of input.max_input_tokens = {limit} tokens "
+                                             f"(long_input = \"chunk\"); raise max_input_tokens or shorten the text")
+        around = template.format(**{**values, "text": _TEXT_MARK}).split(_TEXT_MARK)
+        if len(around) != 2:
+            raise _RowError("text_too_long", "the prompt template names {text} more than once, so long_input = "
+                                             "\"chunk\" cannot put one piece in it; name it once")
+        try:
+            prefix = self.tokenizer.encode_prompt(around[0], 0) if around[0] else [self.tokenizer.bos_id]
+            suffix = self.tokenizer.encode_prompt(around[1], 0, add_bos=False) if around[1] else []
+            units = chunking.text_units(text)
+            unit_ids = self.tokenizer.encode_prompts([u for u, _ in units], add_bos=False)
+        except PromptError as exc:
+            raise _RowError(exc.kind, f"{exc}") from None
+        budget = limit - len(prefix) - len(suffix)
+        if budget < 1:
+            raise _RowError("text_too_long", f"the prompt template alone leaves no room for text within "
+                                             f"input.max_input_tokens = {limit}; raise max_input_tokens or shorten "
+                                             f"the prompt")
+        pieces = chunking.split_pieces(unit_ids, [level for _, level in units], budget, self._continues_char)
+        if len(pieces) > chunking.MAX_CHUNKS:
+            raise _RowError("text_too_long", f"the text needs {len(pieces)} pieces of at most {budget} tokens "
+                                             f"(input.max_input_tokens = {limit} less the prompt template), more "
+                                             f"than {chunking.MAX_CHUNKS}; raise max_input_tokens or shorten the text")
+        frame = chunking.Frame(tuple(prefix), self.separator, tuple(suffix), limit)
+        if len(pieces) == 1:  # over the limit as one string, within it unit by unit (tokens at the seams)
+            return frame.wrap(pieces)
+        return Chunked([frame.wrap([piece]) for piece in pieces], frame)
+
+    def _continues_char(self, token_id: int) -> bool:
+        """Whether a token is a byte-fallback piece <0x80>..<0xBF>: the middle or end of a UTF-8 character."""
+        piece = self.tokenizer.id_to_piece(token_id)
+        return (len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+                and 0x80 <= int(piece[3:5], 16) < 0xC0)
+
+    def _prompt_ids(self, template: str, values: dict, cut: str | None, images: int) -> list[int] | Chunked:
+        """The prompt's ids within max_input_tokens; `cut` is the value long_input = "truncate" may cut.
+        With long_input = "chunk", a prompt over the limit comes back as the pieces of its {text}."""
         limit = self.max_input_tokens
         longest = limit * _CHARS_PER_TOKEN
+        if self.long_input == "chunk":
+            if len(values["text"]) <= longest:
+                ids = self._render(template, values, images)
+                if len(ids) <= limit:
+                    return ids
+            return self._chunked(template, values)
         if cut is not None and self.long_input == "truncate" and len(values[cut]) > longest:
             values = {**values, cut: values[cut][:longest]}  # the exact cut is made below, at a token boundary
         heads = {k: v[:longest] if isinstance(v, str) else v for k, v in values.items()}

@@ -11,7 +11,9 @@ Schema (README.md shows a whole job; jobs/examples/ holds commented ones):
   [model]      source (required), dtype = "bfloat16" | "float16" | "float32", adapter (a PEFT LoRA
                adapter directory, local or fsspec URI or hub id, merged into the weights at load)
   [input]      path (required; string or list; fsspec paths or globs), id_column, text_column,
-               image_column, max_input_tokens (8192), long_input = "error" | "truncate",
+               image_column, max_input_tokens (8192; at most the checkpoint's context, checked by
+               validate.py), long_input = "error" | "truncate" | "chunk" (summarize and generate
+               tasks whose prompt has {text}: a long text is summarized piece by piece, map-reduce),
                unique_ids (false: a repeated id is a duplicate_id error row; true: the job fails
                before any work)
   [output]     path (required), rows_per_file (10000), compression ("zstd"), keep_columns (input
@@ -59,7 +61,10 @@ from operators import columns
 from .tasks import GENERATION_FIELDS, IMAGE_FIELD, TASK_KINDS, TEXT_FIELD, check_template, column_fields
 
 DTYPES = ("bfloat16", "float16", "float32")
-LONG_INPUT_POLICIES = ("error", "truncate")
+LONG_INPUT_POLICIES = ("error", "truncate", "chunk")
+# Task kinds whose output can stand for their input, so that the outputs of a long text's pieces can be
+# put through the same prompt again (map-reduce): long_input = "chunk" takes these only.
+CHUNK_KINDS = ("summarize", "generate")
 COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "none")
 # Bumped when the output layout or the meaning of a setting changes, so old outputs are not mixed in.
 # 2: unit keys include the input file's identity; input_file and input_row columns.
@@ -123,7 +128,7 @@ class InputSpec:
     text_column: str | None  # text column (string or binary)
     image_column: str | None  # image column (binary, or {bytes, path} struct)
     max_input_tokens: int  # longest prompt (tokens, images included) the model is given
-    long_input: str  # over max_input_tokens: "error" (row error) or "truncate" (cut the text)
+    long_input: str  # over max_input_tokens: "error" (row error), "truncate" (cut the text) or "chunk" (map-reduce)
     unique_ids: bool = False  # a repeated id fails the job before any work (else: duplicate_id error rows)
 
 
@@ -514,6 +519,9 @@ def parse_job(raw: dict, origin: str = "<job>") -> JobSpec:
     if not isinstance(tasks_raw, list) or not tasks_raw:
         raise JobError("task must be an array of tables: write each one as [[task]]")
     tasks = tuple(_parse_task(t, n, inp) for n, t in enumerate(tasks_raw))
+    if inp.long_input == "chunk":
+        for n, task in enumerate(tasks):
+            _check_chunkable(task, n, inp.max_input_tokens)
     seen: dict[str, str] = {}
     for n, task in enumerate(tasks):
         for name in columns.reserved_names(task.output_column, task.classify):
@@ -688,6 +696,34 @@ def _parse_task(t: Any, n: int, inp: InputSpec) -> TaskSpec:
         prompt_column=prompt_column,
         **classify,
     )
+
+
+def _check_chunkable(task: TaskSpec, n: int, max_input_tokens: int) -> None:
+    """long_input = "chunk" summarizes a long text's pieces and then their summaries with the task's own
+    prompt (operators/chunking.py): a JobError for a task where that has no meaning or cannot finish."""
+    where = f"task[{n}]"
+    other = ("run it in a job of its own with input.long_input = \"error\" or \"truncate\", or drop "
+             "input.long_input = \"chunk\"")
+    if task.kind not in CHUNK_KINDS:
+        raise JobError(f"input.long_input = \"chunk\" applies to {' and '.join(CHUNK_KINDS)} tasks only: the outputs "
+                       f"of a long text's pieces are put through the prompt again, which has no meaning for {where} "
+                       f"({task.kind}); {other}")
+    if not task.uses_text:
+        raise JobError(f"input.long_input = \"chunk\" splits the {{text}} of a prompt, but {where}'s prompt has no "
+                       f"{{text}}{' (it reads prompt_column)' if task.prompt_column else ''}; put {{text}} in its "
+                       f"prompt template, or {other}")
+    if task.uses_image:
+        raise JobError(f"input.long_input = \"chunk\" cannot split a prompt with an {{image}} ({where}): every "
+                       f"piece would repeat the image; {other}")
+    if task.sequences > 1:
+        raise JobError(f"input.long_input = \"chunk\" makes one output per row, but {where} asks for "
+                       f"num_return_sequences = {task.sequences}; set it to 1, or {other}")
+    if 2 * task.generation.max_new_tokens >= max_input_tokens:
+        raise JobError(f"input.long_input = \"chunk\" joins the pieces' outputs (up to {where}.max_new_tokens = "
+                       f"{task.generation.max_new_tokens} tokens each) into new prompts of at most "
+                       f"input.max_input_tokens = {max_input_tokens}, which must hold at least two of them and the "
+                       f"prompt template; raise max_input_tokens above {2 * task.generation.max_new_tokens} or lower "
+                       f"max_new_tokens")
 
 
 def _parse_classify(t: dict, where: str) -> dict:

@@ -1,7 +1,8 @@
 """Validation: every check a job passes before any GPU work, in the driver, with the fix in each error.
 
 `validate(spec)` checks the checkpoint (config.json, weights present, tokenizer.model or
-tokenizer.json, image settings; the settings it ignores are logged as warnings), the LoRA adapter
+tokenizer.json, image settings; the settings it ignores are logged as warnings), that
+input.max_input_tokens is within its context (max_position_embeddings), the LoRA adapter
 of model.adapter against it (its files' identity goes into the run config), the input files'
 footers, and the output path (a probe object written and deleted; a directory that holds another
 job's outputs is refused; one that the input paths reach is refused), and returns a Validated:
@@ -94,6 +95,19 @@ def _check_model(spec: JobSpec):
                                   needs_images=any(t.uses_image for t in spec.tasks))
     except (CheckpointError, ValueError, OSError) as exc:
         raise JobError(f"model.source {source!r} is not a usable checkpoint: {exc}") from exc
+
+
+def _check_context(spec: JobSpec, config) -> None:
+    """input.max_input_tokens within the encoder's context (config.json's max_position_embeddings):
+    longer prompts run, but the model was never trained on positions past it."""
+    context = config.encoder.max_position_embeddings
+    if spec.input.max_input_tokens > context:
+        chunk = ("; long_input = \"chunk\" then splits longer texts into pieces of at most that"
+                 if spec.input.long_input == "chunk" else
+                 "; for longer texts, set input.long_input = \"chunk\" (map-reduce) or \"truncate\"")
+        raise JobError(f"input.max_input_tokens = {spec.input.max_input_tokens} is more than the context of "
+                       f"model.source {spec.model.source!r} ({context} tokens, its config.json's "
+                       f"max_position_embeddings); set max_input_tokens to at most {context}{chunk}")
 
 
 def _check_adapter(spec: JobSpec, config) -> tuple[object, str]:
@@ -318,6 +332,7 @@ def validate(spec: JobSpec) -> Validated:
     The returned Validated.spec is `spec` with what validation resolved: the adapter's identity.
     """
     checkpoint = _check_model(spec)
+    _check_context(spec, checkpoint.config)
     if spec.model.adapter:
         lora, identity = _check_adapter(spec, checkpoint.config)
         spec = replace(spec, model=replace(spec.model, adapter_identity=identity))

@@ -241,3 +241,27 @@ def test_a_classify_and_a_generate_task_may_read_only_other_columns():
     generate, classify = spec.tasks
     assert generate.fields == ("title",) and not generate.uses_text
     assert classify.input_columns() == {"question": "field", "choices": "labels"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('\n[[task]]\nkind = "translate"\ntarget_language = "German"\nsource_language = "English"\n',
+     r"input.long_input = \"chunk\" applies to summarize and generate tasks only: .*task\[1\] \(translate\)"),
+    ('\n[[task]]\nkind = "classify"\nlabels = ["a", "b"]\n',
+     r"summarize and generate tasks only: .*task\[1\] \(classify\)"),
+    ('\n[[task]]\nkind = "caption"\n', r"summarize and generate tasks only: .*task\[1\] \(caption\)"),
+    ('\n[[task]]\nkind = "generate"\nprompt_column = "question"\n', r"task\[1\]'s prompt has no \{text\} \(it reads "
+                                                                   r"prompt_column\)"),
+    ('\n[[task]]\nkind = "generate"\nprompt = "{image} {text}"\n',
+     r"cannot split a prompt with an \{image\} \(task\[1\]"),
+    ('\n[[task]]\nkind = "generate"\nprompt = "{text}"\ntemperature = 1.0\nnum_return_sequences = 2\n',
+     r"task\[1\] asks for num_return_sequences = 2"),
+    ('\n[[task]]\nkind = "generate"\nprompt = "Keywords: {text}"\nmax_new_tokens = 4096\n',
+     r"must hold at least two of them .*raise max_input_tokens above 8192 or lower max_new_tokens"),
+])
+def test_chunk_takes_generating_text_tasks_whose_outputs_can_be_joined(extra, message):
+    base = BASE.replace('text_column = "text"', 'text_column = "text"\nimage_column = "img"\nlong_input = "chunk"')
+    spec = load_job(job(base=base))
+    assert spec.input.long_input == "chunk" and spec.run_config()["input"]["long_input"] == "chunk"
+    assert load_job(job('\n[[task]]\nkind = "generate"\nprompt = "Title: {title}\\n{text}\\nKeywords:"\n', base))
+    with pytest.raises(JobError, match=message):
+        load_job(job(extra, base))
