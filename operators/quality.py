@@ -140,6 +140,6 @@ def output_flags(ids: Sequence[int], text: str, finish_reason: str | None, langu
         flags.append("max_new_tokens")
     if repeats(ids):
         flags.append("repetition")
-    if language is not None and text.strip() and wrong_language(text, language):
+    if language is not None and wrong_language(text, language):  # an empty text has too few letters to judge
         flags.append("wrong_language")
     return flags

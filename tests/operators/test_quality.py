@@ -24,9 +24,10 @@ SUMMARIES = [
     "Der Bericht beschreibt die Umsätze im Jahr 2024. Der Umsatz stieg um zwölf Prozent, vor allem durch "
     "Exporte nach Asien, während die Kosten langsamer wuchsen. Das Unternehmen erwartet weiteres Wachstum, "
     "warnt aber vor höheren Zinsen und einem schwächeren Euro.",
-    # A summary may say a phrase twice; that is not a loop.
+    # A summary may say a phrase twice, even back to back, or a short word thrice: that is not a loop.
     "The city council approved the plan. The city council approved the budget, too, after a long debate "
     "about schools, roads and the new library near the station.",
+    "Outside, protesters chanted no more cuts, no more cuts, until the vote. It was a long, long, long, cold night.",
 ]
 
 
@@ -58,7 +59,7 @@ def test_every_flag_is_declared_produced_and_documented():
 def test_real_text_is_not_flagged_as_repetition(tokenizer):
     for text in SUMMARIES:
         ids = encode(tokenizer, text)
-        assert len(ids) > 3 * quality.REPEAT_MIN_TOKENS  # long enough that the rule had its chance
+        assert len(ids) > 2 * quality.REPEAT_MIN_TOKENS  # long enough that the rule had its chance
         assert not quality.repeats(ids), text
         assert quality.output_flags(ids + [tokenizer.eos_id], text, "eos") == []
 
@@ -86,7 +87,7 @@ def test_target_language_names_and_tags_map_to_the_detector():
     assert quality.detector_language("Brazilian Portuguese") == quality.detector_language("pt-BR") == "pt"
     assert quality.detector_language("Chinese (Traditional)") == quality.detector_language("zh-Hant") == "zh"
     assert quality.detector_language("Norwegian Bokmål") == "no"  # the same language under another code
-    for unknown in ("Klingon", "Elvish", "Old English", ""):
+    for unknown in ("Klingon", "Elvish", "Old English", "Swiss German", ""):  # Swiss German is not German
         assert quality.detector_language(unknown) is None, unknown
     labels = set(quality.language_identifier().labels)
     assert all(group <= labels for group in quality._SAME_LANGUAGE)
