@@ -741,7 +741,8 @@ def show_rows(job: DemoJob, out: Path, shown: int = 4) -> None:
         else:
             # Random weights often pick special or partial-byte tokens, which decode to nothing
             # or to U+FFFD; the token count shows the model did produce them.
-            how = f"({row[task.finish_reason]}, {row[task.output_tokens]} tokens)"
+            flags = f"; flags: {', '.join(row[task.flags])}" if row[task.flags] else ""
+            how = f"({row[task.finish_reason]}, {row[task.output_tokens]} tokens{flags})"
             print(f"    {task.text:>12}: {_clip(json.dumps(row[task.text], ensure_ascii=False), 56)} {how}")
 
 

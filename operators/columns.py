@@ -1,4 +1,4 @@
-"""Column names, the output Arrow schema and the per-row error kinds, in one place.
+"""Column names, the output Arrow schema, the per-row error kinds and quality flags, in one place.
 
 Every stage reads and writes the columns named here, so the names are spelled once. The output
 of a job has, per input row:
@@ -15,8 +15,9 @@ of a job has, per input row:
     OUT_chunks             int32: pieces the text was split into (long_input = "chunk"), 1 when it was
                            not split (null on error)
     OUT_chunk_depth        int32: rounds of joining the pieces' outputs, 0 when not split (null on error)
-    (with num_return_sequences = n > 1, OUT, OUT_output_tokens and OUT_finish_reason are lists of
-     the n sequences' values: the n best beams, best first, or the n samples, sample 0 first)
+    OUT_flags              list<string>: the output's QUALITY_FLAGS (empty when none; null on error)
+    (with num_return_sequences = n > 1, OUT, OUT_output_tokens, OUT_finish_reason and OUT_flags are
+     lists of the n sequences' values: the n best beams, best first, or the n samples, sample 0 first)
     OUT_error_kind         one of ERROR_KINDS (null when fine)
     OUT_error_message      what went wrong, for a person (null when fine)
   per classify task:
@@ -162,6 +163,19 @@ ERROR_KINDS: dict[str, str] = {
     "model_error": "any other failure inside generation for this row (the message keeps the exception)",
 }
 DUPLICATE_ID = "duplicate_id"
+
+# Every quality flag a generated output can carry (OUT_flags), with its meaning: cheap checks that
+# mark outputs worth a look. A flag is not an error: the text is kept. operators/quality.py computes
+# them (its constants hold the thresholds); tests/operators/test_quality.py checks the README lists
+# exactly these.
+QUALITY_FLAGS: dict[str, str] = {
+    "empty": "the text is empty or only whitespace (special tokens dropped)",
+    "max_new_tokens": "generation stopped at max_new_tokens (finish_reason \"length\"), not at EOS",
+    "repetition": "a block of output tokens repeats back to back at least 3 times over at least 16 tokens: "
+                  "a looping decode",
+    "wrong_language": "translate: the language detector is confident the text is not in target_language "
+                      "(checked on texts of at least 20 letters, for languages the detector knows)",
+}
 COLUMN_MISSING = "column_missing"
 COLUMN_TYPE = "column_type"
 
@@ -187,6 +201,7 @@ class TaskColumns:
     input_tokens: str  # prompt tokens
     output_tokens: str  # generated tokens
     finish_reason: str  # "eos" | "length"
+    flags: str  # generating: the output's QUALITY_FLAGS
     error_kind: str  # error kind or null
     error_message: str  # error message or null
     scores: str  # classify: every candidate's score and probability
@@ -210,6 +225,7 @@ class TaskColumns:
             input_tokens=f"{output_column}_input_tokens",
             output_tokens=f"{output_column}_output_tokens",
             finish_reason=f"{output_column}_finish_reason",
+            flags=f"{output_column}_flags",
             error_kind=f"{output_column}_error_kind",
             error_message=f"{output_column}_error_message",
             scores=f"{output_column}_scores",
@@ -226,8 +242,8 @@ class TaskColumns:
         )
 
     def output_fields(self, classify: bool = False, multi_label: bool = False, sequences: int = 1) -> list[pa.Field]:
-        """The task's output columns: a generating task's (with `sequences` > 1 its text, output tokens and
-        finish reasons are lists), or a classify task's (see the module docstring)."""
+        """The task's output columns: a generating task's (with `sequences` > 1 its text, output tokens,
+        finish reasons and flags are lists), or a classify task's (see the module docstring)."""
         errors = [pa.field(self.error_kind, pa.string()), pa.field(self.error_message, pa.string())]
         if classify:
             return [pa.field(self.text, pa.list_(pa.string()) if multi_label else pa.string()),
@@ -238,6 +254,7 @@ class TaskColumns:
             pa.field(self.input_tokens, pa.int32()),
             pa.field(self.output_tokens, many(pa.int32())),
             pa.field(self.finish_reason, many(pa.string())),
+            pa.field(self.flags, many(pa.list_(pa.string()))),
             *errors,
             pa.field(self.chunks, pa.int32()),
             pa.field(self.chunk_depth, pa.int32()),

@@ -2,14 +2,15 @@
 
 `Finish(tokenizer, tasks, provenance, keep)` is a callable over one Arrow batch from infer. Per
 generating task it detokenizes the output ids (special tokens such as the final EOS dropped),
-counts input and output tokens, and keeps the finish reason; with long_input = "chunk" it writes
-how many pieces the row's text was split into and the rounds that joined their outputs (1 and 0
-for a row that was not split; its input tokens are then those of every request it took, from
-infer's TaskColumns.chunking). Per classify task it turns the
-candidates' scores into probabilities (softmax over the row's candidates, in float64), writes
-every candidate's label, score and probability (OUT_scores) and the chosen label: the most
-probable one (ties: the first listed), or with multi_label every label whose probability is at
-or above the threshold, most probable first. An errored task has null outputs and null counts of
+counts input and output tokens, keeps the finish reason and gives each output its quality flags
+(operators/quality.py: repetition, empty, max_new_tokens, and for a task with a language to check,
+wrong_language); with long_input = "chunk" it writes how many pieces the row's text was split into
+and the rounds that joined their outputs (1 and 0 for a row that was not split; its input tokens
+are then those of every request it took, from infer's TaskColumns.chunking). Per classify task it
+turns the candidates' scores into probabilities (softmax over the row's candidates, in float64),
+writes every candidate's label, score and probability (OUT_scores) and the chosen label: the most
+probable one (ties: the first listed), or with multi_label every label whose probability is at or
+above the threshold, most probable first. An errored task has null outputs and null counts of
 what it never produced, and its kind and message. The row-level error_kind / error_message repeat
 the first failing task's error (prefixed with its column when the job has several tasks), so
 "did this row fail?" is one column. The keep columns get their output names back. UNIT and ROW
@@ -28,6 +29,7 @@ import pyarrow as pa
 from model.tokenizer import Tokenizer
 
 from . import columns as C
+from . import quality
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class FinishTask:
     multi_label: bool = False  # classify: every label at or above threshold, as a list
     threshold: float | None = None  # classify with multi_label: the probability a label needs
     sequences: int = 1  # generating: outputs per row (num_return_sequences); > 1: list columns
+    language: str | None = None  # generating: the detector code its outputs should be in (a translate task's
+    # target_language, quality.detector_language); None: no language check
 
     def __post_init__(self):
         if self.multi_label and (not self.classify or self.threshold is None):
@@ -71,6 +75,8 @@ class Finish:
         self.output_columns = [t.output_column for t in self.tasks]
         self.provenance = dict(provenance)
         self.keep = tuple(keep)
+        if any(t.language for t in self.tasks):
+            quality.language_identifier()  # loaded here, once per process, rather than inside the first batch
 
     @staticmethod
     def required_columns(tasks: list[str | FinishTask], keep: tuple[str, ...] = ()) -> list[str]:
@@ -115,13 +121,18 @@ class Finish:
             else:
                 finish = batch.column(cols.finish_reason).to_pylist()
                 decode = lambda ids: self.tokenizer.decode_one(ids, skip_special_tokens=True)  # noqa: E731
+                flag = lambda ids, text, reason, language=task.language: quality.output_flags(  # noqa: E731
+                    ids, text, reason, language)
                 if task.sequences > 1:  # per row, a list over its sequences
                     text = [[decode(ids) for ids in seqs] if good else None for seqs, good in zip(made, ok)]
                     counts = [[len(ids) for ids in seqs] if good else None for seqs, good in zip(made, ok)]
+                    flags = [[flag(*seq) for seq in zip(seqs, texts, reasons)] if good else None
+                             for seqs, texts, reasons, good in zip(made, text, finish, ok)]
                     many = pa.list_
                 else:
                     text = [decode(ids) if good else None for ids, good in zip(made, ok)]
                     counts = [len(ids) if good else None for ids, good in zip(made, ok)]
+                    flags = [flag(*seq) if good else None for *seq, good in zip(made, text, finish, ok)]
                     many = lambda t: t  # noqa: E731
                 task_out[cols.text] = pa.array(text, type=many(pa.string()))
                 task_out[cols.output_tokens] = pa.array(counts, type=many(pa.int32()))
@@ -132,6 +143,7 @@ class Finish:
                                                   for c, good in zip(split, ok)], type=pa.int32())
                 task_out[cols.chunk_depth] = pa.array([(c["depth"] if c else 0) if good else None
                                                        for c, good in zip(split, ok)], type=pa.int32())
+                task_out[cols.flags] = pa.array(flags, type=many(pa.list_(pa.string())))
             task_out[cols.input_tokens] = pa.array(n_in, type=pa.int32())
             task_out[cols.error_kind] = pa.array(kinds, type=pa.string())
             task_out[cols.error_message] = pa.array(messages, type=pa.string())

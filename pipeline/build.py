@@ -395,5 +395,6 @@ def infer_tasks(spec_tasks) -> tuple[InferTask, ...]:
 
 def finish_tasks(spec_tasks) -> tuple[FinishTask, ...]:
     return tuple(FinishTask(output_column=t.output_column, classify=t.classify, multi_label=t.multi_label,
-                            threshold=t.threshold, sequences=t.sequences) for t in spec_tasks)
+                            threshold=t.threshold, sequences=t.sequences, language=t.checked_language)
+                 for t in spec_tasks)
 

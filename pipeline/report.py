@@ -1,8 +1,8 @@
 """The run report: counts gathered while committing, written as JSON beside the output and printed.
 
 `RunStats` accumulates what each committed unit contributes (rows, errors by kind, tokens, finish
-reasons per task); `make_report` turns it into the report dict that `run_job` returns, writes to
-`<output>/_report.json` and summarizes on stdout. `unit_stats` gives the per-unit counts stored in
+reasons and quality flags per task); `make_report` turns it into the report dict that `run_job`
+returns, writes to `<output>/_report.json` and summarizes on stdout. `unit_stats` gives the per-unit counts stored in
 a done-marker, so a resumed run can still report totals over the whole output.
 
 Not here: what is committed or when (run.py, commit.py).
@@ -20,7 +20,7 @@ from operators import columns as C
 
 
 def unit_stats(table: pa.Table, output_columns: list[str]) -> dict:
-    """Counts of one committed unit: rows, row errors by kind, and per task tokens and reasons."""
+    """Counts of one committed unit: rows, row errors by kind, and per task tokens, reasons and flags."""
     stats = {"rows": table.num_rows, "errors": {}, "tasks": {}}
     kinds = Counter(k for k in table.column(C.ERROR_KIND).to_pylist() if k is not None)
     stats["errors"] = dict(kinds)
@@ -32,10 +32,17 @@ def unit_stats(table: pa.Table, output_columns: list[str]) -> dict:
         flat = (lambda c: pc.list_flatten(c) if pa.types.is_list(c.type) else c)  # noqa: E731
         reasons = Counter(r for r in flat(table.column(cols.finish_reason)).to_pylist() if r is not None) \
             if generates else Counter()
+        flagged = Counter()  # outputs per quality flag (a classify task has no flags column)
+        if cols.flags in table.column_names:
+            flags = table.column(cols.flags)  # list<string>, or list<list<string>> with sequences
+            while pa.types.is_list(flags.type):
+                flags = pc.list_flatten(flags)  # null lists (error rows) drop out
+            flagged = Counter(flags.to_pylist())
         stats["tasks"][name] = {
             "ok": table.num_rows - sum(task_kinds.values()),
             "errors": dict(task_kinds),
             "finish_reasons": dict(reasons),
+            "flags": dict(flagged),
             "input_tokens": int(pc.sum(table.column(cols.input_tokens)).as_py() or 0),
             "output_tokens": int(pc.sum(flat(table.column(cols.output_tokens))).as_py() or 0) if generates else 0,
         }
@@ -57,10 +64,11 @@ class RunStats:
         self.errors.update(stats.get("errors", {}))
         for name, t in stats.get("tasks", {}).items():
             into = self.tasks.setdefault(name, {"ok": 0, "errors": Counter(), "finish_reasons": Counter(),
-                                                "input_tokens": 0, "output_tokens": 0})
+                                                "flags": Counter(), "input_tokens": 0, "output_tokens": 0})
             into["ok"] += t.get("ok", 0)
             into["errors"].update(t.get("errors", {}))
             into["finish_reasons"].update(t.get("finish_reasons", {}))
+            into["flags"].update(t.get("flags", {}))  # absent from the done-markers of units committed before flags
             into["input_tokens"] += t.get("input_tokens", 0)
             into["output_tokens"] += t.get("output_tokens", 0)
 
@@ -74,6 +82,7 @@ class RunStats:
             "tasks": {
                 name: {"ok": t["ok"], "errors_by_kind": dict(sorted(t["errors"].items())),
                        "finish_reasons": dict(sorted(t["finish_reasons"].items())),
+                       "flags": dict(sorted(t["flags"].items())),
                        "input_tokens": t["input_tokens"], "output_tokens": t["output_tokens"]}
                 for name, t in self.tasks.items()
             },
@@ -142,6 +151,8 @@ def _merge(a: RunStats, b: RunStats) -> dict:
 def summary(report: dict) -> str:
     errors = ", ".join(f"{k} {v}" for k, v in report["errors_by_kind"].items()) or "none"
     rate = f"{report['rows_per_second']:.1f} rows/s" if report["rows_per_second"] else "-"
+    flagged = "; ".join(f"{name} " + ", ".join(f"{flag} {n}" for flag, n in task["flags"].items())
+                        for name, task in report["tasks"].items() if task.get("flags"))
     lines = [
         f"Job {report['job']} -> {report['output']}",
         f"  rows in {report['rows_in']}, written now {report['rows_out']}"
@@ -154,6 +165,7 @@ def summary(report: dict) -> str:
         f"  errors this run: {errors}",
         *(["  changes since the last complete run: " + ", ".join(f"{k} {v}" for k, v in report["changes"].items())]
           if report["changes"] else []),
+        *([f"  flagged outputs this run: {flagged}"] if flagged else []),
         f"  tokens in {report['input_tokens']}, out {report['output_tokens']}; {rate}; "
         f"wall {report['wall_seconds']:.1f}s",
     ]

@@ -56,7 +56,7 @@ from typing import Any
 
 from model.generate import GenerationParams
 from model.score import SCORE_MODES
-from operators import columns
+from operators import columns, quality
 
 from .tasks import GENERATION_FIELDS, IMAGE_FIELD, TASK_KINDS, TEXT_FIELD, check_template, column_fields
 
@@ -68,7 +68,8 @@ CHUNK_KINDS = ("summarize", "generate")
 COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "none")
 # Bumped when the output layout or the meaning of a setting changes, so old outputs are not mixed in.
 # 2: unit keys include the input file's identity; input_file and input_row columns.
-FORMAT_VERSION = 2
+# 3: OUT_flags columns (quality flags) for generating tasks.
+FORMAT_VERSION = 3
 
 # Option names that hold secrets. Credentials come from the standard chains (environment,
 # ~/.aws, instance roles), never from a job file: job files are shared, logged and committed.
@@ -168,6 +169,13 @@ class TaskSpec:
         """What the output layout needs of this task (operators/columns.py)."""
         return columns.OutputTask(self.output_column, classify=self.classify, multi_label=self.multi_label,
                                   sequences=self.sequences)
+
+    @property
+    def checked_language(self) -> str | None:
+        """translate: the language detector's code for target_language, which the outputs' wrong_language
+        check compares with (operators/quality.py); None for other kinds and for a language the
+        detector does not know (validation warns)."""
+        return quality.detector_language(self.target_language) if self.kind == "translate" else None
 
     @property
     def sequences(self) -> int:

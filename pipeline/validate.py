@@ -13,7 +13,8 @@ output.keep_columns column in every file with types that cast to one; a file who
 missing or unusable (schema drift) does not fail the job: its rows get column_missing /
 column_type errors (policy in inputs.py), and validation warns about it. With an id column, ids
 that repeat are found (inputs.find_duplicate_ids): duplicate_id error rows, or a JobError with
-input.unique_ids.
+input.unique_ids. A translate task whose target_language the language detector does not know
+(operators/quality.py) is warned about: its outputs get no wrong_language flag.
 
 Not here: running the job (run.py), parsing the job file (spec.py).
 """
@@ -339,6 +340,10 @@ def validate(spec: JobSpec) -> Validated:
         checkpoint = replace(checkpoint, adapter=lora)
     for warning in checkpoint.warnings:
         log.warning(f"model.source {spec.model.source!r}: {warning}")
+    for task in spec.tasks:
+        if task.kind == "translate" and task.checked_language is None:
+            log.warning(f"task {task.output_column!r}: target_language {task.target_language!r} is not a language "
+                        f"the language detector knows; its outputs get no wrong_language check")
     run_hash = spec.run_config_hash()
     files, id_type, drift = _check_inputs(spec)
     keep = _check_keep(spec, files)

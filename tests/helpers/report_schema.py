@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-OPEN_MAPS = ("errors_by_kind", "finish_reasons", "storage")  # objects whose keys are data (kinds, protocols)
+OPEN_MAPS = ("errors_by_kind", "finish_reasons", "flags", "storage")  # objects whose keys are data (kinds, flags)
 
 
 def documented_keys() -> set[str]:

@@ -7,7 +7,7 @@ import pytest
 
 from model.tokenizer import Tokenizer
 from operators import columns as C
-from operators.finish import Finish
+from operators.finish import Finish, FinishTask
 
 PROVENANCE = {C.MODEL_SOURCE: "s3://models/tiny", C.MODEL_REVISION: None, C.RUN_CONFIG_HASH: "abc"}
 
@@ -41,3 +41,43 @@ def test_finish(tiny_checkpoint):
     assert C.UNIT in out.column_names and a.output_ids not in out.column_names
     with pytest.raises(ValueError, match="provenance lacks"):
         Finish(tok, ["a"], {})
+
+
+def test_quality_flags(tiny_checkpoint):
+    """Per output: a normal text has no flag; a loop cut at the length limit, an output of only EOS,
+    and (for a task with a target language) text in another language are flagged; error rows have
+    null flags. With two sequences, each sequence has its own list."""
+    tok = Tokenizer.from_pretrained(tiny_checkpoint)
+    encode = lambda text: tok.encode_one(text, add_bos=False)  # noqa: E731
+    normal = encode("The quick brown fox jumps over the lazy dog.") + [tok.eos_id]
+    loop = (encode("Summary:") + encode(" the report covers sales.") * 12)[:64]
+    german = encode("Das Wetter ist heute schön und die Sonne scheint über der Stadt.") + [tok.eos_id]
+    english = encode("The weather is nice today and the sun is shining over the city.") + [tok.eos_id]
+    ints, many = pa.list_(pa.int32()), pa.list_(pa.list_(pa.int32()))
+    s, g, n = C.TaskColumns.of("summary"), C.TaskColumns.of("german"), C.TaskColumns.of("answers")
+    errors = [None, None, None, "text_empty"]
+    batch = pa.table({
+        C.UNIT: ["u"] * 4, C.ROW: pa.array([0, 1, 2, 3], type=pa.int64()), C.ID: ["a", "b", "c", "d"],
+        s.prompt_ids: pa.array([[2]] * 3 + [None], type=ints),
+        s.output_ids: pa.array([normal, loop, [tok.eos_id], None], type=ints),
+        s.finish_reason: ["eos", "length", "eos", None], s.error_kind: errors, s.error_message: errors,
+        g.prompt_ids: pa.array([[2]] * 3 + [None], type=ints),
+        g.output_ids: pa.array([german, english, encode("Ja.") + [tok.eos_id], None], type=ints),
+        g.finish_reason: ["eos", "eos", "eos", None], g.error_kind: errors, g.error_message: errors,
+        n.prompt_ids: pa.array([[2]] * 3 + [None], type=ints),
+        n.output_ids: pa.array([[normal, loop], [normal, normal], [[tok.eos_id], normal], None], type=many),
+        n.finish_reason: pa.array([["eos", "length"], ["eos", "eos"], ["eos", "eos"], None],
+                                  type=pa.list_(pa.string())),
+        n.error_kind: errors, n.error_message: errors,
+    })
+    tasks = [FinishTask("summary"), FinishTask("german", language="de"), FinishTask("answers", sequences=2)]
+    out = Finish(tok, tasks, PROVENANCE)(batch)
+    assert out.column("summary_flags").to_pylist() == [[], ["max_new_tokens", "repetition"], ["empty"], None]
+    # "Ja." is too short for the detector to judge: no flag.
+    assert out.column("german_flags").to_pylist() == [[], ["wrong_language"], [], None]
+    assert out.column("answers_flags").to_pylist() == [[[], ["max_new_tokens", "repetition"]], [[], []],
+                                                       [["empty"], []], None]
+    for task in tasks:  # the types the output schema declares
+        declared = {f.name: f.type for f in C.OutputTask(task.output_column, sequences=task.sequences).output_fields()}
+        flags = C.TaskColumns.of(task.output_column).flags
+        assert out.schema.field(flags).type == declared[flags]

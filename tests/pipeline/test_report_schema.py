@@ -17,6 +17,7 @@ def test_the_documented_report_keys_are_the_reports_keys():
         "summary_finish_reason": pa.array(["eos", None], pa.string()),
         "summary_input_tokens": pa.array([7, None], pa.int32()),
         "summary_output_tokens": pa.array([3, None], pa.int32()),
+        "summary_flags": pa.array([["max_new_tokens"], None], pa.list_(pa.string())),
     })
     computed = reports.RunStats()
     computed.add(reports.unit_stats(table, ["summary"]))
@@ -28,6 +29,7 @@ def test_the_documented_report_keys_are_the_reports_keys():
     documented = documented_keys()
     assert documented and report_keys(report) == documented
     assert "tasks.<column>.finish_reasons" in documented and "all_runs.errors_by_kind" in documented
+    assert "tasks.<column>.flags" in documented
     # The default inputs record (no input known) has the same keys as a real one.
     bare = reports.make_report(job="j", output="/o", run_config_hash="h", provenance={}, rows_in=0, units_total=0,
                                skipped=reports.RunStats(), computed=reports.RunStats(), wall_seconds=0,

@@ -48,10 +48,13 @@ def check_output(table, rows, expected):
                     assert isinstance(row[col], str) and row[f"{col}_output_tokens"] >= 1
                     assert row[f"{col}_finish_reason"] in ("eos", "length")
                     assert row[f"{col}_input_tokens"] > 0
+                    flags = row[f"{col}_flags"]
+                    assert set(flags) <= set(C.QUALITY_FLAGS)
+                    assert ("max_new_tokens" in flags) == (row[f"{col}_finish_reason"] == "length")
                 else:
                     assert row[f"{col}_error_kind"] == kind, (row_id, col, row[f"{col}_error_message"])
                     assert row[f"{col}_error_message"] and row[col] is None
-                    assert row[f"{col}_finish_reason"] is None
+                    assert row[f"{col}_finish_reason"] is None and row[f"{col}_flags"] is None
         if want:
             assert row[C.ERROR_KIND] == next(iter(want.values()))
         else:
@@ -76,6 +79,8 @@ def test_end_to_end_local(ray_cluster, tiny_checkpoint, dataset, tmp_path, caplo
     assert report["rows_in"] == report["rows_out"] == len(rows) and report["complete"]
     assert report["errors_by_kind"]["image_too_large"] == 1
     assert report["tasks"]["summary"]["errors_by_kind"]["text_invalid_utf8"] == 1
+    for task in report["tasks"].values():  # the report counts the flags the rows carry
+        assert task["flags"].get("max_new_tokens", 0) == task["finish_reasons"].get("length", 0)
     assert report["input_tokens"] > 0 and report["output_tokens"] > 0 and report["rows_per_second"] > 0
     assert json.loads((out / "_report.json").read_text())["rows_out"] == len(rows)
     assert "rows in 29" in caplog.text  # the summary the command line prints
