@@ -9,6 +9,11 @@ Workloads (random token ids, so no tokenizer or dataset is needed):
 Every row generates exactly max_new_tokens (EOS is held back with min_new_tokens), as the
 baseline in perf-baseline.md was measured.
 
+  long-encode  not a throughput run: the encoder over one document of each --lengths (default
+               32768 and 131072 tokens, the model's context), each in a fresh process, printing
+               its time and the process's peak memory (RSS high-water mark on CPU, peak allocated
+               on CUDA) before and after: the memory bound of long prompts (docs/perf.md)
+
 Checkpoints are random weights at named shapes: tiny (seconds on a laptop CPU), 270m, 1b,
 4b (design.md's shapes, with the 262,144-token vocabulary and the SigLIP tower).
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import resource
 import tempfile
 import time
@@ -171,10 +177,56 @@ def run_hf(ref, requests, batch, device, pad_id, eos_id):
                 torch.cuda.empty_cache()
 
 
+LONG_ENCODE_LENGTHS = (32_768, 131_072)
+
+
+def _encode_once(shape: str, length: int, dtype: str, device: str, seed: int) -> dict:
+    """In a fresh process: one random document of `length` tokens through the encoder (after a short
+    warm-up); seconds and peak memory."""
+    device_ = torch.device(device)
+    cfg = shape_config(shape)
+    m = model.random_model(cfg, seed=seed, dtype=dtype, device=device_)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, cfg.vocab_size - 10, (1, length), generator=gen).to(device_)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.inference_mode():  # warm-up (lazy initialisation, kernels) on a short input, not timed
+        m.encode(ids[:, :256], mask[:, :256])
+    before = peak_memory_gb(device_)
+    if device_.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device_)
+    sync(device_)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        memory = m.encode(ids, mask)
+    sync(device_)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "before_gb": before, "peak_gb": peak_memory_gb(device_),
+            "memory_gb": memory.numel() * memory.element_size() / 2**30, "threads": torch.get_num_threads()}
+
+
+def long_encode(args) -> int:
+    """The long-encode workload (see the module docstring)."""
+    lengths = [int(n) for n in args.lengths.split(",")] if args.lengths else list(LONG_ENCODE_LENGTHS)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    cfg = shape_config(args.shape)
+    print(f"bench: shape={args.shape} workload=long-encode lengths={lengths} dtype={dtype} device={args.device} "
+          f"hidden={cfg.encoder.hidden_size} layers={cfg.encoder.num_layers} window={cfg.encoder.sliding_window}")
+    context = multiprocessing.get_context("spawn")  # a fresh process per length: RSS peaks are per process
+    for length in lengths:
+        with context.Pool(1) as pool:
+            got = pool.apply(_encode_once, (args.shape, length, dtype, args.device, args.seed))
+        print(f"long-encode: {length:7d} tokens  encode {got['seconds']:8.2f} s  peak memory {got['peak_gb']:6.2f} GiB "
+              f"(model and input before: {got['before_gb']:.2f} GiB; the encoder output alone "
+              f"{got['memory_gb']:.3f} GiB)  threads={got['threads']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="t5g2 bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="summarize")
+    parser.add_argument("--workload", choices=sorted([*WORKLOADS, "long-encode"]), default="summarize")
+    parser.add_argument("--lengths", default=None,
+                        help="long-encode: comma-separated document lengths in tokens (default 32768,131072)")
     parser.add_argument("--rows", type=int, default=None, help="requests (default 512 on GPU, 48 on CPU)")
     parser.add_argument("--scale", type=float, default=None,
                         help="multiplies input lengths and new tokens (default 1 on GPU, 0.1 on CPU)")
@@ -192,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode attention (auto: the Generator's default, flex for compiled CUDA steps)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.workload == "long-encode":
+        return long_encode(args)
     attention = None if args.attention == "auto" else args.attention
     compile = {"auto": None, "on": True, "off": False}[args.compile]
 

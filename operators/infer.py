@@ -104,7 +104,8 @@ class Infer:
     @staticmethod
     def required_columns(tasks: list[InferTask], keep: tuple[str, ...] = ()) -> list[str]:
         """The columns a batch must have: from prepare, per task its prompt ids (classify: and candidates,
-        labels) and error columns; the keep columns."""
+        labels) and error columns; the keep columns. (A job with long_input = "chunk" also gives each task's
+        chunk prompts and frame: read when present.)"""
         per_task = []
         for t in tasks:
             cols = C.TaskColumns.of(t.output_column)

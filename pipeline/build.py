@@ -74,7 +74,7 @@ class PrepareSettings:
     storage_options: dict  # fsspec options for the checkpoint
     tasks: tuple  # PromptTask per task
     max_input_tokens: int  # longest prompt, image tokens included (input.max_input_tokens)
-    long_input: str  # "error" | "truncate" (input.long_input)
+    long_input: str  # "error" | "truncate" | "chunk" (input.long_input)
     keep: tuple[str, ...] = ()  # output.keep_columns, passed through
 
 

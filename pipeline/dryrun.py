@@ -174,11 +174,19 @@ def prepared_sample(v, plan_files: dict[int, int], files: list[InputFile], prepa
 
 
 def _prompts_only(prepared: pa.Table, settings) -> pa.Table:
-    """The prompt ids and error kind of each task (and a classify task's candidates' ids)."""
+    """The prompt ids and error kind of each task (and a classify task's candidates' ids). A row split
+    into pieces (long_input = "chunk") counts as its pieces' prompts end to end: the prompt tokens its
+    pieces send (the prompts that join their outputs, and the pieces' own outputs, are not counted)."""
     names = []
     for t in settings.tasks:
         cols = C.TaskColumns.of(t.output_column)
         names += [cols.prompt_ids, cols.error_kind] + ([cols.candidates] if t.classify else [])
+        if cols.chunk_prompts in prepared.column_names:
+            ids = prepared.column(cols.prompt_ids).to_pylist()
+            pieces = prepared.column(cols.chunk_prompts).to_pylist()
+            joined = [[t for p in split for t in p] if split else own for own, split in zip(ids, pieces)]
+            prepared = prepared.set_column(prepared.column_names.index(cols.prompt_ids), cols.prompt_ids,
+                                           pa.array(joined, prepared.schema.field(cols.prompt_ids).type))
     return prepared.select(names)
 
 
@@ -457,8 +465,11 @@ def summary(d: dict) -> str:
             label = f"<= {b['up_to']}" if b["up_to"] is not None else f"> {131_072}"
             lines.append(f"              {label:>10} {b['rows']:>6}  {_bar(b['rows'], most)}")
         if t["over_max_input_tokens"]:
-            fate = ("become text_too_long error rows" if t["long_input"] == "error"
-                    else "are cut to max_input_tokens (long_input = \"truncate\")")
+            fate = {"error": "become text_too_long error rows",
+                    "truncate": "are cut to max_input_tokens (long_input = \"truncate\")",
+                    "chunk": "are split into pieces that fit, whose outputs are joined (long_input = \"chunk\"; "
+                             "prompt tokens as sent count every piece, output tokens only one output per row)",
+                    }[t["long_input"]]
             lines.append(f"            {t['over_max_input_tokens']} sampled prompt(s) are over input.max_input_tokens: "
                          f"they {fate}")
         else:

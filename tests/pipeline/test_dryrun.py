@@ -126,6 +126,12 @@ def test_long_prompts_are_counted_against_max_input_tokens(tiny_checkpoint, tmp_
     assert task["over_max_input_tokens"] == 1 and "text_too_long" not in task["sampled_errors_by_kind"]
     assert task["prompt_tokens"]["max"] <= 256 and task["long_input"] == "truncate"  # cut, as the run cuts it
 
+    chunked = dryrun.dry_run(load_job(text, ["input.long_input=\"chunk\""]))
+    (task,) = chunked["tasks"]
+    assert task["over_max_input_tokens"] == 1 and "text_too_long" not in task["sampled_errors_by_kind"]
+    assert task["prompt_tokens"]["max"] > 2048  # the long text's pieces, every one of them sent
+    assert "are split into pieces that fit" in dryrun.summary(chunked)
+
 
 def test_the_sample_is_bounded_and_spread_over_files_and_row_groups(tmp_path):
     files = [InputFile(uri=f"file:///f{i}", num_rows=12, schema=pa.schema([])) for i in range(40)]
