@@ -68,6 +68,9 @@ def finished_rows(v: Validated, unit: Unit, rows: list[int] | None = None) -> pa
         columns[cols.input_tokens] = pa.array([7] * n, pa.int32())
         columns[cols.output_tokens] = pa.array([3] * n, pa.int32())
         columns[cols.finish_reason] = pa.array(["eos"] * n, pa.string())
+        columns[cols.flags] = pa.array([[]] * n, pa.list_(pa.string()))
+        columns[cols.chunks] = pa.array([1] * n, pa.int32())
+        columns[cols.chunk_depth] = pa.array([0] * n, pa.int32())
         columns[cols.error_kind] = pa.nulls(n, pa.string())
         columns[cols.error_message] = pa.nulls(n, pa.string())
     for key, value in v.provenance.items():
