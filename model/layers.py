@@ -151,7 +151,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """
     if mask.dtype == torch.bool and mask.dim() == 3:
         mask = mask[:, None]
+    if q.device.type == "cpu" and k.shape[2] <= SMALL_ATTENTION_KEYS:
+        return _small_attention(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+# On CPU, SDPA's fused kernel costs a few microseconds per (row, head) problem whatever its size, so
+# for many small problems (the encoder's sliding windows of a small model: blocks of a window's
+# queries against 2 x window - 1 keys) two batched matmuls and a softmax are faster: measured on a
+# 2-core EPYC, 142 blocks x 4 heads x 16 queries x 31 keys: 1.6 ms with SDPA, 0.74 ms here; at 64
+# keys 0.33 against 0.23 ms; from 128 keys on SDPA wins (the scores no longer stay in cache).
+SMALL_ATTENTION_KEYS = 64
+
+
+def _small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """attention() for few keys, as explicit scores: the query heads of a kv head go as the rows of one
+    matmul, so a kv head's keys are read once. Same shapes and mask rules as attention()."""
+    batch, heads, steps, dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    if mask.dtype == torch.bool:
+        mask = _additive(mask, q.dtype)
+    scores = torch.bmm(q.reshape(batch * kv_heads, group * steps, dim),
+                       k.reshape(batch * kv_heads, keys, dim).transpose(1, 2))  # [B * Hkv, G * T, S]
+    scores = scores.view(batch, heads, steps, keys).mul_(scale).add_(mask).softmax(-1)
+    out = torch.bmm(scores.view(batch * kv_heads, group * steps, keys), v.reshape(batch * kv_heads, keys, dim))
+    return out.view(batch, heads, steps, dim)
 
 
 # Key block of the decode FlexAttention: a block no row reads is skipped, so a row reads at most one
@@ -316,9 +342,15 @@ class LocalAttention:
     its window can reach (block + window - 1 of them), so memory and work grow with S x window.
     Same keys, same softmax as the dense band: only keys every query of a block must skip are
     masked, block by block.
+
+    With `segments` (the row each token belongs to), one "row" may hold many prompts back to back:
+    the encoder's packed tokens, with no padding between them. A key then also needs the query's
+    segment; a prompt's tokens are consecutive and in order, so distances within a segment are
+    distances within its prompt, and the window rule is unchanged.
     """
 
-    def __init__(self, padding: torch.Tensor, window: int, dtype: torch.dtype):
+    def __init__(self, padding: torch.Tensor, window: int, dtype: torch.dtype, segments: torch.Tensor | None = None):
+        """padding [B, S] (True = token); segments [B, S] (int, optional): a query sees only keys of its segment."""
         rows, steps = padding.shape
         self.left, self.right = encoder_window(window)
         self.block = max(1, window)
@@ -330,7 +362,12 @@ class LocalAttention:
         query = torch.arange(self.block, device=padding.device)[:, None]  # offset in the block
         key = torch.arange(self.keys, device=padding.device)[None, :]  # offset in the block's keys
         band = (key >= query) & (key <= query + self.left + self.right)  # [block, keys]
-        allowed = (band & valid[:, :, None, :]) | (key == query + self.left)  # own key: rows stay finite
+        allowed = band & valid[:, :, None, :]  # [B, n, block, keys]
+        if segments is not None:
+            key_segment = F.pad(segments, (self.left, tail + self.right), value=-1).unfold(1, self.keys, self.block)
+            query_segment = F.pad(segments, (0, tail), value=-2).view(rows, self.blocks, self.block)
+            allowed &= query_segment[..., None] == key_segment[:, :, None, :]
+        allowed |= key == query + self.left  # own key: rows stay finite
         self.mask = _additive(allowed, dtype).view(rows * self.blocks, 1, self.block, self.keys)
 
     def _windows(self, x: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,11 @@ class Packing:
     any order is still correct). A group grows while its padded area stays within
     `GROUP_WASTE` x the area its rows need, or below `GROUP_MIN_AREA` (tiny groups cost more in
     per-call overhead than they save).
+
+    Sliding-window layers can skip the padded layout altogether: where prompts are long next to the
+    window (the window's keys per token cost less than the groups' padded area), they attend over
+    the packed row itself, block by block, each token seeing only its own prompt's keys
+    (`packed_sliding`, a LocalAttention with segments): no padding, no scatter into groups and back.
     """
 
     GROUP_WASTE = 1.5
@@ -105,19 +110,38 @@ class Packing:
         self.batch, self.steps = padding.shape
         self.index = padding.reshape(-1).nonzero()[:, 0]  # [N] flat positions of real tokens
         lengths = padding.sum(1).tolist()
-        spans = padded_widths(padding)
+        cuts = length_groups(padded_widths(padding), lambda w: w * w, self.GROUP_WASTE, self.GROUP_MIN_AREA)
+        self.packed_sliding: LocalAttention | None = None  # sliding layers over the packed row, when cheaper
+        if self._packed_is_cheaper(cuts, sum(lengths), window):
+            segments = (self.index // self.steps)[None]  # [1, N]: the prompt of each packed token
+            self.packed_sliding = LocalAttention(torch.ones_like(segments, dtype=torch.bool), window, dtype, segments)
         self.groups = []  # (first token, end token, rows, padded width, masks per layer type, token slots)
         token = 0
-        for first, end, width in length_groups(spans, lambda w: w * w, self.GROUP_WASTE, self.GROUP_MIN_AREA):
+        for first, end, width in cuts:
             count = sum(lengths[first:end])
             group = padding[first:end, : max(1, width)]  # [b, S_g]
-            long = group.shape[1] > self.LOCAL_FROM * window  # sliding layers then attend block by block
-            masks = {"full_attention": key_padding_mask(group, dtype),
-                     "sliding_attention": LocalAttention(group, window, dtype) if long
-                     else window_band_mask(group, window, dtype)}
+            masks = {"full_attention": key_padding_mask(group, dtype)}
+            if self.packed_sliding is None:
+                long = group.shape[1] > self.LOCAL_FROM * window  # sliding layers then attend block by block
+                masks["sliding_attention"] = (LocalAttention(group, window, dtype) if long
+                                              else window_band_mask(group, window, dtype))
             slots = group.reshape(-1).nonzero()[:, 0]  # where each of the group's tokens sits in [b * S_g]
             self.groups.append((token, token + count, end - first, group.shape[1], masks, slots))
             token += count
+
+    @classmethod
+    def _packed_is_cheaper(cls, cuts: list[tuple[int, int, int]], tokens: int, window: int) -> bool:
+        """Whether sliding layers read fewer keys over the packed row than in the padded groups `cuts`.
+
+        Keys scored: packed, every token (in blocks of `window`) scores the 2 x window - 1 keys its block
+        reaches; grouped, a row of a group scores width^2 (dense band), or as many as packed per padded
+        token where the group is long enough to attend block by block itself."""
+        reach = 2 * window - 1
+        packed = -(-tokens // window) * window * reach
+        grouped = sum((end - first) * (width * width if width <= cls.LOCAL_FROM * window
+                                       else -(-width // window) * window * reach)
+                      for first, end, width in cuts)
+        return 0 < packed < grouped
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, ...] -> [1, N, ...]."""
@@ -131,6 +155,10 @@ class Packing:
 
     def attention(self, qk: torch.Tensor, v: torch.Tensor, heads: int, kind: str, scale: float) -> torch.Tensor:
         """Packed qk [1, N, Hq + Hkv, D], v [1, N, Hkv, D] -> attention output [1, N, Hq * D], group by group."""
+        if kind == "sliding_attention" and self.packed_sliding is not None:
+            qk_t, v_t = qk.transpose(1, 2), v.transpose(1, 2)  # [1, Hq + Hkv, N, D], [1, Hkv, N, D]
+            out = self.packed_sliding(qk_t[:, :heads], qk_t[:, heads:], v_t, scale)  # [1, Hq, N, D]
+            return out.transpose(1, 2).reshape(1, out.shape[2], -1)
         outputs = []
         for start, end, rows, width, masks, slots in self.groups:
             qk_g = _scatter_rows(qk[0, start:end], slots, rows, width)  # [b, Hq + Hkv, S_g, D]
@@ -274,22 +302,23 @@ class T5Gemma2(nn.Module):
         masks). No [S, S] tensor is made (tests/model/test_encoder_memory.py). Measured in docs/perf.md,
         "Long documents": at the bench's small shape on CPU, 1.00 GiB peak for 32K tokens, 2.98 GiB for 128K.
         """
-        x = self.embed_tokens(input_ids)  # [B, S, H]
+        padding = attention_mask.bool()
+        dtype = self.embed_tokens.weight.dtype
+        packing = Packing(padding, self.config.encoder.sliding_window, dtype)
+        ids = packing.pack(input_ids)  # [1, N]: only real tokens are embedded
+        x = self.embed_tokens(ids)  # [1, N, H]
         if pixel_values is not None:
             image_features = self.embed_images(pixel_values)
         if image_features is not None:
-            slots = input_ids == self.config.image_token_id  # [B, S]
+            slots = ids == self.config.image_token_id  # [1, N], row-major as the images are
             if int(slots.sum()) != image_features.shape[0] * image_features.shape[1]:
                 raise ValueError(
                     f"{int(slots.sum())} image-token positions but {image_features.shape[0]} images x "
                     f"{image_features.shape[1]} tokens: expand each image placeholder with the tokenizer"
                 )
             x = x.masked_scatter(slots[..., None], image_features.to(x.dtype))
-        padding = attention_mask.bool()
-        packing = Packing(padding, self.config.encoder.sliding_window, x.dtype)
         positions = torch.arange(input_ids.shape[1], device=x.device).expand_as(input_ids)
         angles = self.encoder.angles(packing.pack(positions), x.dtype)  # [1, N, 1, D] per type
-        x = packing.pack(x)  # [1, N, H]
         for layer in self.encoder.layers:
             cos, sin = angles[layer.layer_type]
             x = layer.encode(x, cos, sin, packing)

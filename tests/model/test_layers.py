@@ -55,3 +55,44 @@ def test_local_attention_equals_the_dense_window_band():
         real = padding[:, None, :, None].expand_as(dense)  # padding queries' outputs are never used
         assert torch.allclose(local[real], dense[real], atol=1e-5), (window, lengths)
         assert torch.isfinite(local).all()
+
+
+def test_packed_local_attention_equals_each_prompt_alone():
+    """LocalAttention over prompts packed back to back, with segments, gives each prompt's own dense band."""
+    from model.layers import LocalAttention, attention, window_band_mask
+
+    gen = torch.Generator().manual_seed(1)
+    for window, lengths in [(4, [9, 1, 13, 4]), (5, [2, 30]), (1, [3, 3]), (16, [40, 7, 16])]:
+        heads, kv_heads, dim = 4, 1, 8
+        total = sum(lengths)
+        q = torch.randn(1, heads, total, dim, generator=gen)
+        k = torch.randn(1, kv_heads, total, dim, generator=gen)
+        v = torch.randn(1, kv_heads, total, dim, generator=gen)
+        segments = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+        packed = LocalAttention(torch.ones(1, total, dtype=torch.bool), window, torch.float32, segments)(q, k, v, 0.5)
+        start = 0
+        for n in lengths:
+            part = slice(start, start + n)
+            alone = attention(q[:, :, part], k[:, :, part], v[:, :, part],
+                              window_band_mask(torch.ones(1, n, dtype=torch.bool), window, torch.float32), 0.5)
+            assert torch.allclose(packed[:, :, part], alone, atol=1e-5), (window, lengths, n)
+            start += n
+
+
+def test_small_attention_equals_sdpa():
+    """The explicit-scores path for few keys (CPU) is SDPA's math: GQA, bool and float masks."""
+    import torch.nn.functional as F
+
+    from model.layers import SMALL_ATTENTION_KEYS, _small_attention
+
+    gen = torch.Generator().manual_seed(2)
+    for heads, kv_heads, steps, keys in [(4, 1, 16, 31), (4, 2, 5, SMALL_ATTENTION_KEYS), (2, 2, 1, 7)]:
+        q = torch.randn(3, heads, steps, 8, generator=gen)
+        k = torch.randn(3, kv_heads, keys, 8, generator=gen)
+        v = torch.randn(3, kv_heads, keys, 8, generator=gen)
+        allowed = torch.rand(3, 1, steps, keys, generator=gen) > 0.4
+        allowed[..., 0] = True
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.3, enable_gqa=True)
+        assert torch.allclose(_small_attention(q, k, v, allowed, 0.3), expected, atol=1e-6)
+        additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+        assert torch.allclose(_small_attention(q, k, v, additive, 0.3), expected, atol=1e-6)

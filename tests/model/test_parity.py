@@ -79,14 +79,25 @@ def test_teacher_forced_logits_text_padded(pair):
     assert_close(ours(ids, mask, dec), expected)
 
 
+def _no_packed_sliding(monkeypatch):
+    monkeypatch.setattr(model.t5gemma2.Packing, "_packed_is_cheaper", classmethod(lambda cls, *args: False))
+
+
+@pytest.mark.parametrize("layout", ["packed", "groups"])
 @torch.no_grad()
-def test_long_inputs_attend_block_by_block_with_the_reference_logits(pair, monkeypatch):
-    """Sliding layers over inputs many windows long run as LocalAttention: the reference's logits still."""
+def test_long_inputs_attend_block_by_block_with_the_reference_logits(pair, monkeypatch, layout):
+    """Sliding layers over inputs many windows long run as LocalAttention, over the packed row of all
+    prompts or per padded group: the reference's logits either way."""
     _, ref, ours = pair
     monkeypatch.setattr(model.t5gemma2.Packing, "LOCAL_FROM", 2)  # windows are 3..5, inputs up to 40
+    if layout == "groups":
+        _no_packed_sliding(monkeypatch)
     ids, mask = text_batch([40, 23, 9, 31])
-    groups = model.t5gemma2.Packing(mask.bool(), ours.config.encoder.sliding_window, torch.float32).groups
-    assert any(isinstance(g[4]["sliding_attention"], model.layers.LocalAttention) for g in groups)
+    packing = model.t5gemma2.Packing(mask.bool(), ours.config.encoder.sliding_window, torch.float32)
+    if layout == "packed":  # the windows' keys per token cost less than these rows' padded groups
+        assert packing.packed_sliding is not None
+    else:
+        assert any(isinstance(g[4]["sliding_attention"], model.layers.LocalAttention) for g in packing.groups)
     dec = decoder_batch(4, 7)
     expected = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     assert_close(ours(ids, mask, dec), expected)
@@ -97,6 +108,7 @@ def test_long_inputs_attend_block_by_block_with_the_reference_logits(pair, monke
 def test_encoder_attention_groups_give_the_reference_logits(pair, monkeypatch, group_area):
     """The encoder pads attention per group of similar-length rows; any grouping is the reference's math."""
     _, ref, ours = pair
+    _no_packed_sliding(monkeypatch)  # sliding layers in the groups too (dense band masks)
     if group_area is not None:  # cut a group at every length change (the most groups)
         monkeypatch.setattr(model.t5gemma2.Packing, "GROUP_MIN_AREA", group_area)
         monkeypatch.setattr(model.t5gemma2.Packing, "GROUP_WASTE", 1.0)
