@@ -63,9 +63,10 @@ class LayerCache:
             self.keys.index_copy_(2, slot, k[:, :, None])
             self.values.index_copy_(2, slot, v[:, :, None])
         else:  # rows at their own positions (refilled rows start at zero)
-            index = slot.view(-1, 1, 1, 1).expand(k.shape[0], k.shape[1], 1, k.shape[2])  # [B, Hkv, 1, D]
-            self.keys.scatter_(2, index, k[:, :, None])
-            self.values.scatter_(2, index, v[:, :, None])
+            # An index_put of whole [Hkv, D] vectors: about half a scatter_'s time, which indexes every element.
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.keys[rows, :, slot] = k
+            self.values[rows, :, slot] = v
         return self.keys, self.values
 
 

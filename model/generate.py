@@ -244,6 +244,10 @@ class Generator:
         self._compiled = {"sampling": _compiled_step(_sampling_step, options),
                           "beam": _compiled_step(_beam_step, beam_options)} if self.compile else None
         self.compile_fallback: str | None = None  # why compiling failed, when it did
+        failed = self._compiled and next((_COMPILE_FAILURES[k] for k in self._failure_keys() if k in _COMPILE_FAILURES),
+                                         None)
+        if failed:  # a step of these options already failed in this process: do not pay for compiling again
+            self._fall_back(failed, "failed earlier in this process")
         # Compiled: the decode state of the last run's shape, reused by the next run of that shape so that
         # a CUDA graph recorded over its buffers replays instead of being recorded again (every run would
         # otherwise add a graph to the tree). One shape at a time, so it holds no memory beyond a run's.
@@ -434,14 +438,25 @@ class Generator:
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # compile or capture failure: never a failed job
-                self.compile_fallback = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-                warnings.warn(f"torch.compile of the decode step failed ({self.compile_fallback}); "
-                              f"decoding eagerly from here on", RuntimeWarning, stacklevel=2)
-                self._compiled = None
-                self.compile = False  # later micro-batches need no buckets (the one running keeps its padding rows)
+                reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                for key in self._failure_keys():
+                    _COMPILE_FAILURES[key] = reason
+                self._fall_back(reason, "failed")
                 state[0].flex = False  # eager steps attend with SDPA over the masks the cache kept
-                self.attention = "sdpa"
         return (_sampling_step if kind == "sampling" else _beam_step)(self.model, *state)
+
+    def _failure_keys(self) -> list[tuple[int, str]]:
+        """Keys of this Generator's compiled steps in _COMPILE_FAILURES (the step function and the attention)."""
+        return [(id(fn), self.attention) for fn in self._compiled.values()]
+
+    def _fall_back(self, reason: str, how: str) -> None:
+        """Decode eagerly from here on, with one warning saying why."""
+        self.compile_fallback = reason
+        warnings.warn(f"torch.compile of the decode step {how} ({reason}); decoding eagerly from here on",
+                      RuntimeWarning, stacklevel=3)
+        self._compiled = None
+        self.compile = False  # later micro-batches need no buckets (the one running keeps its padding rows)
+        self.attention = "sdpa"
 
     def _slots(self, reqs: list[Request]) -> tuple[int, int]:
         """(slots, encoder width) a refill run of `reqs` decodes at: the widest request sets the width
@@ -792,6 +807,9 @@ def _beam_step(model: T5Gemma2, cache: DecoderCache, b: _Beams) -> None:
 
 
 _COMPILED_STEPS: dict = {}  # torch.compile options -> the compiled step, shared by every Generator
+# (id of a compiled step, attention) -> why compiling it failed: a later Generator of this process does not
+# try again (a failing compile can take a minute, and fails the same way).
+_COMPILE_FAILURES: dict[tuple[int, str], str] = {}
 
 
 def _compiled_step(step, options: dict):

@@ -71,7 +71,10 @@ def test_rows_leaving_shrink_to_smaller_buckets_with_few_graphs(tiny):
 def test_compile_failure_falls_back_to_eager_with_one_warning(tiny):
     torch._dynamo.reset()
 
+    attempts = []
+
     def broken(graph, example_inputs):
+        attempts.append(1)
         raise RuntimeError("no compiler here (injected)")
 
     reqs = fixed_length(prompts([4, 11], seed=4), 6)
@@ -81,6 +84,12 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(tiny):
     assert len([w for w in caught if "decoding eagerly" in str(w.message)]) == 1
     assert "injected" in gen.compile_fallback
     assert tokens(got) == tokens(model.Generator(tiny).generate(reqs)) * 2
+    # A later Generator of the same options does not try again (a failing compile can take a minute).
+    tried = len(attempts)
+    with pytest.warns(RuntimeWarning, match="failed earlier in this process"):
+        again = model.Generator(tiny, compile=True, compile_options={"backend": broken})
+    assert tokens(again.generate(reqs)) == tokens(got[:2]) and len(attempts) == tried
+    assert not again.stats.compiled and "injected" in again.stats.compile_fallback
 
 
 def test_inductor_step_gives_eager_and_reference_tokens(tmp_path):
