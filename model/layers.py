@@ -289,13 +289,25 @@ class AttentionProjections(nn.Module):
         qk = _cast(rms_normalize(qkv[:, :, :split], self.eps).mul_(self._qk_scale()), x.dtype)
         return apply_rotary(qk, cos, sin), qkv[:, :, split:]
 
-    def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cross_kv(self, memory: torch.Tensor, real: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder output [B, S, H] -> k, v [B, Hkv, S, D]: k normed, not rotated (encoder keys have no
-        position here)."""
+        position here). real: (the real tokens of memory [N, H], their flat positions in [B * S] [N]) to
+        project only those; padding positions then get zeros, as zero memory rows would give."""
         batch, steps, _ = memory.shape
         q_width = self.num_heads * self.head_dim
-        kv = F.linear(memory, self.qkv_proj.weight[q_width:]).view(batch, steps, 2 * self.num_kv_heads, self.head_dim)
-        k = self.k_norm(kv[:, :, : self.num_kv_heads])
+        weight = self.qkv_proj.weight[q_width:]
+        if real is None:
+            kv = F.linear(memory, weight).view(batch, steps, 2 * self.num_kv_heads, self.head_dim)
+            k = self.k_norm(kv[:, :, : self.num_kv_heads])
+        else:
+            tokens, index = real
+            packed = F.linear(tokens, weight).view(-1, 2 * self.num_kv_heads, self.head_dim)  # [N, 2 Hkv, D]
+            packed[:, : self.num_kv_heads] = self.k_norm(packed[:, : self.num_kv_heads])
+            kv = packed.new_zeros(batch * steps, *packed.shape[1:])
+            kv[index] = packed
+            kv = kv.view(batch, steps, *packed.shape[1:])
+            k = kv[:, :, : self.num_kv_heads]
         return k.transpose(1, 2), kv[:, :, self.num_kv_heads :].transpose(1, 2)
 
     def out(self, attn: torch.Tensor) -> torch.Tensor:

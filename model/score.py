@@ -303,7 +303,7 @@ class Scorer:
         self_bias = {kind: _additive(allowed[0]) for kind, allowed in  # [T, T] per layer type
                      decoder_self_masks(positions, positions, cfg.decoder.sliding_window).items()}
         cross_bias = _additive(mask)[:, None, None, :]  # [R, 1, 1, S]
-        for layer, (keys, values) in zip(self.model.decoder.layers, self.model.cross_kv(memory)):
+        for layer, (keys, values) in zip(self.model.decoder.layers, self.model.cross_kv(memory, mask.bool())):
             cos, sin = angles[layer.layer_type]
             x = _score_block(layer, x, cos, sin, self_bias[layer.layer_type], keys, values, cross_bias, rows)
         hidden = self.model.decoder.norm(x)  # [C, T, H]

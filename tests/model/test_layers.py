@@ -96,3 +96,19 @@ def test_small_attention_equals_sdpa():
         assert torch.allclose(_small_attention(q, k, v, allowed, 0.3), expected, atol=1e-6)
         additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
         assert torch.allclose(_small_attention(q, k, v, additive, 0.3), expected, atol=1e-6)
+
+
+def test_cross_keys_from_the_real_tokens_only_equal_the_padded_projection():
+    """cross_kv with the padding mask (CPU: projects only real tokens) gives the padded batch's keys/values."""
+    import model
+    from jobs.bench import shape_config
+
+    m = model.random_model(shape_config("tiny"), seed=3)
+    lengths = torch.tensor([5, 1, 9])
+    padding = torch.arange(9)[None, :] < lengths[:, None]
+    ids = torch.randint(10, 900, (3, 9), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        memory = m.encode(ids, padding)
+        for (k, v), (k_real, v_real) in zip(m.cross_kv(memory), m.cross_kv(memory, padding), strict=True):
+            assert torch.allclose(k, k_real, atol=1e-6) and torch.allclose(v, v_real, atol=1e-6)
+            assert not k_real[~padding[:, None, :, None].expand_as(k_real)].any()  # zeros at padding
