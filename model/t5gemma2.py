@@ -299,8 +299,9 @@ class T5Gemma2(nn.Module):
         [N, width] tensors (the largest the MLP's [N, 2 x intermediate]); full-attention layers give
         SDPA a [b, 1, 1, S] key mask, so its fused kernel keeps the [S, S] scores out of memory; sliding
         layers attend in LocalAttention blocks ([S / w, w, 2w - 1] masks) over the packed row or, in groups
-        wider than LOCAL_FROM windows, per row (see Packing). No [S, S] tensor is made (tests/model/test_encoder_memory.py). Measured in docs/perf.md,
-        "Long documents": at the bench's small shape on CPU, 1.00 GiB peak for 32K tokens, 2.98 GiB for 128K.
+        wider than LOCAL_FROM windows, per row (see Packing). No [S, S] tensor is made
+        (tests/model/test_encoder_memory.py). Measured in docs/perf.md, "Long documents": at the bench's
+        small shape on CPU, 1.00 GiB peak for 32K tokens, 2.98 GiB for 128K.
         """
         padding = attention_mask.bool()
         dtype = self.embed_tokens.weight.dtype
