@@ -175,7 +175,8 @@ def _small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         mask = _additive(mask, q.dtype)
     scores = torch.bmm(q.reshape(batch * kv_heads, group * steps, dim),
                        k.reshape(batch * kv_heads, keys, dim).transpose(1, 2))  # [B * Hkv, G * T, S]
-    scores = scores.view(batch, heads, steps, keys).mul_(scale).add_(mask).softmax(-1)
+    # The softmax in float32, as SDPA's kernels compute it for bfloat16 inputs.
+    scores = scores.view(batch, heads, steps, keys).float().mul_(scale).add_(mask).softmax(-1).to(q.dtype)
     out = torch.bmm(scores.view(batch * kv_heads, group * steps, keys), v.reshape(batch * kv_heads, keys, dim))
     return out.view(batch, heads, steps, dim)
 

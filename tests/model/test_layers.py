@@ -96,6 +96,12 @@ def test_small_attention_equals_sdpa():
         assert torch.allclose(_small_attention(q, k, v, allowed, 0.3), expected, atol=1e-6)
         additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
         assert torch.allclose(_small_attention(q, k, v, additive, 0.3), expected, atol=1e-6)
+        # bfloat16: no further from the float32 result than SDPA's own bfloat16 kernel (softmax in float32)
+        low = [t.bfloat16() for t in (q, k, v)]
+        ours = (_small_attention(*low, allowed, 0.3).float() - expected).abs().max()
+        sdpa = (F.scaled_dot_product_attention(*low, attn_mask=allowed, scale=0.3, enable_gqa=True).float()
+                - expected).abs().max()
+        assert ours <= 1.5 * sdpa + 1e-3, (ours, sdpa)
 
 
 def test_cross_keys_from_the_real_tokens_only_equal_the_padded_projection():
