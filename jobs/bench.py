@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     out_tokens = sum(len(t) for t in ours_tokens)
     print(f"ours: {rows / best_ours:10.1f} rows/s  {out_tokens / best_ours:12.1f} output tokens/s  "
           f"padding efficiency {stats.padding_efficiency:.2f} (micro-batch layout; projections and MLP run "
-          f"packed, encoder attention in length groups)  encoder calls {stats.micro_batches}  "
+          f"packed, encoder attention in length groups or over the packed row)  encoder calls {stats.micro_batches}  "
           f"slot occupancy {stats.slot_occupancy:.2f} (slot-steps that produced a kept token)  "
           f"peak memory {peak_memory_gb(device):.2f} GiB")
     print(f"ours: compile={'on' if stats.compiled else 'off'}  attention={stats.attention}  "
