@@ -18,8 +18,11 @@
    one request, which then becomes an "out_of_memory" error result instead of a crash.
 
 Refill within one generate() call only: requests arrive as the call's list, and slots drain at
-its end (a Ray Data actor refills across the rows of one batch it is given, not across batches;
-streaming across calls is not built).
+its end (a Ray Data actor refills across the rows of one batch it is given, not across batches).
+Why not across calls: Ray Data's map_batches gives a stateful actor no call at the end of its
+input, so requests still held in slots when the last batch returns would have no call left to
+come back in. Losing no row comes first; a batch several times the slot count
+(`resources.rows_per_call`) keeps the drain a small share of each call instead.
 
 The decode loop never waits on the device at a step. One step (`_sampling_step`: embed,
 decoder layers, final norm, LM head, EOS ban, token choice, finished flags) reads and writes
