@@ -30,8 +30,10 @@ test-slow: venv
 demo: venv
 	$(BIN)/t5g2 demo
 
+# The two CPU workloads the decode issues are measured on: summarize, and longtail (rows of different lengths).
 bench: venv
 	$(BIN)/t5g2 bench --shape tiny --workload summarize --compare-hf
+	$(BIN)/t5g2 bench --shape tiny --workload longtail --rows 600 --scale 1 --repeats 3 --compare-hf
 
 # The one-shot device check (jobs/bench_gpu.py): needs only torch and transformers, so it creates
 # no venv and installs nothing (a bare GPU box has no package index); it uses .venv when present.
