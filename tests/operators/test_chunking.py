@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 import model.weights
+from helpers.generator_faults import fail_on_prompt
 from model.generate import GenerationParams, Generator, Request
 from model.tokenizer import Tokenizer
 from operators import chunking
@@ -223,14 +224,7 @@ def test_a_failed_piece_or_outputs_that_never_fit_fail_only_their_row(tok, tiny_
     prepared = prep(batch([long_text(1, sentences=3), "A short text.", long_text(1, sentences=3, tag="c")]))
     poisoned = prepared.column(cols.chunk_prompts)[2].as_py()[1]
     infer = recording_infer(tiny_model)
-    real = infer.generator.generate
-
-    def flaky(requests):
-        if any(r.input_ids == poisoned for r in requests):
-            raise RuntimeError("kernel fault")
-        return real(requests)
-
-    monkeypatch.setattr(infer.generator, "generate", flaky)
+    fail_on_prompt(monkeypatch, infer.generator, poisoned)
     out = infer(prepared)
     assert out.column(cols.error_kind).to_pylist() == [None, None, "model_error"]
     message = out.column(cols.error_message)[2].as_py()

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 
 import model.weights
+from helpers.generator_faults import fail_on_prompt
 from helpers.pipeline_data import image_bytes
 from model.generate import GenerationParams, Generator, Request
 from model.images import ImageProcessor
@@ -66,14 +67,7 @@ def test_a_failing_request_fails_only_its_row(parts, monkeypatch):
     tok, m, prepared, _ = parts
     infer = Infer("unused", "float32", "cpu", TASKS[:1], max_batch_tokens=4096, model=m)
     poisoned = prepared.column(C.TaskColumns.of("s").prompt_ids)[2].as_py()
-    real = infer.generator.generate
-
-    def flaky(requests):
-        if any(r.input_ids == poisoned for r in requests):
-            raise RuntimeError("kernel fault")
-        return real(requests)
-
-    monkeypatch.setattr(infer.generator, "generate", flaky)
+    fail_on_prompt(monkeypatch, infer.generator, poisoned)
     out = infer(prepared)
     kinds = out.column(C.TaskColumns.of("s").error_kind).to_pylist()
     assert kinds == [None, None, "model_error", None, None, None, None, "text_missing"]
