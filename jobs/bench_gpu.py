@@ -4,7 +4,7 @@ For each workload (270m summarize, translate, caption and longtail by default) i
 the real shape, runs our Generator and transformers' generate() (its best batching: sorted by
 length, the largest batch that fits) on the same requests in the same process, and prints
 
-    our output tokens/s and HF's, and the ratio
+    our output tokens/s and HF's at its fastest batch (of the sizes tried, printed), and the ratio
     the share of greedy rows whose tokens equal HF's (in bfloat16 on a GPU, where the two
       implementations round differently, so this is a health figure, not a parity test)
     rows per second (captions per second on the caption workload) and the slot occupancy
@@ -30,17 +30,32 @@ Not here: the general benchmark with its options (jobs/bench.py), correctness (t
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import tempfile
 import time
+import traceback
 
 import torch
 
 import model
-from jobs.bench import SHAPES, WORKLOADS, make_requests, peak_memory_gb, run_hf, shape_config, sync
+from jobs.bench import (
+    SHAPES,
+    WORKLOADS,
+    hf_batch_sizes,
+    make_requests,
+    peak_memory_gb,
+    run_hf,
+    run_hf_best,
+    shape_config,
+    sync,
+)
 
 # workload -> rows on a GPU (caption is bound by the 896 px vision tower: fewer rows)
 GPU_ROWS = {"summarize": 512, "translate": 512, "caption": 128, "longtail": 512}
+# workload -> the batch transformers ran fastest at on an H100 (../shared/perf-baseline.md; longtail is
+# translate-like); the sweep starts at twice it, so a faster larger batch is still found.
+HF_BEST_BATCH_H100 = {"summarize": 256, "translate": 128, "caption": 32, "longtail": 128}
 
 
 def kernels_per_step(m, requests, device, compile, attention=None) -> tuple[float, float]:
@@ -122,21 +137,50 @@ def run_workload(workload: str, args, device: torch.device, cfg, m, ref) -> dict
     peak_ours = peak_memory_gb(device)
 
     run_hf(ref, requests[:4], 4, device, cfg.pad_token_id, list(cfg.eos_token_ids))  # warm-up
-    hf_best, hf = math.inf, None
-    for _ in range(args.hf_repeats):
-        seconds, hf, hf_batch, _ = run_hf(ref, requests, args.hf_batch, device, cfg.pad_token_id,
-                                          list(cfg.eos_token_ids))
-        hf_best = min(hf_best, seconds)
+    # HF at its best batch: sizes by halves from --hf-batch, stopping two sizes past the fastest; on a GPU
+    # by default the three around the batch it did best at in perf-baseline.md's H100 run (twice it, it,
+    # half), which bounds the sweep's device time.
+    if args.hf_batch is None and on_gpu:
+        sizes = hf_batch_sizes(2 * HF_BEST_BATCH_H100[workload], rows)[:3]
+    else:
+        sizes = hf_batch_sizes(args.hf_batch or 256, rows)
+    hf_best, hf, hf_batch, _, hf_tried = run_hf_best(ref, requests, sizes, device, cfg.pad_token_id,
+                                                     list(cfg.eos_token_ids), args.hf_repeats)
     kernels, launches = kernels_per_step(m, requests, device, compile, attention)
     out_tokens = sum(len(t) for t in ours)
     hf_tokens = sum(len(t) for t in hf)
     return dict(
         workload=workload, rows=rows, new_tokens=requests[0].params.max_new_tokens,
-        ours_tps=out_tokens / best, hf_tps=hf_tokens / hf_best, hf_batch=hf_batch,
+        ours_tps=out_tokens / best, hf_tps=hf_tokens / hf_best, hf_batch=hf_batch, hf_tried=hf_tried,
         same=sum(a == b for a, b in zip(ours, hf)), first_s=first, best_s=best, peak_gb=peak_ours,
         kernels=kernels, launches=launches, compiled=gen.stats.compiled, fallback=gen.stats.compile_fallback,
         occupancy=gen.stats.slot_occupancy, rows_per_s=rows / best, attention=gen.attention,
     )
+
+
+def budget_spent(start: float, budget: float, what: str) -> bool:
+    """Whether more than `budget` seconds passed since `start` (perf_counter); then `what` is skipped, and
+    a line says so."""
+    elapsed = time.perf_counter() - start
+    if elapsed > budget:
+        print(f"{what} skipped: {elapsed:.0f} s of the {budget:.0f} s budget spent", flush=True)
+    return elapsed > budget
+
+
+def run_guarded(what: str, run, failed: list[str], device: torch.device):
+    """run() or, when it raises, None after a FAILED line and its traceback (and `what` appended to
+    `failed`): one workload's failure (out of memory, a compile error) must not cost the device run the
+    other workloads' numbers."""
+    began = time.perf_counter()
+    try:
+        return run()
+    except Exception as error:  # any failure is reported, then the next workload runs
+        print(f"{what} FAILED after {time.perf_counter() - began:.0f} s: {type(error).__name__}: {error}", flush=True)
+        traceback.print_exc()
+        failed.append(what)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,11 +196,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", choices=("auto", "flex", "sdpa"), default="auto",
                         help="decode attention (auto: the Generator's default, flex for compiled CUDA steps)")
     parser.add_argument("--max-batch-tokens", type=int, default=None)
-    parser.add_argument("--hf-batch", type=int, default=256)
+    parser.add_argument("--hf-batch", type=int, default=None,
+                        help="HF's largest batch, halved down to 8 while faster (default: twice its best in the "
+                             "H100 baseline on a GPU, 256 on CPU)")
     parser.add_argument("--repeats", type=int, default=2, help="our timed runs after the first (best kept)")
-    parser.add_argument("--hf-repeats", type=int, default=1, help="HF's timed runs after a warm-up (best kept)")
+    parser.add_argument("--hf-repeats", type=int, default=1,
+                        help="HF's timed runs at its fastest batch, the sweep's included (best kept)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-budget", type=float, default=420,
+                        help="seconds after which the workloads not yet started are skipped (default 420: a "
+                             "device session's 15 minutes hold a machine's start, this run and a rerun)")
     args = parser.parse_args(argv)
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not workloads:  # before any weights are built
+        parser.error(f"--workloads: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(WORKLOADS)}")
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     try:
@@ -170,27 +224,41 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     cfg, m, ref = build(args, device, T5Gemma2ForConditionalGeneration)
     print(f"bench-gpu: weights ready in {time.perf_counter() - start:.0f} s", flush=True)
-    results = {}
-    for workload in args.workloads.split(","):
-        r = results[workload.strip()] = run_workload(workload.strip(), args, device, cfg, m, ref)
+    results, failed = {}, []
+    spent = functools.partial(budget_spent, start, args.time_budget)
+    guarded = functools.partial(run_guarded, failed=failed, device=device)
+
+    for workload in workloads:
+        if spent(workload):
+            continue
+        r = guarded(workload, lambda: run_workload(workload, args, device, cfg, m, ref))  # noqa: B023 (called now)
+        if r is None:
+            continue
+        results[workload] = r
         print(f"{r['workload']:<10} rows {r['rows']:4d} x {r['new_tokens']:3d} new  "
-              f"ours {r['ours_tps']:10.1f} tok/s  hf {r['hf_tps']:10.1f} tok/s (batch {r['hf_batch']})  "
+              f"ours {r['ours_tps']:10.1f} tok/s  hf {r['hf_tps']:10.1f} tok/s (batch {r['hf_batch']} of "
+              f"{','.join(map(str, r['hf_tried']))})  "
               f"ratio {r['ours_tps'] / r['hf_tps']:6.2f}x  same greedy rows {r['same']}/{r['rows']}  "
               f"rows/s {r['rows_per_s']:.1f}  slot occupancy {r['occupancy']:.2f}  "
               f"peak {r['peak_gb']:.2f} GiB  kernels/step {r['kernels']:.0f}  launches/step {r['launches']:.0f}  "
               f"first run {r['first_s']:.1f} s  best {r['best_s']:.2f} s  "
               f"compiled {'yes' if r['compiled'] else 'no'}  attention {r['attention']}  "
               f"fallback {r['fallback'] or 'none'}", flush=True)
-    if "longtail" in results and args.attention == "auto":
+    if "longtail" in results and args.attention == "auto" and not spent("the other attention on longtail"):
         # The other attention on longtail (ours only): the figure that decides the default on this device.
         other = "sdpa" if results["longtail"]["attention"] == "flex" else "flex"
-        rows, requests, budget, compile = setup("longtail", args, device, cfg)
-        first, best, ours, gen = run_ours(requests, args, device, m, budget, compile, other)
-        print(f"attention {other:<5} longtail ours {sum(len(t) for t in ours) / best:10.1f} tok/s  "
-              f"first run {first:.1f} s  best {best:.2f} s  fallback {gen.stats.compile_fallback or 'none'}",
-              flush=True)
-    print(f"bench-gpu: done in {time.perf_counter() - start:.0f} s")
-    return 0
+
+        def other_attention():
+            rows, requests, budget, compile = setup("longtail", args, device, cfg)
+            first, best, ours, gen = run_ours(requests, args, device, m, budget, compile, other)
+            print(f"attention {other:<5} longtail ours {sum(len(t) for t in ours) / best:10.1f} tok/s  "
+                  f"first run {first:.1f} s  best {best:.2f} s  fallback {gen.stats.compile_fallback or 'none'}",
+                  flush=True)
+
+        guarded(f"attention {other} on longtail", other_attention)
+    print(f"bench-gpu: done in {time.perf_counter() - start:.0f} s"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

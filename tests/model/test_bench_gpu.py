@@ -7,7 +7,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+import torch
+
+from jobs import bench_gpu
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,3 +49,32 @@ def test_bench_gpu_runs_on_cpu_without_ray_or_network():
     other = lines["attention"]  # longtail once more with the other attention, ours only
     assert re.search(r"attention flex +longtail ours +[\d.]+ tok/s", other) and "fallback none" in other, other
     assert "bench-gpu: done" in proc.stdout
+
+
+def test_a_failing_workload_is_reported_and_the_rest_still_run(capsys):
+    failed: list[str] = []
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    assert bench_gpu.run_guarded("caption", broken, failed, torch.device("cpu")) is None
+    assert bench_gpu.run_guarded("longtail", lambda: 42, failed, torch.device("cpu")) == 42
+    out = capsys.readouterr()
+    assert failed == ["caption"]
+    assert "caption FAILED after 0 s: RuntimeError: CUDA error: an illegal memory access" in out.out
+    assert "Traceback" in out.err and "illegal memory access" in out.err
+
+
+def test_time_budget_skips_the_workloads_not_started(capsys):
+    now = time.perf_counter()
+    assert not bench_gpu.budget_spent(now, 60, "summarize")
+    assert bench_gpu.budget_spent(now - 61, 60, "translate")
+    assert capsys.readouterr().out.startswith("translate skipped: 61 s of the 60 s budget spent")
+
+
+def test_unknown_workload_fails_before_any_weights(capsys):
+    with pytest.raises(SystemExit) as exit:
+        bench_gpu.main(["--shape", "tiny", "--workloads", "summarize,sumarize"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "--workloads: unknown sumarize; choose from summarize, translate, caption, longtail" in err

@@ -141,3 +141,17 @@ def test_beam_search_syncs_at_most_a_quarter_per_step(tiny, monkeypatch):
     # Checked at every step, the stop rule gives the same beams.
     every = model.Generator(tiny, check_every=1).generate(reqs)
     assert [r.token_ids for r in every] == [r.token_ids for r in results]
+
+
+def test_greedy_choice_is_the_first_best_token():
+    """Greedy takes max's indices (faster than argmax on CPU): on ties the first best token, as argmax
+    and transformers' generate() pick it, in float32 and bfloat16."""
+    from model.generate import _Sampler
+
+    sampler = _Sampler([model.Request([5], params=model.GenerationParams())], 3, torch.device("cpu"), None)
+    logits = torch.randn(3, 50)
+    logits[0, [7, 30]] = 9.0  # a tie: 7 wins
+    logits[1, :] = 2.0  # all tied: 0 wins
+    logits[2, 41] = float("inf")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert sampler.choose(logits.to(dtype), torch.zeros(1, dtype=torch.long)).tolist() == [7, 0, 41]
