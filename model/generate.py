@@ -168,6 +168,11 @@ class MicroBatch:
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # compiled: running rows padded up to one of these
 WIDTH_MULTIPLE = 64  # compiled: encoder length of a micro-batch padded up to a multiple of this
 STEP_MULTIPLE = 32  # compiled: cache slots for max_new_tokens rounded up to a multiple of this
+# Graphs dynamo may build per compiled step function (its recompile_limit, 8 by default). A job's runs
+# differ in rows, encoder width, steps and sampling options; each guard that fails once makes its dim
+# dynamic or adds a variant, so the count levels off, but past 8: 14 varied runs in one process hit the
+# default, after which fullgraph=True raises and the process decodes eagerly for good.
+COMPILE_GRAPH_LIMIT = 64
 
 
 def row_bucket(rows: int) -> int:
@@ -246,6 +251,10 @@ class Generator:
         beam_options = {k: v for k, v in options.items() if k != "mode"}
         self._compiled = {"sampling": _compiled_step(_sampling_step, options),
                           "beam": _compiled_step(_beam_step, beam_options)} if self.compile else None
+        if self.compile:  # process-wide: dynamo has no per-function limit (only ever raised here)
+            import torch._dynamo as dynamo
+
+            dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
         self.compile_fallback: str | None = None  # why compiling failed, when it did
         failed = self._compiled and next((_COMPILE_FAILURES[k] for k in self._failure_keys() if k in _COMPILE_FAILURES),
                                          None)

@@ -154,3 +154,25 @@ def test_runs_of_one_shape_reuse_the_decode_buffers(tiny):
         assert tokens(gen.generate(reqs)) == tokens(model.Generator(tiny).generate(reqs))
     assert gen.stats.decode_row_steps < 2 * 8 * 14, "rows never left the batch"
     assert len(set(addresses)) == 1, f"{len(set(addresses))} different buffer sets over {len(addresses)} steps"
+
+
+def test_a_process_of_varied_runs_stays_compiled(tiny):
+    """An actor serves many Ray Data batches: other rows, widths, lengths and sampling options per run.
+    Past dynamo's default of 8 graphs per function, fullgraph=True raises and the process would decode
+    eagerly for good; the Generator raises the limit (COMPILE_GRAPH_LIMIT), and the graphs level off."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default, whatever ran before
+        gen = model.Generator(tiny, compile=True, compile_options={"backend": counter}, check_every=4)
+        runs = [  # (rows, prompt lengths from, to, max_new_tokens, top_k, top_p; top_k None: greedy)
+            (3, 5, 20, 6, None, 1.0), (1, 70, 90, 40, None, 1.0), (5, 3, 9, 6, 8, 1.0), (9, 100, 140, 70, None, 1.0),
+            (2, 4, 8, 6, 0, 0.9), (17, 3, 30, 5, None, 1.0), (4, 60, 70, 35, 64, 1.0), (33, 3, 12, 4, None, 1.0),
+            (6, 130, 140, 6, 0, 1.0), (3, 5, 9, 100, 2, 0.5), (12, 3, 200, 8, None, 1.0), (2, 3, 5, 3, 16, 0.8),
+        ]
+        for i, (rows, lo, hi, new, top_k, top_p) in enumerate(runs):
+            lengths = torch.randint(lo, hi + 1, (rows,), generator=torch.Generator().manual_seed(i)).tolist()
+            params = [model.GenerationParams(max_new_tokens=new + row % 7, temperature=0.0 if top_k is None else 0.8,
+                                             top_k=top_k or 0, top_p=top_p, seed=i) for row in range(rows)]
+            gen.generate([model.Request(p, params=q) for p, q in zip(prompts(lengths, seed=i), params)])
+            assert gen.compile_fallback is None, f"run {i} fell back to eager: {gen.compile_fallback}"
+    assert 8 < counter.frame_count <= model.generate.COMPILE_GRAPH_LIMIT
