@@ -195,7 +195,7 @@ def run_hf_best(ref, requests, batches: list[int], device, pad_id, eos_id, repea
     row are slower than the best so far, then `repeats - 1` more runs at the fastest. Fewer rows per call
     pad less and more calls cost more fixed work, so the time is about convex in the batch size; the rule
     stops the sweep past the bottom. Returns (best seconds, its outputs, its batch, its padding efficiency,
-    the sizes tried). A size that runs out of memory counts as slower (run_hf halves it)."""
+    the batch sizes that ran: a size that runs out of memory runs at half, run_hf's rule, and is listed so)."""
     best = None
     tried, slower = [], 0
     for size in batches:
