@@ -165,9 +165,9 @@ def test_a_process_of_varied_runs_stays_compiled(tiny):
     with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default, whatever ran before
         gen = model.Generator(tiny, compile=True, compile_options={"backend": counter}, check_every=4)
         runs = [  # (rows, prompt lengths from, to, max_new_tokens, top_k, top_p; top_k None: greedy)
-            (3, 5, 20, 6, None, 1.0), (1, 70, 90, 40, None, 1.0), (5, 3, 9, 6, 8, 1.0), (9, 100, 140, 70, None, 1.0),
+            (3, 5, 20, 6, None, 1.0), (1, 70, 90, 40, None, 1.0), (5, 3, 9, 6, 8, 1.0), (9, 100, 140, 65, None, 1.0),
             (2, 4, 8, 6, 0, 0.9), (17, 3, 30, 5, None, 1.0), (4, 60, 70, 35, 64, 1.0), (33, 3, 12, 4, None, 1.0),
-            (6, 130, 140, 6, 0, 1.0), (3, 5, 9, 100, 2, 0.5), (12, 3, 200, 8, None, 1.0), (2, 3, 5, 3, 16, 0.8),
+            (6, 130, 140, 6, 0, 1.0), (3, 5, 9, 36, 2, 0.5), (12, 3, 200, 8, None, 1.0), (2, 3, 5, 3, 16, 0.8),
         ]
         for i, (rows, lo, hi, new, top_k, top_p) in enumerate(runs):
             lengths = torch.randint(lo, hi + 1, (rows,), generator=torch.Generator().manual_seed(i)).tolist()
