@@ -28,6 +28,8 @@ When the rows' encoder lengths differ a lot, the call is split into `groups` of 
 rows, each reading only up to its own longest encoder input (rows come sorted by length from
 the generator), so short rows do not pay for the longest one. The groups change only when rows
 leave (`keep`), and are computed from host-side widths, so building them costs no device read.
+A compiled CPU step reads them as data (`group_table`, a small CPU tensor updated in place), so a
+regroup changes no graph.
 
 Not here: the decoding loop (generate.py), the layer math (layers.py, t5gemma2.py).
 """
@@ -75,6 +77,7 @@ class DecoderCache:
 
     GROUP_WASTE = 1.25  # a step's attention group may read this much padding (see length_groups)
     GROUP_MIN_KEYS = 4096  # rows x keys below which a group is not split further
+    GROUP_TABLE_ROWS = 32  # most groups in group_table (a fixed shape); further ones join the last
 
     def __init__(
         self,
@@ -87,6 +90,7 @@ class DecoderCache:
         split: bool = True,
         per_row: bool = False,
         flex: bool = False,
+        table: bool = False,
     ):
         """cross: per layer (k, v) [B, Hkv, S, D] (consumed one layer at a time, so an iterator keeps
         one layer's copy alive at most); cross_mask [B, S] True = real encoder token; angles:
@@ -97,7 +101,9 @@ class DecoderCache:
         own position (a [B] tensor, so rows can be refilled with new requests that start at zero),
         instead of one shared [1] position (beam search, whose rows decode in lockstep); flex: steps attend
         with FlexAttention over `lengths` and `position` (layers.decode_attention_flex), not the masks
-        (kept all the same: a step that falls back to eager reads them)."""
+        (kept all the same: a step that falls back to eager reads them); table: keep the groups also as
+        data, `group_table` (see layers.grouped_decode_attention), so a compiled CPU step attends in
+        groups without their changes changing its graph."""
         self.sizes = {kind: min(cfg.sliding_window, max_steps) if kind == "sliding_attention" else max_steps
                       for kind in set(cfg.layer_types)}
         self.layers = [LayerCache(self.sizes[kind], kv) for kind, kv in zip(cfg.layer_types, cross)]
@@ -120,6 +126,8 @@ class DecoderCache:
         self.per_row = per_row
         self.position = torch.zeros(cross_mask.shape[0] if per_row else 1, dtype=torch.long, device=device)
         self._full = (dict(self.masks), self.position, self.lengths, list(self.widths))  # see restore()
+        # [GROUP_TABLE_ROWS, 3] on the CPU: the groups as (first row, end row, encoder width), updated in place.
+        self.group_table = torch.zeros((self.GROUP_TABLE_ROWS, 3), dtype=torch.long) if table else None
         self._group()
 
     def _group(self) -> None:
@@ -130,6 +138,12 @@ class DecoderCache:
         else:
             runs = [(0, len(self.widths), max(self.widths))]
         self.groups = {kind: [(a, b, size + w) for a, b, w in runs] for kind, size in self.sizes.items()}
+        if self.group_table is not None:
+            cap = self.GROUP_TABLE_ROWS
+            if len(runs) > cap:  # one wider group for the rest: correct, only more padding read
+                runs = runs[: cap - 1] + [(runs[cap - 1][0], runs[-1][1], max(w for _, _, w in runs[cap - 1:]))]
+            self.group_table.zero_()
+            self.group_table[: len(runs)] = torch.tensor(runs, dtype=torch.long)
 
     def begin_step(self) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
         """Open this step's own slot in the masks; returns per layer type the (cos, sin) [1, 1, D] of

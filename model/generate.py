@@ -564,8 +564,12 @@ class Generator:
             rows.reset(starting, [eos[i] for i in first], self.config.bos_token_id)
         else:
             self._state = None  # freed before the new state is allocated
-            cache = self.model.start_decoding(memory, mask, room, widths=widths, split=not self.compile,
-                                              per_row=True, flex=self.attention == "flex")
+            # Length groups: eager steps as lists, compiled CPU steps as a table (data to the graph);
+            # compiled CUDA steps attend over the whole width (FlexAttention skips the padding there).
+            on_cpu = self.device.type == "cpu"
+            cache = self.model.start_decoding(memory, mask, room, widths=widths, split=not self.compile or on_cpu,
+                                              per_row=True, flex=self.attention == "flex",
+                                              table=self.compile and on_cpu and self.attention == "sdpa")
             rows = _Rows.start(starting, slots, room, [eos[i] for i in first], self.config.bos_token_id, dev)
             if self.compile:
                 self._state = (key, cache, rows)

@@ -181,6 +181,30 @@ def _small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return out.view(batch, heads, steps, dim)
 
 
+# A decode step's attention in length groups, as one operator that torch.compile does not trace: the
+# groups (which rows read how many keys) are data in a small CPU tensor, so a compiled CPU step reads only
+# what eager steps read (a group's keys up to its longest row) while refill and compaction change the
+# groups without a new graph. Traced instead, the groups would be constants of the graph, so every regroup
+# would recompile (measured: the limit was hit after a few runs), and one SDPA over every row's padded
+# width is what compiled CPU steps did before: on the 600-row longtail run 0.43 s of 1.0 s went to it.
+# CPU only: on a GPU the groups' read-back would sync, and FlexAttention skips the padding instead.
+@torch.library.custom_op("t5g2::grouped_decode_attention", mutates_args=())
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                             groups: torch.Tensor, own: int, scale: float) -> torch.Tensor:
+    """q [B, Hkv, G, D]; keys, values [B, Hkv, own + S, D]; mask [B, 1, 1, own + S] (additive);
+    groups [N, 3] long on the CPU: (first row, end row, encoder width read), rows with first == end unused
+    -> [B, Hkv, G, D], each group attending to its own slots and its first `width` encoder keys."""
+    parts = [F.scaled_dot_product_attention(q[a:b], keys[a:b, :, : own + w], values[a:b, :, : own + w],
+                                            attn_mask=mask[a:b, ..., : own + w], scale=scale)
+             for a, b, w in groups.tolist() if b > a]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@grouped_decode_attention.register_fake
+def _(q, keys, values, mask, groups, own, scale):
+    return torch.empty_like(q)
+
+
 # Key block of the decode FlexAttention: a block no row reads is skipped, so a row reads at most one
 # block of padding past its own keys (FlexAttention's default size; its decode kernel splits the keys).
 DECODE_KEY_BLOCK = 128

@@ -34,6 +34,7 @@ from .layers import (
     attention,
     decode_attention_flex,
     decoder_self_masks,
+    grouped_decode_attention,
     key_padding_mask,
     length_groups,
     padded_widths,
@@ -228,7 +229,8 @@ class Block(nn.Module):
         step's key goes; P = 1 for rows in lockstep, B for rows at their own positions);
         mask [B, 1, 1, size + S] -> [B, 1, H].
 
-        groups: (first row, end row, keys to read) runs that attend separately (see cache.py);
+        groups: (first row, end row, keys to read) runs that attend separately (see cache.py), or the
+        same as a tensor of (first row, end row, encoder width) (DecoderCache.group_table);
         flex: (position [P], encoder lengths [B]) to attend with FlexAttention instead of mask and groups.
         """
         attn = self.self_attn
@@ -240,6 +242,8 @@ class Block(nn.Module):
         q = qk[:, 0, :heads].view(batch, kv_heads, heads // kv_heads, attn.head_dim)
         if flex is not None:  # (position, encoder lengths): only real keys read, no mask (compiled steps)
             out = decode_attention_flex(q, keys, values, cache.size, *flex, attn.scale)
+        elif isinstance(groups, torch.Tensor):  # compiled CPU steps: the groups are data, not graph constants
+            out = grouped_decode_attention(q, keys, values, mask, groups, cache.size, attn.scale)
         elif len(groups) == 1:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)  # [B, Hkv, G, D]
         else:
@@ -361,7 +365,7 @@ class T5Gemma2(nn.Module):
 
     def start_decoding(self, memory: torch.Tensor, attention_mask: torch.Tensor, max_steps: int,
                        repeat: int = 1, widths: list[int] | None = None, split: bool = True,
-                       per_row: bool = False, flex: bool = False) -> DecoderCache:
+                       per_row: bool = False, flex: bool = False, table: bool = False) -> DecoderCache:
         """The decoder state for generating up to max_steps tokens from memory [B, S, H].
 
         The encoder's keys/values are computed here, once per request and layer, each row
@@ -369,7 +373,8 @@ class T5Gemma2(nn.Module):
         encoder width (last real token + 1) if the caller knows it (saves a device read); split:
         whether a step may attend in row groups of similar length (see cache.py); per_row: a position
         per row, so rows can be refilled (DecoderCache.refill); flex: steps attend with FlexAttention
-        (layers.decode_attention_flex: only real keys, no mask; for compiled steps). The rotary
+        (layers.decode_attention_flex: only real keys, no mask; for compiled steps); table: the groups also as
+        data (DecoderCache.group_table: for compiled CPU steps). The rotary
         tables of all max_steps positions are built here, before the first step.
         """
         mask = attention_mask.bool()
@@ -380,7 +385,7 @@ class T5Gemma2(nn.Module):
             widths = None if widths is None else [w for w in widths for _ in range(repeat)]
         positions = torch.arange(max_steps, device=memory.device)
         return DecoderCache(self.config.decoder, cross, mask, max_steps, self.decoder.angles(positions, memory.dtype),
-                            widths=widths, split=split, per_row=per_row, flex=flex)
+                            widths=widths, split=split, per_row=per_row, flex=flex, table=table)
 
     def decode_step(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """tokens [B] at position cache.position -> final hidden states [B, H]; the cache then holds the step.
@@ -393,7 +398,8 @@ class T5Gemma2(nn.Module):
         for layer, layer_cache in zip(self.decoder.layers, cache.layers):
             kind = layer.layer_type
             cos, sin = angles[kind]
-            x = layer.decode_step(x, cos, sin, layer_cache, slots[kind], cache.masks[kind], cache.groups[kind], flex)
+            groups = cache.groups[kind] if cache.group_table is None else cache.group_table
+            x = layer.decode_step(x, cos, sin, layer_cache, slots[kind], cache.masks[kind], groups, flex)
         cache.advance()
         return self.decoder.norm(x[:, 0])
 

@@ -176,3 +176,31 @@ def test_a_process_of_varied_runs_stays_compiled(tiny):
             gen.generate([model.Request(p, params=q) for p, q in zip(prompts(lengths, seed=i), params)])
             assert gen.compile_fallback is None, f"run {i} fell back to eager: {gen.compile_fallback}"
     assert 8 < counter.frame_count <= model.generate.COMPILE_GRAPH_LIMIT
+
+
+def test_compiled_cpu_steps_attend_in_length_groups_without_new_graphs(tiny):
+    """Compiled on CPU, a step attends in groups of similar encoder length, like eager steps, with the
+    groups as data (DecoderCache.group_table): refill changes them, the graph stays one (the tail, where
+    slots drain to smaller buckets, compiles its own shapes, as before)."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    gen = model.Generator(tiny, compile=True, compile_options={"backend": counter}, max_batch_size=16, check_every=2)
+    tables = []
+    step = gen._step
+
+    def recording(kind, cache, rows, *rest):
+        out = step(kind, cache, rows, *rest)
+        tables.append((tuple(map(tuple, cache.group_table.tolist())), rows.done.shape[0], counter.frame_count))
+        return out
+
+    gen._step = recording
+    lengths = [4 + (i * 7) % 17 if i % 3 else 230 + i for i in range(40)]  # short and long prompts mixed
+    reqs = [model.Request(p, params=model.GenerationParams(max_new_tokens=3 + i % 9, min_new_tokens=3 + i % 9))
+            for i, p in enumerate(prompts(lengths, seed=11))]
+    got = gen.generate(reqs)
+    assert tokens(got) == tokens(model.Generator(tiny).generate(reqs))
+    assert gen.compile_fallback is None
+    refilling = [(table, graphs) for table, slots, graphs in tables if slots == 16]  # before the tail drains
+    assert max(sum(1 for a, b, _ in table if b > a) for table, _ in refilling) > 1, "never attended in groups"
+    assert len({table for table, _ in refilling}) > 2, "refill never changed the groups"
+    assert {graphs for _, graphs in refilling} == {1}, "a change of groups recompiled the step"
