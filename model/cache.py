@@ -27,7 +27,8 @@ position (what torch.compile and CUDA graphs need) and reads no Python value tha
 When the rows' encoder lengths differ a lot, the call is split into `groups` of consecutive
 rows, each reading only up to its own longest encoder input (rows come sorted by length from
 the generator), so short rows do not pay for the longest one. The groups change only when rows
-leave (`keep`), and are computed from host-side widths, so building them costs no device read.
+leave (`keep`) or are refilled, and are computed from host-side widths, so building them costs no
+device read.
 A compiled CPU step reads them as data (`group_table`, a small CPU tensor updated in place), so a
 regroup changes no graph.
 

@@ -673,8 +673,10 @@ class Generator:
         memory, mask = self._encode(reqs)
         eos_lists = self._eos_lists(reqs)
         steps = max(r.params.max_new_tokens for r in reqs)
+        on_cpu = self.device.type == "cpu"  # length groups as in _run_sampling
         cache = self.model.start_decoding(memory, mask, steps, repeat=beams, widths=[len(r.input_ids) for r in reqs],
-                                          flex=self.attention == "flex")
+                                          split=not self.compile or on_cpu, flex=self.attention == "flex",
+                                          table=self.compile and on_cpu and self.attention == "sdpa")
         del memory
         state = _Beams.start(reqs, beams, steps, eos_lists, self.config, self.device)
         for step in range(steps):
