@@ -470,6 +470,14 @@ class Generator:
         self.compile = False  # later micro-batches need no buckets (the one running keeps its padding rows)
         self.attention = "sdpa"
 
+    def _attention_layout(self) -> dict[str, bool]:
+        """How a decode cache lays out its steps' attention: length groups as lists for eager steps, as a
+        table (data to the graph) for compiled CPU steps; compiled CUDA steps attend over the whole width
+        (FlexAttention skips the padding there)."""
+        on_cpu = self.device.type == "cpu"
+        return {"split": not self.compile or on_cpu, "flex": self.attention == "flex",
+                "table": self.compile and on_cpu and self.attention == "sdpa"}
+
     def _slots(self, reqs: list[Request]) -> tuple[int, int]:
         """(slots, encoder width) a refill run of `reqs` decodes at: the widest request sets the width
         (compiled: a multiple of WIDTH_MULTIPLE), the token budget over that width the slots (compiled:
@@ -564,12 +572,8 @@ class Generator:
             rows.reset(starting, [eos[i] for i in first], self.config.bos_token_id)
         else:
             self._state = None  # freed before the new state is allocated
-            # Length groups: eager steps as lists, compiled CPU steps as a table (data to the graph);
-            # compiled CUDA steps attend over the whole width (FlexAttention skips the padding there).
-            on_cpu = self.device.type == "cpu"
-            cache = self.model.start_decoding(memory, mask, room, widths=widths, split=not self.compile or on_cpu,
-                                              per_row=True, flex=self.attention == "flex",
-                                              table=self.compile and on_cpu and self.attention == "sdpa")
+            cache = self.model.start_decoding(memory, mask, room, widths=widths, per_row=True,
+                                              **self._attention_layout())
             rows = _Rows.start(starting, slots, room, [eos[i] for i in first], self.config.bos_token_id, dev)
             if self.compile:
                 self._state = (key, cache, rows)
@@ -673,10 +677,8 @@ class Generator:
         memory, mask = self._encode(reqs)
         eos_lists = self._eos_lists(reqs)
         steps = max(r.params.max_new_tokens for r in reqs)
-        on_cpu = self.device.type == "cpu"  # length groups as in _run_sampling
         cache = self.model.start_decoding(memory, mask, steps, repeat=beams, widths=[len(r.input_ids) for r in reqs],
-                                          split=not self.compile or on_cpu, flex=self.attention == "flex",
-                                          table=self.compile and on_cpu and self.attention == "sdpa")
+                                          **self._attention_layout())
         del memory
         state = _Beams.start(reqs, beams, steps, eos_lists, self.config, self.device)
         for step in range(steps):
