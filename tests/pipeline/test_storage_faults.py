@@ -119,8 +119,15 @@ def test_s3_options_get_bounded_retries_unless_the_job_sets_its_own():
 
 def test_job_completes_through_throttling_and_lost_requests(ray_cluster, store, proxy, at_plan_start):
     rows, fs = store
-    proxy.set_faults(slowdown_rate=0.25, stall_rate=0.1, max_stalls=3)  # from validation on
-    at_plan_start.append(lambda: proxy.phase("run"))  # requests from here on: Ray workers' reads, driver's commit
+    # Faults from validation on, at rates that keep the run short: each fault is real waiting (botocore's
+    # backoff doubles per attempt, a stall costs the read timeout), and at 0.25 the run took 30-45 s.
+    proxy.set_faults(slowdown_rate=0.1, stall_rate=0.1, max_stalls=1)
+
+    def run_phase():  # requests from here on: Ray workers' reads, driver's commit
+        proxy.phase("run")
+        proxy.set_faults(slowdown_rate=0.15, stall_rate=0.1, max_stalls=1)
+
+    at_plan_start.append(run_phase)
 
     report = run_job(load_job(job_through(proxy)))
 
