@@ -153,11 +153,16 @@ class DecoderCache:
         Opening a slot of a ring that is already full writes 0 over 0: no branch on the position.
         """
         slots = {kind: self.position % size for kind, size in self.sizes.items()}
+        if self.position.shape[0] > 1:  # per row: mask[row, 0, 0, slot[row]] = 0
+            rows = torch.arange(self.position.shape[0], device=self.position.device)
+            zeros, opened = torch.zeros_like(rows), torch.zeros((), dtype=self.layers[0].keys.dtype, device=rows.device)
         for kind, mask in self.masks.items():
             if self.position.shape[0] == 1:
                 mask.index_fill_(-1, slots[kind], 0.0)
             else:
-                mask.scatter_(-1, slots[kind].view(-1, 1, 1, 1), 0.0)
+                # An index_put_ with an index per dim: in a graph, inductor writes it into the mask in
+                # place (a scatter_ into this input copied the whole mask there and back at each step).
+                mask.index_put_((rows, zeros, zeros, slots[kind]), opened)
         angles = {kind: (cos.index_select(0, self.position)[:, None], sin.index_select(0, self.position)[:, None])
                   for kind, (cos, sin) in self.angles.items()}
         return angles, slots

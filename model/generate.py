@@ -786,9 +786,8 @@ def _beam_step(model: T5Gemma2, cache: DecoderCache, b: _Beams) -> None:
     length = step + 1  # [1]: hypothesis length after this step
     logits = model.lm_logits(model.decode_step(b.tokens, cache))
     logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32).view(R, K, vocab)
-    # EOS ban before min_new_tokens, after the softmax as the reference: only EOS columns written.
-    banned = (step < b.min_new)[:, None, None]  # [R, 1, 1]
-    logprobs.scatter_(2, b.eos_cols, logprobs.gather(2, b.eos_cols).masked_fill(banned, float("-inf")))
+    # EOS ban before min_new_tokens, after the softmax as the reference.
+    logprobs = _ban_eos(logprobs, b.eos_cols, (step < b.min_new)[:, None, None])  # [R, K, V]; banned [R, 1, 1]
     totals = (logprobs + b.run_scores[:, :, None]).view(R, K * vocab)
     cand_scores, cand_idx = torch.topk(totals, keep_k, dim=1)  # [R, 2K]
     cand_beam, cand_tok = cand_idx // vocab, cand_idx % vocab
@@ -938,13 +937,27 @@ def _sampling_step(model: T5Gemma2, cache: DecoderCache, rows: _Rows, sampler: _
     step = cache.position.clone()  # [1]: the position decoded now (decode_step advances the cache)
     hidden = model.decode_step(rows.tokens, cache)  # [B, H]
     logits = model.lm_logits(hidden, softcap=False)  # [B, V] in the model dtype; the sampler caps its candidates
-    # EOS ban before min_new_tokens: only the EOS columns are read and written.
-    banned = (step < rows.min_new)[:, None]  # [B, 1]
-    logits.scatter_(1, rows.eos, logits.gather(1, rows.eos).masked_fill(banned, float("-inf")))
+    logits = _ban_eos(logits, rows.eos, (step < rows.min_new)[:, None])  # EOS banned before min_new_tokens
     tokens = sampler.choose(logits, step)  # [B]
-    rows.out.scatter_(1, step[:, None], tokens[:, None])  # each row at its own position
+    # Each row at its own position. An index_put_, not a scatter_: in a graph, inductor writes an
+    # input's index_put_ in place, while a scatter_ into an input copied the whole [B, steps] buffer twice.
+    rows.out.index_put_((torch.arange(tokens.shape[0], device=tokens.device), step), tokens)
     rows.done.logical_or_((tokens[:, None] == rows.eos).any(1) | (rows.max_new <= step + 1))
     rows.tokens.copy_(tokens)
+
+
+def _ban_eos(scores: torch.Tensor, eos: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    """scores [..., V] with the EOS ids `eos` [..., E] at -inf in the rows where `banned` [..., 1] holds.
+
+    Eager: in place, and only the EOS columns are read and written (a gather and a scatter of E
+    columns, not a pass over the vocabulary). Traced (a compiled step): a where over the row instead,
+    which inductor fuses into the reduction that reads the scores next (argmax, softmax), while the
+    scatter_ into the LM head's output made the graph copy the whole [B, V] logits at every step.
+    """
+    if torch.compiler.is_compiling():
+        columns = torch.arange(scores.shape[-1], device=scores.device)
+        return torch.where((columns == eos[..., None]).any(-2) & banned, float("-inf"), scores)
+    return scores.scatter_(-1, eos, scores.gather(-1, eos).masked_fill(banned, float("-inf")))
 
 
 class _Sampler:
