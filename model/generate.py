@@ -246,6 +246,12 @@ class Generator:
         options = {"fullgraph": True}
         if self.device.type == "cuda":
             options["mode"] = "reduce-overhead"  # CUDA graphs: one replay per step instead of ~1,000 launches
+        elif self.attention == "flex":
+            # torch 2.13's CPU FlexAttention kernel does not build once dynamo makes a dim dynamic (from the
+            # second shape on): its mask code names a symbolic size it never declares (CppCompileError), and
+            # the step fell back to eager. Static shapes build: one graph per bucket shape (9 on the bench's
+            # longtail run; recompile_limit is COMPILE_GRAPH_LIMIT).
+            options["dynamic"] = False
         options.update(compile_options or {})
         # Beam steps reassign their state (new tensors per step) rather than writing in place,
         # which CUDA graphs would overwrite at the next replay: compiled without them.

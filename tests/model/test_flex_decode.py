@@ -85,13 +85,21 @@ def test_generation_with_flex_equals_sdpa(tiny):
 
 def test_inductor_step_with_flex_equals_eager(tiny):
     """The real compile (inductor on CPU) of the step with FlexAttention: the tokens eager SDPA gives,
-    through refills (2 slots, 4 requests: new encoder lengths in the same graph). One graph: rows never
-    leave to a smaller bucket (compact_fraction 1), beams are left to the eager test above."""
+    through refills (2 slots, 4 requests: new encoder lengths in the same graph), then a second shape
+    (4 slots, a wider encoder bucket), which is where dynamo used to make dims dynamic and the CPU
+    kernel failed to build. Rows never leave to a smaller bucket within a run (compact_fraction 1);
+    beams are left to the eager test above."""
     torch._dynamo.reset()
     reqs = mixed(random_prompts([5, 30, 11, 8, 14, 3], seed=9))[:4]
+    wide = [model.Request(p, params=model.GenerationParams(max_new_tokens=4))
+            for p in random_prompts([70, 9, 20, 33], seed=3)]
     gen = model.Generator(tiny, compile=True, attention="flex", max_batch_size=2, compact_fraction=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback would hide what this test is for
         got = gen.generate(reqs)
-    assert gen.compile_fallback is None and gen.stats.micro_batches >= 3
-    assert outcome(got) == outcome(model.Generator(tiny).generate(reqs))
+        wider = model.Generator(tiny, compile=True, attention="flex", max_batch_size=4, compact_fraction=1.0)
+        got_wide = wider.generate(wide)
+    assert gen.compile_fallback is None and wider.compile_fallback is None and gen.stats.micro_batches >= 3
+    eager = model.Generator(tiny)
+    assert outcome(got) == outcome(eager.generate(reqs))
+    assert outcome(got_wide) == outcome(eager.generate(wide))
