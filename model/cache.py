@@ -131,6 +131,14 @@ class DecoderCache:
         self.group_table = torch.zeros((self.GROUP_TABLE_ROWS, 3), dtype=torch.long) if table else None
         self._group()
 
+    def attend_by_masks(self, table: bool) -> None:
+        """Steps from here on attend with SDPA over the masks (kept all along), not FlexAttention; table:
+        with the groups also as data (compiled CPU steps), built now if the cache had none."""
+        self.flex = False
+        if table and self.group_table is None:
+            self.group_table = torch.zeros((self.GROUP_TABLE_ROWS, 3), dtype=torch.long)
+            self._group()
+
     def _group(self) -> None:
         """groups: layer type -> [(first row, end row, keys to read)] for the attention of a step."""
         own = max(self.sizes.values())

@@ -220,7 +220,8 @@ class Generator:
         values on the device (ImageProcessor.normalizer()), for requests whose pixel_values are uint8;
         attention: how a decode step attends, "flex" (FlexAttention: only real keys, no mask; fast only
         compiled) or "sdpa" (a float mask, rows in length groups when eager); None = flex where the step is
-        compiled on CUDA, sdpa elsewhere (eager FlexAttention is a slow reference implementation)."""
+        compiled on CUDA, sdpa elsewhere (eager FlexAttention is a slow reference implementation). A compiled
+        step that fails falls back with one warning: FlexAttention to compiled SDPA, SDPA to eager."""
         if max_batch_tokens < 1 or max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
         if check_every < 1:
@@ -243,30 +244,18 @@ class Generator:
         if attention not in (None, "flex", "sdpa"):
             raise ValueError(f"attention must be 'flex', 'sdpa' or None (the device default), got {attention!r}")
         self.attention = attention or ("flex" if self.compile and self.device.type == "cuda" else "sdpa")
-        options = {"fullgraph": True}
-        if self.device.type == "cuda":
-            options["mode"] = "reduce-overhead"  # CUDA graphs: one replay per step instead of ~1,000 launches
-        elif self.attention == "flex":
-            # torch 2.13's CPU FlexAttention kernel does not build once dynamo makes a dim dynamic (from the
-            # second shape on): its mask code names a symbolic size it never declares (CppCompileError), and
-            # the step fell back to eager. Static shapes build: one graph per bucket shape (9 on the bench's
-            # longtail run; recompile_limit is COMPILE_GRAPH_LIMIT).
-            options["dynamic"] = False
-        options.update(compile_options or {})
-        # Beam steps reassign their state (new tensors per step) rather than writing in place,
-        # which CUDA graphs would overwrite at the next replay: compiled without them.
-        beam_options = {k: v for k, v in options.items() if k != "mode"}
-        self._compiled = {"sampling": _compiled_step(_sampling_step, options),
-                          "beam": _compiled_step(_beam_step, beam_options)} if self.compile else None
+        self._compile_options = compile_options or {}
+        self._compiled = self._compiled_steps() if self.compile else None
         if self.compile:  # process-wide: dynamo has no per-function limit (only ever raised here)
             import torch._dynamo as dynamo
 
             dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
         self.compile_fallback: str | None = None  # why compiling failed, when it did
-        failed = self._compiled and next((_COMPILE_FAILURES[k] for k in self._failure_keys() if k in _COMPILE_FAILURES),
-                                         None)
-        if failed:  # a step of these options already failed in this process: do not pay for compiling again
-            self._fall_back(failed, "failed earlier in this process")
+        # A step of these options already failed in this process: do not pay for compiling it again.
+        if self._compiled and self.attention == "flex" and self._failed_before():
+            self._flex_failed(self._failed_before(), "failed earlier in this process")
+        if self._compiled and self._failed_before():
+            self._fall_back(self._failed_before(), "failed earlier in this process")
         # Compiled: the decode state of the last run's shape, reused by the next run of that shape so that
         # a CUDA graph recorded over its buffers replays instead of being recorded again (every run would
         # otherwise add a graph to the tree). One shape at a time, so it holds no memory beyond a run's.
@@ -459,9 +448,44 @@ class Generator:
                 reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
                 for key in self._failure_keys():
                     _COMPILE_FAILURES[key] = reason
+                if self.attention == "flex":
+                    self._flex_failed(reason, "failed")
+                    state[0].attend_by_masks(table=self._attention_layout()["table"])
+                    return self._step(kind, *state)  # compiled SDPA (its own failure falls back to eager)
                 self._fall_back(reason, "failed")
-                state[0].flex = False  # eager steps attend with SDPA over the masks the cache kept
+                state[0].attend_by_masks(table=False)  # eager steps attend with SDPA over the masks the cache kept
         return (_sampling_step if kind == "sampling" else _beam_step)(self.model, *state)
+
+    def _compiled_steps(self) -> dict:
+        """The compiled step functions for this Generator's device and attention (shared process-wide)."""
+        options = {"fullgraph": True}
+        if self.device.type == "cuda":
+            options["mode"] = "reduce-overhead"  # CUDA graphs: one replay per step instead of ~1,000 launches
+        elif self.attention == "flex":
+            # torch 2.13's CPU FlexAttention kernel does not build once dynamo makes a dim dynamic (from the
+            # second shape on): its mask code names a symbolic size it never declares (CppCompileError), and
+            # the step fell back to eager. Static shapes build: one graph per bucket shape (9 on the bench's
+            # longtail run; recompile_limit is COMPILE_GRAPH_LIMIT).
+            options["dynamic"] = False
+        options.update(self._compile_options)
+        # Beam steps reassign their state (new tensors per step) rather than writing in place,
+        # which CUDA graphs would overwrite at the next replay: compiled without them.
+        beam_options = {k: v for k, v in options.items() if k != "mode"}
+        return {"sampling": _compiled_step(_sampling_step, options), "beam": _compiled_step(_beam_step, beam_options)}
+
+    def _failed_before(self) -> str | None:
+        """Why one of this Generator's compiled steps failed earlier in the process, or None."""
+        return next((_COMPILE_FAILURES[k] for k in self._failure_keys() if k in _COMPILE_FAILURES), None)
+
+    def _flex_failed(self, reason: str, how: str) -> None:
+        """The compiled FlexAttention step failed: compiled SDPA steps from here on (FlexAttention under
+        torch.compile, with dynamic shapes and captured tensors, has had compiler bugs; SDPA steps have
+        fewer parts to fail), with one warning. A failure of those too falls back to eager."""
+        warnings.warn(f"torch.compile of the FlexAttention decode step {how} ({reason}); compiled SDPA steps "
+                      f"from here on", RuntimeWarning, stacklevel=3)
+        self.compile_fallback = f"flex: {reason}"
+        self.attention = "sdpa"
+        self._compiled = self._compiled_steps()
 
     def _failure_keys(self) -> list[tuple[int, str]]:
         """Keys of this Generator's compiled steps in _COMPILE_FAILURES (the step function and the attention)."""

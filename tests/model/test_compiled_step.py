@@ -92,6 +92,37 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(tiny):
     assert not again.stats.compiled and "injected" in again.stats.compile_fallback
 
 
+def test_a_failing_flex_step_falls_back_to_compiled_sdpa_steps(tiny):
+    """A compiled FlexAttention step that fails to build is replaced by compiled SDPA steps, not eager
+    ones, mid-run (refills included) and for later Generators of the process, with one warning each."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def no_flex(graph, example_inputs):  # dynamo's graphs run as traced; one holding FlexAttention fails
+        flex = any("flex_attention" in str(node.target) for node in graph.graph.nodes)
+        graphs.append("flex" if flex else "sdpa")
+        if flex:
+            raise RuntimeError("flex kernel does not build (injected)")
+        return graph.forward
+
+    reqs = [
+        model.Request(p, params=model.GenerationParams(max_new_tokens=3 + 2 * i))
+        for i, p in enumerate(prompts([4, 19, 7, 12, 9], seed=8))]
+    options = {"backend": no_flex}
+    gen = model.Generator(tiny, compile=True, attention="flex", compile_options=options, max_batch_size=2)
+    with pytest.warns(RuntimeWarning, match="compiled SDPA steps from here on") as caught:
+        got = gen.generate(reqs)
+    assert not [w for w in caught if "decoding eagerly" in str(w.message)]
+    assert tokens(got) == tokens(model.Generator(tiny, max_batch_size=2).generate(reqs))
+    assert graphs[0] == "flex" and "sdpa" in graphs and gen.stats.micro_batches >= 3
+    assert gen.stats.compiled and gen.stats.attention == "sdpa" and gen.compile_fallback.startswith("flex: ")
+    tried = graphs.count("flex")
+    with pytest.warns(RuntimeWarning, match="failed earlier in this process"):
+        again = model.Generator(tiny, compile=True, attention="flex", compile_options=options, max_batch_size=2)
+    assert tokens(again.generate(reqs)) == tokens(got) and graphs.count("flex") == tried
+    assert again.stats.compiled and again.stats.attention == "sdpa"
+
+
 def test_inductor_step_gives_eager_and_reference_tokens(tmp_path):
     """The real compiler (inductor, C++ on CPU) on the soft-capped shape: greedy and beam rows equal
     transformers', sampled rows equal eager decoding's, EOS rules included."""
