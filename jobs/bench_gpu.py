@@ -126,11 +126,11 @@ def setup(workload: str, args, device: torch.device, cfg):
     return rows, requests, budget, {"auto": None, "on": True, "off": False}[args.compile]
 
 
-def run_workload(workload: str, args, device: torch.device, cfg, m, ref, attention: str | None = None) -> dict:
-    """One workload's figures; attention None: the Generator's default for the device."""
+def run_workload(workload: str, args, device: torch.device, cfg, m, ref) -> dict:
     on_gpu = device.type == "cuda"
     rows, requests, budget, compile = setup(workload, args, device, cfg)
 
+    attention = None if args.attention == "auto" else args.attention
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     first, best, ours, gen = run_ours(requests, args, device, m, budget, compile, attention)
@@ -228,21 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     spent = functools.partial(budget_spent, start, args.time_budget)
     guarded = functools.partial(run_guarded, failed=failed, device=device)
 
-    attention = None if args.attention == "auto" else args.attention
     for workload in workloads:
         if spent(workload):
             continue
-        r = guarded(workload, lambda: run_workload(workload, args, device, cfg, m, ref, attention))  # noqa: B023
+        r = guarded(workload, lambda: run_workload(workload, args, device, cfg, m, ref))  # noqa: B023 (called now)
         if r is None:
             continue
         results[workload] = r
-        if r["fallback"] and attention is None and args.compile != "off":
-            # The default attention's step failed to compile (FlexAttention and dynamic shapes have a history
-            # of compiler bugs): the remaining workloads run compiled SDPA steps, so that one failure does not
-            # leave the device run with eager figures only.
-            attention = "sdpa"
-            print(f"bench-gpu: the compiled step fell back to eager in {workload}; the remaining workloads "
-                  f"run with attention sdpa", flush=True)
         print(f"{r['workload']:<10} rows {r['rows']:4d} x {r['new_tokens']:3d} new  "
               f"ours {r['ours_tps']:10.1f} tok/s  hf {r['hf_tps']:10.1f} tok/s (batch {r['hf_batch']} of "
               f"{','.join(map(str, r['hf_tried']))})  "
@@ -259,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         def other_attention():
             rows, requests, budget, compile = setup("longtail", args, device, cfg)
             first, best, ours, gen = run_ours(requests, args, device, m, budget, compile, other)
-            print(f"attention {other:<5} longtail ours {sum(len(t) for t in ours) / best:10.1f} tok/s  "
+            print(f"attention {gen.attention:<5} longtail ours {sum(len(t) for t in ours) / best:10.1f} tok/s  "
                   f"first run {first:.1f} s  best {best:.2f} s  fallback {gen.stats.compile_fallback or 'none'}",
                   flush=True)
 

@@ -252,10 +252,12 @@ class Generator:
             dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
         self.compile_fallback: str | None = None  # why compiling failed, when it did
         # A step of these options already failed in this process: do not pay for compiling it again.
-        if self._compiled and self.attention == "flex" and self._failed_before():
-            self._flex_failed(self._failed_before(), "failed earlier in this process")
-        if self._compiled and self._failed_before():
-            self._fall_back(self._failed_before(), "failed earlier in this process")
+        failed = self._compiled and self._failed_before()
+        if failed and self.attention == "flex":
+            self._flex_failed(failed, "failed earlier in this process")
+            failed = self._failed_before()  # the SDPA steps' own record
+        if failed:
+            self._fall_back(failed, "failed earlier in this process")
         # Compiled: the decode state of the last run's shape, reused by the next run of that shape so that
         # a CUDA graph recorded over its buffers replays instead of being recorded again (every run would
         # otherwise add a graph to the tree). One shape at a time, so it holds no memory beyond a run's.

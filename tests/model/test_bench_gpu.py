@@ -78,23 +78,3 @@ def test_unknown_workload_fails_before_any_weights(capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "--workloads: unknown sumarize; choose from summarize, translate, caption, longtail" in err
-
-
-def test_a_compile_fallback_switches_the_remaining_workloads_to_compiled_sdpa(monkeypatch, capsys):
-    """When the default attention's compiled step falls back to eager in one workload, the next ones ask
-    for SDPA steps (compiled), so that one compiler bug does not leave the device run with eager figures."""
-    asked = []
-
-    def fake_workload(workload, args, device, cfg, m, ref, attention=None):
-        asked.append((workload, attention))
-        return dict(workload=workload, rows=4, new_tokens=4, ours_tps=2.0, hf_tps=1.0, hf_batch=4, hf_tried=[4],
-                    same=4, first_s=1.0, best_s=1.0, peak_gb=0.0, kernels=1, launches=1,
-                    compiled=workload != "summarize",
-                    fallback="InductorError: injected" if workload == "summarize" else None, occupancy=1.0,
-                    rows_per_s=4.0, attention="sdpa")
-
-    monkeypatch.setattr(bench_gpu, "build", lambda args, device, ref_cls: (None, None, None))
-    monkeypatch.setattr(bench_gpu, "run_workload", fake_workload)
-    assert bench_gpu.main(["--shape", "tiny", "--compile", "on", "--workloads", "summarize,translate,caption"]) == 0
-    assert asked == [("summarize", None), ("translate", "sdpa"), ("caption", "sdpa")]
-    assert "fell back to eager in summarize; the remaining workloads run with attention sdpa" in capsys.readouterr().out
