@@ -42,21 +42,26 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .config import TextConfig
-from .layers import length_groups, padded_widths
+from .layers import PackedCross, length_groups, padded_widths
 
 
 class LayerCache:
     """Keys and values of one decoder layer: [B, Hkv, size + S, D], own slots first."""
 
-    def __init__(self, size: int, cross: tuple[torch.Tensor, torch.Tensor]):
-        k_cross, v_cross = cross  # [B, Hkv, S, D]
-        batch, heads, steps, dim = k_cross.shape
+    def __init__(self, size: int, cross: tuple[torch.Tensor, torch.Tensor] | PackedCross, batch: int, steps: int):
+        """cross: the encoder's keys and values, [B, Hkv, S, D] each or packed (real tokens only) for
+        `batch` rows of `steps` encoder positions."""
         self.size = size
+        like = cross.keys if isinstance(cross, PackedCross) else cross[0]  # [N, Hkv, D] or [B, Hkv, S, D]
+        heads, dim = like.shape[-2] if isinstance(cross, PackedCross) else like.shape[1], like.shape[-1]
         # Zeros, not empty: an empty slot is masked out, but 0 * (garbage NaN) would still poison the sum.
-        self.keys = k_cross.new_zeros(batch, heads, size + steps, dim)
+        self.keys = like.new_zeros(batch, heads, size + steps, dim)
         self.values = torch.zeros_like(self.keys)
-        self.keys[:, :, size:] = k_cross
-        self.values[:, :, size:] = v_cross
+        if isinstance(cross, PackedCross):
+            cross.write(self.keys[:, :, size:], self.values[:, :, size:])
+        else:
+            self.keys[:, :, size:] = cross[0]
+            self.values[:, :, size:] = cross[1]
         self.full = (self.keys, self.values)  # the buffers as allocated: keep(in_place) leaves views of them
 
     def store(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +88,7 @@ class DecoderCache:
     def __init__(
         self,
         cfg: TextConfig,
-        cross: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        cross: Iterable[tuple[torch.Tensor, torch.Tensor] | PackedCross],
         cross_mask: torch.Tensor,
         max_steps: int,
         angles: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -107,7 +112,7 @@ class DecoderCache:
         groups without their changes changing its graph."""
         self.sizes = {kind: min(cfg.sliding_window, max_steps) if kind == "sliding_attention" else max_steps
                       for kind in set(cfg.layer_types)}
-        self.layers = [LayerCache(self.sizes[kind], kv) for kind, kv in zip(cfg.layer_types, cross)]
+        self.layers = [LayerCache(self.sizes[kind], kv, *cross_mask.shape) for kind, kv in zip(cfg.layer_types, cross)]
         if len(self.layers) != len(cfg.layer_types):
             raise ValueError(f"cross keys/values for {len(self.layers)} layers, the decoder has {len(cfg.layer_types)}")
         dtype = self.layers[0].keys.dtype
@@ -219,7 +224,7 @@ class DecoderCache:
         self.widths = list(widths)
         self._group()
 
-    def refill(self, rows: Sequence[int], cross: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    def refill(self, rows: Sequence[int], cross: Iterable[tuple[torch.Tensor, torch.Tensor] | PackedCross],
                cross_mask: torch.Tensor, widths: Sequence[int]) -> None:
         """Start new requests in the batch rows at `rows` (host indices, per_row caches only): their
         encoder keys/values (per layer [n, Hkv, S', D], S' <= the encoder length held) go into the
@@ -234,9 +239,15 @@ class DecoderCache:
             raise ValueError(f"refilled rows need {width} encoder slots, the cache holds {encoder}")
         index = torch.tensor(list(rows), dtype=torch.long, device=self.position.device)
         pad = (0, 0, 0, encoder - width)  # [n, Hkv, S', D] -> [n, Hkv, encoder, D], zeros past S'
-        for layer, (k, v) in zip(self.layers, cross):
-            layer.keys[:, :, layer.size:].index_copy_(0, index, torch.nn.functional.pad(k, pad))
-            layer.values[:, :, layer.size:].index_copy_(0, index, torch.nn.functional.pad(v, pad))
+        for layer, kv in zip(self.layers, cross):
+            keys, values = layer.keys[:, :, layer.size:], layer.values[:, :, layer.size:]
+            if isinstance(kv, PackedCross):  # the rows' old keys zeroed, then the real tokens' written in place
+                keys.index_fill_(0, index, 0)
+                values.index_fill_(0, index, 0)
+                kv.write(keys, values, rows=index)
+            else:
+                keys.index_copy_(0, index, torch.nn.functional.pad(kv[0], pad))
+                values.index_copy_(0, index, torch.nn.functional.pad(kv[1], pad))
         dtype = self.layers[0].keys.dtype
         visible = torch.nn.functional.pad(cross_mask, (0, encoder - width), value=False)  # [n, encoder]
         enc = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))

@@ -600,7 +600,7 @@ class Generator:
         if self.compile and self._state is not None and self._state[0] == key:
             _, cache, rows = self._state  # the last run's buffers, at the same addresses
             cache.restore()
-            cache.refill(range(slots), self.model.cross_kv(memory, mask), mask, widths)
+            cache.refill(range(slots), self.model.cross_kv(memory, mask, packed=True), mask, widths)
             rows.reset(starting, [eos[i] for i in first], self.config.bos_token_id)
         else:
             self._state = None  # freed before the new state is allocated
@@ -680,7 +680,7 @@ class Generator:
         members = [reqs[i] for i in group]
         memory, mask = self._encode(members)
         widths = [len(r.input_ids) for r in members]
-        cache.refill(free, self.model.cross_kv(memory, mask), mask, widths)
+        cache.refill(free, self.model.cross_kv(memory, mask, packed=True), mask, widths)
         index = torch.tensor(free, device=self.device)
         rows.fill(index, members, [eos[i] for i in group], self.config.bos_token_id)
         sampler.fill(index, members)

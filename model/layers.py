@@ -19,6 +19,7 @@ Not here: how layers are stacked (t5gemma2.py), caches and the per-step attentio
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -285,6 +286,27 @@ def length_groups(widths: list[int], row_cost: Callable[[int], int], waste: floa
     return groups
 
 
+@dataclass(frozen=True)
+class PackedCross:
+    """One decoder layer's encoder keys and values of the real tokens only, with where each belongs.
+
+    Written straight into a decode cache's buffers: a padded [B, Hkv, S, D] copy first would be one more
+    large allocation per layer (on CPU, page faults on first touch) and one more copy of the keys.
+    """
+
+    keys: torch.Tensor  # [N, Hkv, D], normed
+    values: torch.Tensor  # [N, Hkv, D]
+    rows: torch.Tensor  # [N] long: the prompt (batch row) of each token
+    positions: torch.Tensor  # [N] long: its position in that prompt
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Into keys, values [B', Hkv, S', D] (views allowed) at each token's (row, position); rows [P]:
+        the buffers' row of each prompt, when it is not the prompt's own index. Other positions untouched."""
+        at = self.rows if rows is None else rows[self.rows]
+        keys[at, :, self.positions] = self.keys
+        values[at, :, self.positions] = self.values
+
+
 class AttentionProjections(nn.Module):
     """q|k|v and o projections with per-head q/k RMSNorm, shared by encoder and decoder blocks."""
 
@@ -314,26 +336,28 @@ class AttentionProjections(nn.Module):
         qk = _cast(rms_normalize(qkv[:, :, :split], self.eps).mul_(self._qk_scale()), x.dtype)
         return apply_rotary(qk, cos, sin), qkv[:, :, split:]
 
-    def cross_kv(self, memory: torch.Tensor, real: tuple[torch.Tensor, torch.Tensor] | None = None
+    def cross_kv(self, memory: torch.Tensor, real: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder output [B, S, H] -> k, v [B, Hkv, S, D]: k normed, not rotated (encoder keys have no
-        position here). real: (the real tokens of memory [N, H], their flat positions in [B * S] [N]) to
+        position here). real: (the real tokens of memory [N, H], their rows [N] and positions [N]) to
         project only those; padding positions then get zeros, as zero memory rows would give."""
         batch, steps, _ = memory.shape
-        q_width = self.num_heads * self.head_dim
-        weight = self.qkv_proj.weight[q_width:]
         if real is None:
+            weight = self.qkv_proj.weight[self.num_heads * self.head_dim :]
             kv = F.linear(memory, weight).view(batch, steps, 2 * self.num_kv_heads, self.head_dim)
             k = self.k_norm(kv[:, :, : self.num_kv_heads])
-        else:
-            tokens, index = real
-            packed = F.linear(tokens, weight).view(-1, 2 * self.num_kv_heads, self.head_dim)  # [N, 2 Hkv, D]
-            packed[:, : self.num_kv_heads] = self.k_norm(packed[:, : self.num_kv_heads])
-            kv = packed.new_zeros(batch * steps, *packed.shape[1:])
-            kv[index] = packed
-            kv = kv.view(batch, steps, *packed.shape[1:])
-            k = kv[:, :, : self.num_kv_heads]
-        return k.transpose(1, 2), kv[:, :, self.num_kv_heads :].transpose(1, 2)
+            return k.transpose(1, 2), kv[:, :, self.num_kv_heads :].transpose(1, 2)
+        packed = self.cross_kv_packed(*real)
+        k = memory.new_zeros(batch, self.num_kv_heads, steps, self.head_dim)
+        v = torch.zeros_like(k)
+        packed.write(k, v)
+        return k, v
+
+    def cross_kv_packed(self, tokens: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> PackedCross:
+        """The real encoder tokens [N, H] (of prompts `rows` [N], at `positions` [N]) -> their k, v."""
+        weight = self.qkv_proj.weight[self.num_heads * self.head_dim :]
+        kv = F.linear(tokens, weight).view(-1, 2 * self.num_kv_heads, self.head_dim)  # [N, 2 Hkv, D]
+        return PackedCross(self.k_norm(kv[:, : self.num_kv_heads]), kv[:, self.num_kv_heads :], rows, positions)
 
     def out(self, attn: torch.Tensor) -> torch.Tensor:
         """[B, Hq, T, D] -> [B, T, H]."""

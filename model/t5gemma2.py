@@ -29,6 +29,7 @@ from .layers import (
     AttentionProjections,
     GeGLU,
     LocalAttention,
+    PackedCross,
     RMSNorm,
     Rotary,
     attention,
@@ -329,18 +330,21 @@ class T5Gemma2(nn.Module):
             x = layer.encode(x, cos, sin, packing)
         return packing.unpack_tokens(self.encoder.norm(x))  # [B, S, H], zeros at padding
 
-    def cross_kv(self, memory: torch.Tensor, padding: torch.Tensor | None = None
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def cross_kv(self, memory: torch.Tensor, padding: torch.Tensor | None = None, packed: bool = False
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor] | PackedCross]:
         """memory [B, S, H] -> per decoder layer (k, v) [B, Hkv, S, D], lazily, one layer at a time.
 
         padding [B, S] (True = real token), on CPU: the projections run on the real tokens only (a
-        quarter of a padded batch's on the bench's prompts). Not on a GPU, where finding them is a
-        device read and the padding's share of a cheap matmul costs less."""
-        real = None
-        if padding is not None and memory.device.type == "cpu":
-            index = padding.reshape(-1).nonzero()[:, 0]
-            real = (memory.reshape(-1, memory.shape[-1]).index_select(0, index), index)
-        return (layer.self_attn.cross_kv(memory, real) for layer in self.decoder.layers)
+        quarter of a padded batch's on the bench's prompts), and with `packed` they come as PackedCross
+        (the real tokens' keys and values, for a cache to write in place). Not on a GPU, where finding them
+        is a device read and the padding's share of a cheap matmul costs less."""
+        if padding is None or memory.device.type != "cpu":
+            return (layer.self_attn.cross_kv(memory) for layer in self.decoder.layers)
+        rows, positions = padding.nonzero().unbind(1)
+        tokens = memory[rows, positions]  # [N, H]
+        if packed:
+            return (layer.self_attn.cross_kv_packed(tokens, rows, positions) for layer in self.decoder.layers)
+        return (layer.self_attn.cross_kv(memory, (tokens, rows, positions)) for layer in self.decoder.layers)
 
     # ---- decoder side ------------------------------------------------------------------------
 
@@ -378,7 +382,7 @@ class T5Gemma2(nn.Module):
         tables of all max_steps positions are built here, before the first step.
         """
         mask = attention_mask.bool()
-        cross = self.cross_kv(memory, mask)
+        cross = self.cross_kv(memory, mask, packed=repeat == 1)
         if repeat > 1:
             cross = ((k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in cross)
             mask = mask.repeat_interleave(repeat, 0)
