@@ -53,7 +53,7 @@ class LayerCache:
         `batch` rows of `steps` encoder positions."""
         self.size = size
         like = cross.keys if isinstance(cross, PackedCross) else cross[0]  # [N, Hkv, D] or [B, Hkv, S, D]
-        heads, dim = like.shape[-2] if isinstance(cross, PackedCross) else like.shape[1], like.shape[-1]
+        heads, dim = like.shape[1], like.shape[-1]
         # Zeros, not empty: an empty slot is masked out, but 0 * (garbage NaN) would still poison the sum.
         self.keys = like.new_zeros(batch, heads, size + steps, dim)
         self.values = torch.zeros_like(self.keys)
