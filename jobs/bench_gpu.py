@@ -14,7 +14,8 @@ length, at the fastest of a few batch sizes) on the same requests in the same pr
     kernels per decode step (torch.profiler: the kernel count of a run with more steps minus
       one with fewer, divided by the extra steps), and on CUDA the launches per step
       (cudaLaunchKernel + cudaGraphLaunch: a replayed CUDA graph is one launch)
-    whether our compiled step fell back to eager, and why
+    whether our compiled step fell back to eager, and why; the graphs dynamo compiled for our runs
+      and how many of them inductor ran without CUDA graphs ("cudagraph skips")
     which decode attention ran (FlexAttention by default for compiled CUDA steps), and at the end
       longtail once more with the other one (ours only), so the device run says which is faster
 
@@ -133,8 +134,10 @@ def run_workload(workload: str, args, device: torch.device, cfg, m, ref) -> dict
     attention = None if args.attention == "auto" else args.attention
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
+    graphs, skips = compile_counts()
     first, best, ours, gen = run_ours(requests, args, device, m, budget, compile, attention)
     peak_ours = peak_memory_gb(device)
+    graphs, skips = (after - before for after, before in zip(compile_counts(), (graphs, skips)))
 
     run_hf(ref, requests[:4], 4, device, cfg.pad_token_id, list(cfg.eos_token_ids))  # warm-up
     # HF at its best batch: sizes by halves from --hf-batch, stopping two sizes past the fastest; on a GPU
@@ -155,7 +158,16 @@ def run_workload(workload: str, args, device: torch.device, cfg, m, ref) -> dict
         same=sum(a == b for a, b in zip(ours, hf)), first_s=first, best_s=best, peak_gb=peak_ours,
         kernels=kernels, launches=launches, compiled=gen.stats.compiled, fallback=gen.stats.compile_fallback,
         occupancy=gen.stats.slot_occupancy, rows_per_s=rows / best, attention=gen.attention,
+        graphs=graphs, cudagraph_skips=skips,
     )
+
+
+def compile_counts() -> tuple[int, int]:
+    """(graphs dynamo compiled, graphs inductor ran without CUDA graphs) so far in the process: a skip means
+    the step launched its kernels one by one (the reason is in inductor's warning above it)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
 
 
 def budget_spent(start: float, budget: float, what: str) -> bool:
@@ -242,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
               f"rows/s {r['rows_per_s']:.1f}  slot occupancy {r['occupancy']:.2f}  "
               f"peak {r['peak_gb']:.2f} GiB  kernels/step {r['kernels']:.0f}  launches/step {r['launches']:.0f}  "
               f"first run {r['first_s']:.1f} s  best {r['best_s']:.2f} s  "
-              f"compiled {'yes' if r['compiled'] else 'no'}  attention {r['attention']}  "
+              f"compiled {'yes' if r['compiled'] else 'no'}  graphs {r['graphs']}  "
+              f"cudagraph skips {r['cudagraph_skips']}  attention {r['attention']}  "
               f"fallback {r['fallback'] or 'none'}", flush=True)
     if "longtail" in results and args.attention == "auto" and not spent("the other attention on longtail"):
         # The other attention on longtail (ours only): the figure that decides the default on this device.
