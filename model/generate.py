@@ -47,6 +47,7 @@ Not here: tokenization (tokenizer.py), rows and columns (operators/).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import math
@@ -448,14 +449,19 @@ class Generator:
                 raise
             except Exception as exc:  # compile or capture failure: never a failed job
                 reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-                for key in self._failure_keys():
-                    _COMPILE_FAILURES[key] = reason
-                if self.attention == "flex":
-                    self._flex_failed(reason, "failed")
-                    state[0].attend_by_masks(table=self._attention_layout()["table"])
-                    return self._step(kind, *state)  # compiled SDPA (its own failure falls back to eager)
-                self._fall_back(reason, "failed")
-                state[0].attend_by_masks(table=False)  # eager steps attend with SDPA over the masks the cache kept
+            # Recovered out here, not in the except clause: the exception's traceback holds the failed
+            # call's frames, whose buffers a CUDA-graph warm-up took from the graphs' memory pool, and the
+            # next capture refuses a pool holding tensors no graph output owns (seen on an H200: the
+            # compiled SDPA steps after a failed FlexAttention step failed for that alone).
+            gc.collect()
+            for key in self._failure_keys():
+                _COMPILE_FAILURES[key] = reason
+            if self.attention == "flex":
+                self._flex_failed(reason, "failed")
+                state[0].attend_by_masks(table=self._attention_layout()["table"])
+                return self._step(kind, *state)  # compiled SDPA (its own failure falls back to eager)
+            self._fall_back(reason, "failed")
+            state[0].attend_by_masks(table=False)  # eager steps attend with SDPA over the masks the cache kept
         return (_sampling_step if kind == "sampling" else _beam_step)(self.model, *state)
 
     def _compiled_steps(self) -> dict:
@@ -463,11 +469,12 @@ class Generator:
         options = {"fullgraph": True}
         if self.device.type == "cuda":
             options["mode"] = "reduce-overhead"  # CUDA graphs: one replay per step instead of ~1,000 launches
-        elif self.attention == "flex":
-            # torch 2.13's CPU FlexAttention kernel does not build once dynamo makes a dim dynamic (from the
-            # second shape on): its mask code names a symbolic size it never declares (CppCompileError), and
-            # the step fell back to eager. Static shapes build: one graph per bucket shape (9 on the bench's
-            # longtail run; recompile_limit is COMPILE_GRAPH_LIMIT).
+        if self.attention == "flex":
+            # FlexAttention's kernels do not build once dynamo makes a dim dynamic (from the second shape
+            # on): their mask code names a symbolic size it never declares (torch 2.13 on CPU:
+            # CppCompileError; torch 2.11 on an H200: "NameError: name 's75' is not defined"), and the step
+            # fell back. Static shapes build: one graph per bucket shape (9 on the bench's CPU longtail
+            # run; recompile_limit is COMPILE_GRAPH_LIMIT).
             options["dynamic"] = False
         options.update(self._compile_options)
         # Beam steps reassign their state (new tensors per step) rather than writing in place,
