@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import RopeConfig, TextConfig
 
@@ -180,6 +181,21 @@ def _small_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     scores = scores.view(batch, heads, steps, keys).float().mul_(scale).add_(mask).softmax(-1).to(q.dtype)
     out = torch.bmm(scores.view(batch * kv_heads, group * steps, keys), v.reshape(batch * kv_heads, keys, dim))
     return out.view(batch, heads, steps, dim)
+
+
+# cuDNN's attention, PyTorch's first choice on Hopper, failed on an H200 (torch 2.11) under the decode
+# masks: "mha_graph.execute(...).is_good()", then "misaligned address" for the rest of the process. A
+# decode mask's rows are slices of the cache's [own slots ; encoder] width, whose stride need not be
+# aligned. The memory-efficient kernel, next in line for a float mask, pads such masks itself.
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def decode_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """A decode step's SDPA under its additive mask, without the cuDNN kernel. q [B, Hkv, G, D];
+    keys, values [B, Hkv, L, D]; mask [B, 1, 1, L] -> [B, Hkv, G, D]."""
+    with sdpa_kernel(DECODE_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
 # A decode step's attention in length groups, as one operator that torch.compile does not trace: the

@@ -34,6 +34,7 @@ from .layers import (
     Rotary,
     attention,
     decode_attention_flex,
+    decode_sdpa,
     decoder_self_masks,
     grouped_decode_attention,
     key_padding_mask,
@@ -246,11 +247,10 @@ class Block(nn.Module):
         elif isinstance(groups, torch.Tensor):  # compiled CPU steps: the groups are data, not graph constants
             out = grouped_decode_attention(q, keys, values, mask, groups, cache.size, attn.scale)
         elif len(groups) == 1:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)  # [B, Hkv, G, D]
+            out = decode_sdpa(q, keys, values, mask, attn.scale)  # [B, Hkv, G, D]
         else:
-            out = torch.cat([F.scaled_dot_product_attention(q[a:b], keys[a:b, :, :end], values[a:b, :, :end],
-                                                            attn_mask=mask[a:b, ..., :end], scale=attn.scale)
-                             for a, b, end in groups])
+            out = torch.cat([decode_sdpa(q[a:b], keys[a:b, :, :end], values[a:b, :, :end], mask[a:b, ..., :end],
+                                         attn.scale) for a, b, end in groups])
         x = self.post_self_attn_layernorm(attn.o_proj(out.reshape(batch, 1, heads * attn.head_dim))).add_(x)
         return self.feed_forward(x)
 

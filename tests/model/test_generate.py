@@ -278,3 +278,39 @@ def test_plan_returns_micro_batches_with_their_shapes(tiny):
     for batch in compiled.plan(reqs, order)[:-1]:
         assert batch.rows in model.generate.ROW_BUCKETS
         assert batch.encoder_length % 64 == 0 and batch.steps % 32 == 0
+
+
+def test_decode_attention_runs_without_the_cudnn_kernel(tiny, monkeypatch):
+    """cuDNN's SDPA failed on an H200 under the decode masks (misaligned address, fatal to the process):
+    every decode step's SDPA call, one group or several, runs with it switched off; the encoder's keeps it."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = {"decode": [], "encoder": []}
+    where = ["encoder"]
+    decode_step = model.T5Gemma2.decode_step
+
+    def watched_decode_step(self, *args, **kwargs):
+        where[0] = "decode"
+        try:
+            return decode_step(self, *args, **kwargs)
+        finally:
+            where[0] = "encoder"
+
+    monkeypatch.setattr(model.T5Gemma2, "decode_step", watched_decode_step)
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                seen[where[0]].append(torch.backends.cuda.cudnn_sdp_enabled())
+            return func(*args, **(kwargs or {}))
+
+    _, ours = tiny
+    gen = model.Generator(ours, compile=False)
+    params = model.GenerationParams(max_new_tokens=6, min_new_tokens=6)
+    # Widths far apart, so the rows attend in several length groups as well as in one.
+    reqs = [model.Request(p, params=params) for p in prompts([3, 200, 7, 190])]
+    with Watch():
+        gen.generate(reqs)
+        gen.generate(reqs[:1])
+    assert len(seen["decode"]) > 12 and not any(seen["decode"]), seen["decode"]
+    assert seen["encoder"] and all(seen["encoder"])  # the flag reads true where nothing switched it off
