@@ -17,7 +17,7 @@ Not here: loading weights (weights.py), caches and decoding loops (cache.py, gen
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -182,6 +182,12 @@ def _scatter_rows(tokens: torch.Tensor, slots: torch.Tensor, rows: int, width: i
     return out.view(rows, width, *tokens.shape[1:]).transpose(1, 2)
 
 
+# An encoder block's token-wise halves, (attention_inputs, attention_output) as functions of (block, ...):
+# a caller may pass compiled ones (the Generator does on CPU), while the attention between them, whose
+# length groups are Python lists, stays eager.
+EncoderParts = tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., torch.Tensor]]
+
+
 class Block(nn.Module):
     """Gemma 3 block: norm -> attention -> norm, residual; norm -> GeGLU -> norm, residual."""
 
@@ -199,13 +205,23 @@ class Block(nn.Module):
         # residual added into the fresh branch output (same sum, one tensor fewer)
         return self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))).add_(x)
 
-    def encode(self, x: torch.Tensor, cos, sin, packing: Packing) -> torch.Tensor:
-        """Encoder block over packed tokens. x [1, N, H] (real tokens only)."""
-        attn = self.self_attn
-        qk, v = attn.qkv(self.pre_self_attn_layernorm(x), cos, sin)  # [1, N, Hq + Hkv, D], [1, N, Hkv, D]
-        out = packing.attention(qk, v, attn.num_heads, self.layer_type, attn.scale)  # [1, N, Hq * D]
-        x = self.post_self_attn_layernorm(attn.o_proj(out)).add_(x)  # [1, N, H]
+    def attention_inputs(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Norm, then q/k/v with rotary. x [1, N, H] -> [1, N, Hq + Hkv, D], [1, N, Hkv, D]."""
+        return self.self_attn.qkv(self.pre_self_attn_layernorm(x), cos, sin)
+
+    def attention_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The block after its attention: out [1, N, Hq * D] and the residual x [1, N, H] -> [1, N, H]."""
+        x = self.post_self_attn_layernorm(self.self_attn.o_proj(out)).add_(x)
         return self.feed_forward(x)
+
+    def encode(self, x: torch.Tensor, cos, sin, packing: Packing, parts: EncoderParts | None = None) -> torch.Tensor:
+        """Encoder block over packed tokens. x [1, N, H] (real tokens only); parts: the token-wise
+        halves around the attention as given (compiled ones, say), else the methods above."""
+        inputs, output = parts or (Block.attention_inputs, Block.attention_output)
+        attn = self.self_attn
+        qk, v = inputs(self, x, cos, sin)  # [1, N, Hq + Hkv, D], [1, N, Hkv, D]
+        out = packing.attention(qk, v, attn.num_heads, self.layer_type, attn.scale)  # [1, N, Hq * D]
+        return output(self, out, x)  # [1, N, H]
 
     def decode(self, x: torch.Tensor, cos, sin, self_mask: torch.Tensor, cross: tuple[torch.Tensor, torch.Tensor],
                cross_mask: torch.Tensor) -> torch.Tensor:
@@ -294,11 +310,13 @@ class T5Gemma2(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        parts: EncoderParts | None = None,
     ) -> torch.Tensor:
         """input_ids, attention_mask [B, S] (right-padded) -> memory [B, S, H].
 
         Images fill the image-token positions in row-major order: pass pixel_values
-        [N, 3, S, S] or precomputed image_features [N, mm_tokens_per_image, H].
+        [N, 3, S, S] or precomputed image_features [N, mm_tokens_per_image, H]. parts: every block's
+        token-wise halves (Block.encode), e.g. compiled.
 
         Memory grows linearly with the prompt length S, up to the 128K context: token-wise work holds
         [N, width] tensors (the largest the MLP's [N, 2 x intermediate]); full-attention layers give
@@ -327,7 +345,7 @@ class T5Gemma2(nn.Module):
         angles = self.encoder.angles(packing.pack(positions), x.dtype)  # [1, N, 1, D] per type
         for layer in self.encoder.layers:
             cos, sin = angles[layer.layer_type]
-            x = layer.encode(x, cos, sin, packing)
+            x = layer.encode(x, cos, sin, packing, parts)
         return packing.unpack_tokens(self.encoder.norm(x))  # [B, S, H], zeros at padding
 
     def cross_kv(self, memory: torch.Tensor, padding: torch.Tensor | None = None, packed: bool = False

@@ -27,6 +27,22 @@ def tiny(tmp_path_factory):
 prompts = random_prompts
 
 
+def is_step_graph(graph) -> bool:
+    """Whether dynamo's graph is a decode step's (its inputs come from the cache and the rows), not one of
+    the encoder's compiled token-wise parts, which a compiling CPU Generator builds as well."""
+    names = [node.name for node in graph.graph.nodes if node.op == "placeholder"]
+    return any(name.startswith(("l_cache_", "l_rows_", "L_cache_", "L_rows_")) for name in names)
+
+
+class StepCounter(CompileCounter):
+    """CompileCounter of the decode steps' graphs alone (the encoder parts' graphs run, uncounted)."""
+
+    def __call__(self, graph, example_inputs):
+        if is_step_graph(graph):
+            return super().__call__(graph, example_inputs)
+        return graph.forward
+
+
 def fixed_length(ids, n):
     """Requests that generate exactly n tokens each (EOS banned until then): no row leaves early."""
     params = model.GenerationParams(max_new_tokens=n, min_new_tokens=n)
@@ -39,7 +55,7 @@ def tokens(results):
 
 def test_one_graph_for_every_step_and_for_micro_batches_of_one_bucket(tiny):
     torch._dynamo.reset()
-    counter = CompileCounter()
+    counter = StepCounter()
     gen = model.Generator(tiny, compile=True, compile_options={"backend": counter})
     first = fixed_length(prompts([5, 9, 20], seed=1), 20)  # 3 rows -> bucket 4, widths -> 64, steps -> 32
     got = gen.generate(first)
@@ -56,7 +72,7 @@ def test_one_graph_for_every_step_and_for_micro_batches_of_one_bucket(tiny):
 def test_rows_leaving_shrink_to_smaller_buckets_with_few_graphs(tiny):
     """Rows finishing at different steps leave the batch bucket by bucket; results stay eager's."""
     torch._dynamo.reset()
-    counter = CompileCounter()
+    counter = StepCounter()
     ids = prompts([3, 8, 5, 12, 6, 9, 4, 10, 7], seed=3)  # 9 rows -> bucket 16
     reqs = [model.Request(p, params=model.GenerationParams(max_new_tokens=4 + 5 * i, min_new_tokens=4 + 5 * i))
             for i, p in enumerate(ids)]
@@ -92,6 +108,31 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(tiny):
     assert not again.stats.compiled and "injected" in again.stats.compile_fallback
 
 
+def test_a_failing_encoder_compile_leaves_the_encoder_eager_and_the_steps_compiled(tiny):
+    """The encoder's compiled token-wise parts (CPU) that fail to build give way to the eager ones, with one
+    warning, the same tokens, and no second try by later Generators of the process; the steps stay compiled."""
+    torch._dynamo.reset()
+    encoder_graphs = []
+
+    def no_encoder(graph, example_inputs):
+        if is_step_graph(graph):
+            return graph.forward
+        encoder_graphs.append(graph)
+        raise RuntimeError("encoder kernel does not build (injected)")
+
+    reqs = fixed_length(prompts([4, 30, 9], seed=6), 5)
+    gen = model.Generator(tiny, compile=True, compile_options={"backend": no_encoder})
+    with pytest.warns(RuntimeWarning, match="encoder's token-wise parts failed") as caught:
+        got = gen.generate(reqs) + gen.generate(reqs)
+    assert len([w for w in caught if "encoder's" in str(w.message)]) == 1
+    assert not [w for w in caught if "decoding eagerly" in str(w.message)]
+    assert gen.stats.compiled and gen.compile_fallback.startswith("encoder: ")
+    assert tokens(got) == tokens(model.Generator(tiny).generate(reqs)) * 2
+    tried = len(encoder_graphs)
+    again = model.Generator(tiny, compile=True, compile_options={"backend": no_encoder})
+    assert tokens(again.generate(reqs)) == tokens(got[:3]) and len(encoder_graphs) == tried
+
+
 def test_a_failing_flex_step_falls_back_to_compiled_sdpa_steps(tiny):
     """A compiled FlexAttention step that fails to build is replaced by compiled SDPA steps, not eager
     ones, mid-run (refills included) and for later Generators of the process, with one warning each."""
@@ -100,7 +141,8 @@ def test_a_failing_flex_step_falls_back_to_compiled_sdpa_steps(tiny):
 
     def no_flex(graph, example_inputs):  # dynamo's graphs run as traced; one holding FlexAttention fails
         flex = any("flex_attention" in str(node.target) for node in graph.graph.nodes)
-        graphs.append("flex" if flex else "sdpa")
+        if is_step_graph(graph):
+            graphs.append("flex" if flex else "sdpa")
         if flex:
             raise RuntimeError("flex kernel does not build (injected)")
         return graph.forward
@@ -192,7 +234,7 @@ def test_a_process_of_varied_runs_stays_compiled(tiny):
     Past dynamo's default of 8 graphs per function, fullgraph=True raises and the process would decode
     eagerly for good; the Generator raises the limit (COMPILE_GRAPH_LIMIT), and the graphs level off."""
     torch._dynamo.reset()
-    counter = CompileCounter()
+    counter = StepCounter()
     with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default, whatever ran before
         gen = model.Generator(tiny, compile=True, compile_options={"backend": counter}, check_every=4)
         runs = [  # (rows, prompt lengths from, to, max_new_tokens, top_k, top_p; top_k None: greedy)
@@ -214,7 +256,7 @@ def test_compiled_cpu_steps_attend_in_length_groups_without_new_graphs(tiny):
     groups as data (DecoderCache.group_table): refill changes them, the graph stays one (the tail, where
     slots drain to smaller buckets, compiles its own shapes, as before)."""
     torch._dynamo.reset()
-    counter = CompileCounter()
+    counter = StepCounter()
     gen = model.Generator(tiny, compile=True, compile_options={"backend": counter}, max_batch_size=16, check_every=2)
     tables = []
     step = gen._step
