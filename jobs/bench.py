@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = args.scale if args.scale is not None else (1.0 if on_gpu else 0.1)
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
     repeats = args.repeats or (2 if on_gpu else 5)
-    budget = args.max_batch_tokens or (262_144 if on_gpu else 65_536)  # CPU: the Generator default
+    budget = args.max_batch_tokens  # None: the Generator's default (on a GPU, slots by free memory)
     torch.manual_seed(args.seed)
 
     cfg = shape_config(args.shape)

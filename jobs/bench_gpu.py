@@ -123,7 +123,7 @@ def setup(workload: str, args, device: torch.device, cfg):
     rows = args.rows or (GPU_ROWS[workload] if on_gpu else 8)
     scale = args.scale if args.scale is not None else (1.0 if on_gpu else 0.1)
     requests = make_requests(cfg, workload, rows, scale, args.seed)
-    budget = args.max_batch_tokens or (262_144 if on_gpu else 65_536)
+    budget = args.max_batch_tokens  # None: the Generator's default (on a GPU, slots by free memory)
     return rows, requests, budget, {"auto": None, "on": True, "off": False}[args.compile]
 
 

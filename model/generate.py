@@ -167,6 +167,7 @@ class MicroBatch:
     steps: int  # cache slots for generated tokens (max_new_tokens; compiled: a multiple of STEP_MULTIPLE)
 
 
+DEFAULT_BATCH_TOKENS = 65536  # padded encoder tokens per micro-batch unless max_batch_tokens says otherwise
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # compiled: running rows padded up to one of these
 WIDTH_MULTIPLE = 64  # compiled: encoder length of a micro-batch padded up to a multiple of this
 STEP_MULTIPLE = 32  # compiled: cache slots for max_new_tokens rounded up to a multiple of this
@@ -199,7 +200,7 @@ class Generator:
     def __init__(
         self,
         model: T5Gemma2,
-        max_batch_tokens: int = 65536,
+        max_batch_tokens: int | None = None,
         max_batch_size: int = 256,
         device: str | torch.device | None = None,
         compact_fraction: float = 0.25,
@@ -216,23 +217,31 @@ class Generator:
         faster on the bench workloads once compile time is counted: docs/perf.md); compile_options:
         keyword arguments for torch.compile (default: fullgraph, and mode "reduce-overhead" on CUDA);
         memory_budget: bytes the slots of a greedy/sampling run may hold (None: on CUDA the free device
-        memory less MEMORY_MARGIN, on CPU no limit); max_batch_tokens and max_batch_size stay caps, and
-        the out-of-memory split stays the last resort; pixel_normalizer: uint8 [N, 3, S, S] -> float pixel
+        memory less MEMORY_MARGIN, on CPU no limit); max_batch_tokens: padded encoder tokens per micro-batch
+        and, when given, per refill run's slots (slots x width); None: DEFAULT_BATCH_TOKENS, but no cap
+        on the slots where a memory budget plans them (CUDA, or memory_budget given); max_batch_size caps
+        the slots; the out-of-memory split stays the last resort; pixel_normalizer: uint8 [N, 3, S, S] -> float pixel
         values on the device (ImageProcessor.normalizer()), for requests whose pixel_values are uint8;
         attention: how a decode step attends, "flex" (FlexAttention: only real keys, no mask; fast only
         compiled) or "sdpa" (a float mask, rows in length groups when eager); None = flex where the step is
         compiled on CUDA, sdpa elsewhere (eager FlexAttention is a slow reference implementation). A compiled
         step that fails falls back with one warning: FlexAttention to compiled SDPA, SDPA to eager."""
-        if max_batch_tokens < 1 or max_batch_size < 1:
+        if (max_batch_tokens is not None and max_batch_tokens < 1) or max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
         self.model = model
         self.config = model.config
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens = DEFAULT_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
         self.max_batch_size = max_batch_size
         self.memory_budget = memory_budget
+        # The padded tokens a refill run's slots may hold (slots x width), or None. Where memory plans the
+        # slots, padded tokens do not unless asked: on the H200 the default budget gave 32 slots at
+        # summarize's 2048-token width (128 at the bench's 262144), while a step over 128 rows took about
+        # 3 ms, far over what its weights and keys cost to read, so more rows per step are nearly free.
+        plans_by_memory = memory_budget is not None or self.device.type == "cuda"
+        self.slot_token_cap = None if max_batch_tokens is None and plans_by_memory else self.max_batch_tokens
         self.pixel_normalizer = pixel_normalizer
         # Finished rows stay in the running batch until they are this share of it: dropping
         # them copies the caches, so it is done in bulk rather than at every finish.
@@ -590,10 +599,13 @@ class Generator:
         return max(1, budget // self._slot_bytes(width, steps))
 
     def _slot_cap(self, width: int) -> int:
-        """The most slots the token budget allows at an encoder width."""
+        """The most slots a run at an encoder width may have before the memory budget: max_batch_size, and
+        the token budget over the width where one caps the slots (slot_token_cap)."""
+        if self.slot_token_cap is None:
+            return self.max_batch_size
         if self.compile:
             width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
-        return max(1, min(self.max_batch_size, self.max_batch_tokens // width))
+        return max(1, min(self.max_batch_size, self.slot_token_cap // width))
 
     def _run_sampling(self, reqs: list[Request]) -> list[Result]:
         """Greedy and sampled requests, one row each, through a fixed number of slots (continuous refill).

@@ -110,7 +110,7 @@ class Scorer:
     def __init__(
         self,
         model: T5Gemma2,
-        max_batch_tokens: int = 65536,
+        max_batch_tokens: int | None = None,
         max_batch_size: int = 256,
         device: str | torch.device | None = None,
         max_score_elements: int = 1 << 27,
@@ -121,7 +121,8 @@ class Scorer:
         max_score_elements its decoder attention scores (rows x heads x T x (T + S)); max_logit_elements
         the LM-head logits computed at once (positions x vocabulary); pixel_normalizer: uint8 [N, 3, S, S]
         -> float pixel values on the device (ImageProcessor.normalizer()), for requests whose
-        pixel_values are uint8."""
+        pixel_values are uint8. max_batch_tokens None: 65536."""
+        max_batch_tokens = 65536 if max_batch_tokens is None else max_batch_tokens
         if min(max_batch_tokens, max_batch_size, max_score_elements, max_logit_elements) < 1:
             raise ValueError("max_batch_tokens, max_batch_size, max_score_elements and max_logit_elements must be >= 1")
         self.model = model

@@ -71,7 +71,7 @@ class Infer:
         dtype: str,
         device: str,
         tasks: list[InferTask],
-        max_batch_tokens: int = 65536,
+        max_batch_tokens: int | None = None,  # None: the Generator's and Scorer's defaults
         storage_options: dict | None = None,
         model=None,
         image_processor: ImageProcessor | None = None,

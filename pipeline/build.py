@@ -85,7 +85,7 @@ class InferSettings:
     source: str  # checkpoint directory or URI
     dtype: str  # weights and compute dtype
     tasks: tuple  # InferTask per task
-    max_batch_tokens: int  # the Generator's token budget per micro-batch
+    max_batch_tokens: int | None  # the Generator's token budget per micro-batch (None: its default)
     storage_options: dict  # fsspec options for the checkpoint
     gpus_per_actor: float  # GPUs Ray reserved for the actor; 0 runs on CPU
     cpus: float  # CPUs Ray reserved for the actor (torch threads on CPU)

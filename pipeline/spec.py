@@ -26,7 +26,9 @@ Schema (README.md shows a whole job; jobs/examples/ holds commented ones):
                every row) or labels_column (a list<string> column of each row's candidates), score
                ("sum" | "mean"), multi_label (false), threshold (with multi_label, in [0, 1])
   [resources]  gpu_actors (1, or [min, max]), gpus_per_actor (1.0; fractions allowed; 0 = CPU),
-               cpus_per_actor (1.0), rows_per_call (256), max_batch_tokens (65536),
+               cpus_per_actor (1.0), rows_per_call (256), max_batch_tokens (a cap on a
+               batch's padded prompt tokens; unset: on a GPU free memory and 256 rows set the decode
+               batch, on CPU 65536 tokens),
                call_timeout_s (1800; seconds one model call may run before the hang guard stops its
                actor, which Ray restarts and retries the call, at most 3 times, then the job fails)
   [storage.P]  fsspec options for paths of protocol P (s3, gcs, ...); never credentials. S3 gets
@@ -206,7 +208,8 @@ class ResourcesSpec:
     gpus_per_actor: float  # GPUs reserved per actor; 0 runs the model on CPU
     cpus_per_actor: float  # CPUs reserved per actor
     rows_per_call: int  # rows handed to an actor per call
-    max_batch_tokens: int  # Generator token budget per forward micro-batch
+    max_batch_tokens: int | None  # a cap on a batch's padded prompt tokens (decode slots x width); None:
+    # the Generator's default (on a GPU free memory sets the decode slots, on CPU 65536 tokens)
     call_timeout_s: float  # a model call running longer is taken as hung: its actor is restarted
 
 
@@ -567,7 +570,7 @@ def parse_job(raw: dict, origin: str = "<job>") -> JobSpec:
         gpus_per_actor=gpus,
         cpus_per_actor=_number(r, "cpus_per_actor", "resources", 1.0),
         rows_per_call=_int(r, "rows_per_call", "resources", 256),
-        max_batch_tokens=_int(r, "max_batch_tokens", "resources", 65536),
+        max_batch_tokens=_int(r, "max_batch_tokens", "resources", 1) if "max_batch_tokens" in r else None,
         call_timeout_s=_call_timeout(r),
     )
     storage = _table(raw, "storage", required=False)

@@ -138,6 +138,31 @@ def test_memory_budget_sets_the_slots(tiny, pool, monkeypatch):
     assert batch_rows == [len(reqs)]  # no budget on CPU: the token budget alone
 
 
+def test_where_memory_plans_the_slots_padded_tokens_cap_them_only_when_asked(tiny, monkeypatch):
+    """With a memory budget (a GPU's free memory, or memory_budget), the default token budget no longer
+    caps a run's slots (on an H200 it held summarize's 2048-token rows to 32 slots): memory and
+    max_batch_size do. An explicit max_batch_tokens still caps them; without a budget (CPU) the default does."""
+    monkeypatch.setattr(model.generate, "DEFAULT_BATCH_TOKENS", 600)  # 2 slots at the width below
+    reqs = [model.Request(p, params=model.GenerationParams(max_new_tokens=3)) for p in random_prompts([250] * 6)]
+    batch_rows = []
+    start = type(tiny).start_decoding
+
+    def recording(self, memory, *args, **kwargs):
+        batch_rows.append(memory.shape[0])
+        return start(self, memory, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny), "start_decoding", recording)
+    plenty = 1 << 40
+    expected = model.Generator(tiny).generate(reqs)
+    cases = [({}, 2), ({"memory_budget": plenty}, 6), ({"memory_budget": plenty, "max_batch_tokens": 600}, 2),
+             ({"memory_budget": plenty, "max_batch_size": 4}, 4)]
+    for options, slots in cases:
+        batch_rows.clear()
+        got = model.Generator(tiny, **options).generate(reqs)
+        assert batch_rows[0] == slots, (options, batch_rows)
+        assert outcome(got) == outcome(expected)
+
+
 def test_runs_split_only_where_width_costs_slots(tiny):
     """Where max_batch_size caps the slots, a wide request costs a narrow one no slot, so one run takes
     all (a second run would drain its own tail); where the token budget caps them, a request that would
