@@ -7,6 +7,7 @@ length, at the fastest of a few batch sizes) on the same requests in the same pr
     our output tokens/s and HF's at its fastest batch (of the sizes tried, printed), and the ratio
     the share of greedy rows whose tokens equal HF's (in bfloat16 on a GPU, where the two
       implementations round differently, so this is a health figure, not a parity test)
+    the encoder's share of a run (one more run, the device synchronised around each encoder call)
     rows per second (captions per second on the caption workload) and the slot occupancy
       (share of greedy slot-steps that produced a kept token: GeneratorStats.slot_occupancy;
       longtail, whose rows each ask for their own max_new_tokens, is where refill shows)
@@ -117,6 +118,29 @@ def run_ours(requests, args, device, m, budget, compile, attention):
     return first, best, ours, gen
 
 
+def encoder_split(requests, device, m, budget, compile, attention) -> tuple[float, float]:
+    """(seconds in encoder calls, seconds in all) of one more run of ours, with the device synchronised
+    around each encoder call (a few per run, refills included), so the split is the device's: where the
+    rest of the time goes is decode steps, refill copies and the loop."""
+    gen = model.Generator(m, max_batch_tokens=budget, device=device, compile=compile, attention=attention)
+    encode, spent = gen._encode, [0.0]
+
+    def timed(reqs):
+        sync(device)
+        start = time.perf_counter()
+        out = encode(reqs)
+        sync(device)
+        spent[0] += time.perf_counter() - start
+        return out
+
+    gen._encode = timed
+    sync(device)
+    start = time.perf_counter()
+    gen.generate(requests)
+    sync(device)
+    return spent[0], time.perf_counter() - start
+
+
 def setup(workload: str, args, device: torch.device, cfg):
     """(rows, requests, token budget, compile setting) of a workload on this device."""
     on_gpu = device.type == "cuda"
@@ -149,6 +173,7 @@ def run_workload(workload: str, args, device: torch.device, cfg, m, ref) -> dict
         sizes = hf_batch_sizes(args.hf_batch or 256, rows)
     hf_best, hf, hf_batch, _, hf_tried = run_hf_best(ref, requests, sizes, device, cfg.pad_token_id,
                                                      list(cfg.eos_token_ids), args.hf_repeats)
+    encoder_s, split_s = encoder_split(requests, device, m, budget, compile, attention)
     kernels, launches = kernels_per_step(m, requests, device, compile, attention)
     out_tokens = sum(len(t) for t in ours)
     hf_tokens = sum(len(t) for t in hf)
@@ -158,7 +183,7 @@ def run_workload(workload: str, args, device: torch.device, cfg, m, ref) -> dict
         same=sum(a == b for a, b in zip(ours, hf)), first_s=first, best_s=best, peak_gb=peak_ours,
         kernels=kernels, launches=launches, compiled=gen.stats.compiled, fallback=gen.stats.compile_fallback,
         occupancy=gen.stats.slot_occupancy, rows_per_s=rows / best, attention=gen.attention,
-        graphs=graphs, cudagraph_skips=skips,
+        graphs=graphs, cudagraph_skips=skips, encoder_s=encoder_s, split_s=split_s,
     )
 
 
@@ -254,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
               f"rows/s {r['rows_per_s']:.1f}  slot occupancy {r['occupancy']:.2f}  "
               f"peak {r['peak_gb']:.2f} GiB  kernels/step {r['kernels']:.0f}  launches/step {r['launches']:.0f}  "
               f"first run {r['first_s']:.1f} s  best {r['best_s']:.2f} s  "
+              f"encoder {r['encoder_s']:.3f} of {r['split_s']:.3f} s ({100 * r['encoder_s'] / r['split_s']:.0f}%)  "
               f"compiled {'yes' if r['compiled'] else 'no'}  graphs {r['graphs']}  "
               f"cudagraph skips {r['cudagraph_skips']}  attention {r['attention']}  "
               f"fallback {r['fallback'] or 'none'}", flush=True)

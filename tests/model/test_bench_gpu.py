@@ -45,6 +45,8 @@ def test_bench_gpu_runs_on_cpu_without_ray_or_network():
         assert "fallback none" in line, line
         assert 0 < float(re.search(r"slot occupancy ([\d.]+)", line).group(1)) <= 1, line
         assert float(re.search(r"rows/s ([\d.]+)", line).group(1)) > 0, line
+        encoder, whole, share = map(float, re.search(r"encoder ([\d.]+) of ([\d.]+) s \((\d+)%\)", line).groups())
+        assert 0 < encoder < whole and 0 < share < 100, line
         assert "attention sdpa" in line, line  # eager on CPU: SDPA
     other = lines["attention"]  # longtail once more with the other attention, ours only
     assert re.search(r"attention flex +longtail ours +[\d.]+ tok/s", other) and "fallback none" in other, other
