@@ -331,7 +331,7 @@ def _inspect_job(path: str, overrides: list[str]) -> int:
     actors = str(r.min_actors) if r.min_actors == r.max_actors else f"{r.min_actors}..{r.max_actors}"
     device = f"{r.gpus_per_actor:g} GPU" if r.gpus_per_actor else "CPU"
     batching = (f"<= {r.max_batch_tokens} tokens/batch" if r.max_batch_tokens is not None else
-                "decode batches by free GPU memory" if r.gpus_per_actor else "<= 65536 tokens/batch")
+                "decode batches by free GPU memory" if r.gpus_per_actor >= 1 else "<= 65536 tokens/batch")
     print(f"  resources {actors} actor(s) x ({device}, {r.cpus_per_actor:g} CPU), {r.rows_per_call} rows/call, "
           f"{batching}, a call taken as hung after {r.call_timeout_s:g} s")
     for warning in v.drift:

@@ -123,3 +123,18 @@ def test_the_actor_device_follows_what_ray_gave():
         build.actor_device(1, gpu_ids=["3"], cuda_available=False, visible_devices="3")
     with pytest.raises(RuntimeError, match=r"no GPU was assigned"):
         build.actor_device(1, gpu_ids=[], cuda_available=True)
+
+
+def test_actors_sharing_a_gpu_keep_a_token_budget_unless_the_job_sets_one(tmp_path):
+    """A job without max_batch_tokens: a whole-GPU (or CPU) actor leaves it to the Generator (free memory
+    on a GPU), an actor on a fraction of a card gets SHARED_GPU_BATCH_TOKENS (its neighbours use the same
+    free memory); a job's own value always wins."""
+    assert build.actor_batch_tokens(None, 1) is None and build.actor_batch_tokens(None, 0) is None
+    assert build.actor_batch_tokens(None, 0.5) == build.SHARED_GPU_BATCH_TOKENS
+    assert build.actor_batch_tokens(4096, 0.5) == 4096 and build.actor_batch_tokens(4096, 1) == 4096
+    src = tmp_path / "job.toml"
+    src.write_text('[model]\nsource = "m"\n[input]\npath = "in/*.parquet"\ntext_column = "text"\n'
+                   '[output]\npath = "out/"\n[[task]]\nkind = "summarize"\n')
+    assert load_job(str(src)).resources.max_batch_tokens is None
+    src.write_text(src.read_text() + "[resources]\nmax_batch_tokens = 8192\n")
+    assert load_job(str(src)).resources.max_batch_tokens == 8192
