@@ -187,15 +187,15 @@ class DecoderCache:
             # keeps one slot past every row's max_new_tokens) rather than running off the tables.
             self.position.clamp_(max=self.max_steps - 1)
 
-    def keep(self, rows: Sequence[int], multiple: int = 1, in_place: bool = False) -> None:
-        """Keep only the batch rows at `rows` (host indices; drops finished rows) and trim the encoder
+    def keep(self, rows: Sequence[int], multiple: int = 1, in_place: bool = False, trim: bool = True) -> None:
+        """Keep only the batch rows at `rows` (host indices; drops finished rows) and, with `trim`, the encoder
         padding no kept row needs, to a multiple of `multiple` (a compiled step's bucket). Reads
         nothing back from the device. in_place: the kept rows move to the front of the buffers held now,
         which the cache then views (no new memory, and the addresses a captured CUDA graph recorded
         stay: see restore); otherwise they are copied into new, smaller buffers."""
         self.widths = [self.widths[r] for r in rows]
         encoder = self.layers[0].keys.shape[2] - self.layers[0].size  # the encoder length held now
-        width = min(-(-max(self.widths) // multiple) * multiple, encoder)
+        width = min(-(-max(self.widths) // multiple) * multiple, encoder) if trim else encoder
         index = torch.tensor(list(rows), dtype=torch.long, device=self.position.device)
         n = len(rows)
 

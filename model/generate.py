@@ -163,7 +163,7 @@ class MicroBatch:
     requests: tuple[int, ...]  # indices into generate()'s requests, sorted by encoder length
     beams: int  # rows per request: 1 for greedy and sampling, num_beams for beam search
     rows: int  # decode rows (requests x beams; compiled: padded up to a row bucket)
-    encoder_length: int  # the padded encoder length (compiled: a multiple of WIDTH_MULTIPLE)
+    encoder_length: int  # the padded encoder length (compiled: width_bucket)
     steps: int  # cache slots for generated tokens (max_new_tokens; compiled: a multiple of STEP_MULTIPLE)
 
 
@@ -176,6 +176,17 @@ STEP_MULTIPLE = 32  # compiled: cache slots for max_new_tokens rounded up to a m
 # dynamic or adds a variant, so the count levels off, but past 8: 14 varied runs in one process hit the
 # default, after which fullgraph=True raises and the process decodes eagerly for good.
 COMPILE_GRAPH_LIMIT = 64
+
+
+def width_bucket(width: int, ladder: bool = False) -> int:
+    """A compiled run's encoder width for prompts up to `width` tokens: a multiple of WIDTH_MULTIPLE, or with
+    `ladder` two sizes per octave (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, ...). The
+    ladder is for static-shape steps (FlexAttention), where each width is a graph of its own to compile
+    (tens of seconds each), and the padding costs memory alone: their block mask skips the keys past a
+    row's length. A job's widths then take a handful of graphs instead of one per 64 tokens."""
+    width = max(1, width)
+    step = max(WIDTH_MULTIPLE, 1 << max(0, (width - 1).bit_length() - 2)) if ladder else WIDTH_MULTIPLE
+    return -(-width // step) * step
 
 
 def row_bucket(rows: int) -> int:
@@ -318,9 +329,7 @@ class Generator:
             length = len(requests[i].input_ids)
             if runs:
                 widest = len(requests[runs[-1][0]].input_ids)
-                width = max(WIDTH_MULTIPLE, widest)  # short prompts: one class
-                if self.compile:
-                    width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+                width = self._bucket_width(max(WIDTH_MULTIPLE, widest))  # short prompts: one class
                 # Everything left fits the run's slots at once: one decode loop, not two that each drain.
                 fits = len(runs[-1]) + len(order) - left <= self._slot_cap(widest)
                 enough = self.RUN_SLOT_RATIO * self._slot_cap(width) >= self._slot_cap(max(WIDTH_MULTIPLE, length))
@@ -336,7 +345,7 @@ class Generator:
         rows = len(indices) * beams
         steps = max(requests[i].params.max_new_tokens for i in indices)
         if self.compile and beams == 1:  # the shape the compiled step runs at (see _run_sampling)
-            rows, longest = row_bucket(rows), -(-longest // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+            rows, longest = row_bucket(rows), self._bucket_width(longest)
             steps = -(-steps // STEP_MULTIPLE) * STEP_MULTIPLE
         return MicroBatch(tuple(indices), beams, rows, longest, steps)
 
@@ -558,11 +567,9 @@ class Generator:
 
     def _slots(self, reqs: list[Request]) -> tuple[int, int]:
         """(slots, encoder width) a refill run of `reqs` decodes at: the widest request sets the width
-        (compiled: a multiple of WIDTH_MULTIPLE), the token budget over that width the slots (compiled:
+        (compiled: width_bucket), the token budget over that width the slots (compiled:
         padded up to a row bucket, so runs of one bucket share one graph)."""
-        width = max(len(r.input_ids) for r in reqs)
-        if self.compile:
-            width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+        width = self._bucket_width(max(len(r.input_ids) for r in reqs))
         steps = max(r.params.max_new_tokens for r in reqs) + 1
         memory = self._memory_cap(width, steps)
         slots = min(self._slot_cap(width), len(reqs), memory or len(reqs))
@@ -603,9 +610,11 @@ class Generator:
         the token budget over the width where one caps the slots (slot_token_cap)."""
         if self.slot_token_cap is None:
             return self.max_batch_size
-        if self.compile:
-            width = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
-        return max(1, min(self.max_batch_size, self.slot_token_cap // width))
+        return max(1, min(self.max_batch_size, self.slot_token_cap // self._bucket_width(width)))
+
+    def _bucket_width(self, width: int) -> int:
+        """The encoder width a run of prompts up to `width` tokens decodes at (width_bucket when compiled)."""
+        return width_bucket(width, ladder=self.attention == "flex") if self.compile else width
 
     def _run_sampling(self, reqs: list[Request]) -> list[Result]:
         """Greedy and sampled requests, one row each, through a fixed number of slots (continuous refill).
@@ -623,8 +632,8 @@ class Generator:
 
         Rows that finished keep decoding until they are refilled or leave (their tokens past the
         end are never read); they stay at the last own slot, which is one past every request's
-        max_new_tokens. Compiled, slots are a bucket size and the width a multiple of
-        WIDTH_MULTIPLE; slots no request holds are marked done.
+        max_new_tokens. Compiled, slots are a bucket size and the width a width_bucket
+        size; slots no request holds are marked done.
         """
         dev = self.device
         n = len(reqs)
@@ -713,7 +722,9 @@ class Generator:
                 keep = sorted(running + [s for s, a in enumerate(alive) if a < 0][: size - len(running)])
             index = torch.tensor(keep, device=dev)
             # Compiled: in place, into the front of the same buffers (the addresses a CUDA graph recorded).
-            cache.keep(keep, multiple=WIDTH_MULTIPLE if self.compile else 1, in_place=self.compile)
+            # FlexAttention steps keep the width: trimming it would be a new static graph and save no reads.
+            cache.keep(keep, multiple=WIDTH_MULTIPLE if self.compile else 1, in_place=self.compile,
+                       trim=self.attention != "flex")
             rows.keep(index, in_place=self.compile)
             sampler.keep(index)
             if self.compile and self.device.type == "cuda":
@@ -920,19 +931,6 @@ def _compiled_step(step, options: dict):
     if key not in _COMPILED_STEPS:
         _COMPILED_STEPS[key] = torch.compile(step, **options)
     return _COMPILED_STEPS[key]
-
-
-def _pad_batch(memory: torch.Tensor, mask: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """memory [R, S, H], mask [R, S] -> [rows, S', H], [rows, S'] with S' a multiple of WIDTH_MULTIPLE.
-
-    Padding rows see no encoder token; their own slot of each step is always visible, so their
-    softmax stays finite (they decode garbage nobody reads).
-    """
-    real, width, _ = memory.shape
-    wide = -(-width // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
-    memory = torch.nn.functional.pad(memory, (0, 0, 0, wide - width, 0, rows - real))
-    mask = torch.nn.functional.pad(mask, (0, wide - width, 0, rows - real), value=False)
-    return memory, mask, rows - real
 
 
 def _state_bytes(cache: DecoderCache, rows: _Rows) -> int:

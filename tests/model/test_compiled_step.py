@@ -277,3 +277,22 @@ def test_compiled_cpu_steps_attend_in_length_groups_without_new_graphs(tiny):
     assert max(sum(1 for a, b, _ in table if b > a) for table, _ in refilling) > 1, "never attended in groups"
     assert len({table for table, _ in refilling}) > 2, "refill never changed the groups"
     assert {graphs for _, graphs in refilling} == {1}, "a change of groups recompiled the step"
+
+
+def test_width_ladder_takes_two_sizes_per_octave_for_static_steps():
+    widths = (1, 64, 65, 129, 193, 257, 385, 513, 1025, 2048, 2049)
+    ladder = [model.generate.width_bucket(w, ladder=True) for w in widths]
+    assert ladder == [64, 64, 128, 192, 256, 384, 512, 768, 1536, 2048, 3072]
+    assert [model.generate.width_bucket(w) for w in (1, 65, 257, 2049)] == [64, 128, 320, 2112]  # multiples of 64
+
+
+def test_flex_runs_of_one_ladder_width_share_a_graph(tiny):
+    """Compiled FlexAttention steps have static shapes (a graph per shape): runs whose widest prompts fall
+    in one step of the width ladder (260 to 380 tokens: 384) share one graph (in multiples of 64: two)."""
+    torch._dynamo.reset()
+    counter = StepCounter()
+    gen = model.Generator(tiny, compile=True, attention="flex", compile_options={"backend": counter})
+    for i, widest in enumerate([260, 300, 330, 380]):
+        reqs = fixed_length(prompts([widest, 20, 50, 90], seed=20 + i), 5)
+        assert tokens(gen.generate(reqs)) == tokens(model.Generator(tiny).generate(reqs))
+    assert gen.compile_fallback is None and counter.frame_count == 1
