@@ -216,7 +216,7 @@ class Generator:
         device: str | torch.device | None = None,
         compact_fraction: float = 0.25,
         check_every: int = 8,
-        refill_fraction: float = 1 / 16,
+        refill_fraction: float = 1 / 8,
         compile: bool | None = None,
         compile_options: dict | None = None,
         memory_budget: int | None = None,
@@ -259,7 +259,9 @@ class Generator:
         self.compact_fraction = compact_fraction
         self.check_every = check_every
         # Between two checks, rows known to be at their max_new_tokens (host-side, no device read) are
-        # refilled once they are this share of the slots: one encoder call per group, not per row.
+        # refilled once they are this share of the slots: one encoder call per group, not per row. 1/8:
+        # on the CPU longtail run (600 rows, compiled) 3-8% faster than 1/16 in three alternated runs, at
+        # the same slot occupancy (0.916); 1/4 lost occupancy (0.905), 1/2 more (0.886) and was slower.
         self.refill_fraction = refill_fraction
         self.compile = self.device.type == "cuda" if compile is None else bool(compile)
         if attention not in (None, "flex", "sdpa"):
