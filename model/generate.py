@@ -47,6 +47,7 @@ Not here: tokenization (tokenizer.py), rows and columns (operators/).
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import itertools
@@ -325,16 +326,20 @@ class Generator:
         through one fixed set of slots (see _run_sampling) at the width of its widest request, so a
         run takes the requests that it gives at least 1/RUN_SLOT_RATIO of the slots they would have in a
         run of their own width (prompts up to WIDTH_MULTIPLE tokens share one run), or all that are left
-        when they fit its slots at once; its slot count follows from the token budget at that width (_slots)."""
+        when they fit its slots at once; its slot count follows from the token and memory budgets at that
+        width (_slots)."""
         runs: list[list[int]] = []
+        # Slots by memory as _slots counts them, at the longest max_new_tokens (read once: on CUDA a driver call).
+        steps = max((requests[i].params.max_new_tokens for i in order), default=0) + 1
+        cap = functools.partial(self._slot_cap, steps=steps, budget=self._memory_budget())
         for left, i in enumerate(reversed(order)):
             length = len(requests[i].input_ids)
             if runs:
                 widest = len(requests[runs[-1][0]].input_ids)
                 width = self._bucket_width(max(WIDTH_MULTIPLE, widest))  # short prompts: one class
                 # Everything left fits the run's slots at once: one decode loop, not two that each drain.
-                fits = len(runs[-1]) + len(order) - left <= self._slot_cap(widest)
-                enough = self.RUN_SLOT_RATIO * self._slot_cap(width) >= self._slot_cap(max(WIDTH_MULTIPLE, length))
+                fits = len(runs[-1]) + len(order) - left <= cap(widest)
+                enough = self.RUN_SLOT_RATIO * cap(width) >= cap(max(WIDTH_MULTIPLE, length))
                 if fits or enough or width == WIDTH_MULTIPLE:
                     runs[-1].append(i)
                     continue
@@ -593,8 +598,13 @@ class Generator:
         return 2 * dec.num_kv_heads * dec.head_dim * keys * elem + self.config.vocab_size * (elem + 4)
 
     def _memory_cap(self, width: int, steps: int) -> int | None:
-        """The most slots the memory budget holds (None: no budget): `memory_budget` bytes when set,
-        else on CUDA the free device memory (weights are already loaded) less MEMORY_MARGIN."""
+        """The most slots the memory budget holds (None: no budget)."""
+        budget = self._memory_budget()
+        return None if budget is None else max(1, budget // self._slot_bytes(width, steps))
+
+    def _memory_budget(self) -> int | None:
+        """Bytes a run's slots may hold (None: no budget): `memory_budget` when set, else on CUDA the free
+        device memory (weights are already loaded) less MEMORY_MARGIN."""
         budget = self.memory_budget
         if budget is None and self.device.type == "cuda":
             # Blocks PyTorch's allocator caches (freed by an earlier run) are free to us, not to the driver.
@@ -603,16 +613,18 @@ class Generator:
             # fewer slots, another shape, and a new state (back and forth).
             held = 0 if self._state is None else _state_bytes(*self._state[1:])
             budget = int((torch.cuda.mem_get_info(self.device)[0] + cached + held) * (1 - self.MEMORY_MARGIN))
-        if budget is None:
-            return None
-        return max(1, budget // self._slot_bytes(width, steps))
+        return budget
 
-    def _slot_cap(self, width: int) -> int:
-        """The most slots a run at an encoder width may have before the memory budget: max_batch_size, and
-        the token budget over the width where one caps the slots (slot_token_cap)."""
-        if self.slot_token_cap is None:
-            return self.max_batch_size
-        return max(1, min(self.max_batch_size, self.slot_token_cap // self._bucket_width(width)))
+    def _slot_cap(self, width: int, steps: int = 1, budget: int | None = None) -> int:
+        """The most slots a run at an encoder width may have: max_batch_size, the token budget over the
+        width where one caps the slots (slot_token_cap), and `budget` bytes of memory when given."""
+        width = self._bucket_width(width)
+        cap = self.max_batch_size
+        if self.slot_token_cap is not None:
+            cap = min(cap, self.slot_token_cap // width)
+        if budget is not None:
+            cap = min(cap, budget // self._slot_bytes(width, steps))
+        return max(1, cap)
 
     def _bucket_width(self, width: int) -> int:
         """The encoder width a run of prompts up to `width` tokens decodes at (width_bucket when compiled)."""

@@ -163,6 +163,23 @@ def test_where_memory_plans_the_slots_padded_tokens_cap_them_only_when_asked(tin
         assert outcome(got) == outcome(expected)
 
 
+def test_where_memory_binds_a_wide_request_runs_apart(tiny):
+    """A memory budget makes width cost slots as the token budget does: a 1200-token prompt would leave a
+    run two slots where the short prompts get 25, so it runs alone (the planner counts memory as _slots
+    does); with memory to spare, one run takes all. Every row equals the unconstrained run's."""
+    params = model.GenerationParams(max_new_tokens=4)
+    reqs = [model.Request(p, params=params) for p in random_prompts([1200, 40, 20, 9, 5])]
+    order = sorted(range(len(reqs)), key=lambda i: len(reqs[i].input_ids))
+    probe = model.Generator(tiny)
+    budget = 2 * probe._slot_bytes(1200, 5)
+    tight = model.Generator(tiny, memory_budget=budget)
+    assert [sorted(len(reqs[i].input_ids) for i in run) for run in tight.refill_runs(reqs, order)] == [
+        [1200], [5, 9, 20, 40]]
+    plenty = model.Generator(tiny, memory_budget=1 << 40)
+    assert len(plenty.refill_runs(reqs, order)) == 1
+    assert outcome(tight.generate(reqs)) == outcome(probe.generate(reqs))
+
+
 def test_runs_split_only_where_width_costs_slots(tiny):
     """Where max_batch_size caps the slots, a wide request costs a narrow one no slot, so one run takes
     all (a second run would drain its own tail); where the token budget caps them, a request that would
