@@ -223,6 +223,7 @@ class Generator:
         memory_budget: int | None = None,
         pixel_normalizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
         attention: str | None = None,
+        compile_encoder: bool | None = None,
     ):
         """check_every: steps between two reads of the finished flags (the loop's only device reads);
         compile: torch.compile the decode step (None = on for CUDA, off on CPU, where eager measured
@@ -237,7 +238,9 @@ class Generator:
         attention: how a decode step attends, "flex" (FlexAttention: only real keys, no mask; fast only
         compiled) or "sdpa" (a float mask, rows in length groups when eager); None = flex where the step is
         compiled on CUDA, sdpa elsewhere (eager FlexAttention is a slow reference implementation). A compiled
-        step that fails falls back with one warning: FlexAttention to compiled SDPA, SDPA to eager."""
+        step that fails falls back with one warning: FlexAttention to compiled SDPA, SDPA to eager.
+        compile_encoder: also compile the encoder blocks' token-wise halves (None = where compile is on, on
+        CPU only: measured faster there, not yet on a GPU; `make bench-gpu` compares)."""
         if (max_batch_tokens is not None and max_batch_tokens < 1) or max_batch_size < 1:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
         if check_every < 1:
@@ -270,7 +273,9 @@ class Generator:
         self.attention = attention or ("flex" if self.compile and self.device.type == "cuda" else "sdpa")
         self._compile_options = compile_options or {}
         self._compiled = self._compiled_steps() if self.compile else None
-        self._encoder_parts = self._compiled_encoder_parts() if self.compile and self.device.type == "cpu" else None
+        if compile_encoder is None:
+            compile_encoder = self.compile and self.device.type == "cpu"
+        self._encoder_parts = self._compiled_encoder_parts() if compile_encoder else None
         if self.compile:  # process-wide: dynamo has no per-function limit (only ever raised here)
             import torch._dynamo as dynamo
 
@@ -475,7 +480,7 @@ class Generator:
         """The encoder blocks' token-wise halves compiled (shared process-wide; None when they failed before
         in this process). CPU only: there they fuse the norms, rotary and GeGLU that eager runs as separate
         passes over [N, H] tensors (the encoder's time on the bench's longtail run: 0.66x); dynamic in the
-        token count, so a job compiles them once. Not yet measured on a GPU, where the encoder runs eagerly."""
+        token count, so a job compiles them once. Off by default on a GPU until measured there."""
         options = {"fullgraph": True, "dynamic": True, **self._compile_options}
         parts = (_compiled_step(Block.attention_inputs, options), _compiled_step(Block.attention_output, options))
         return None if (id(parts[0]), "encoder") in _COMPILE_FAILURES else parts

@@ -50,6 +50,9 @@ def test_bench_gpu_runs_on_cpu_without_ray_or_network():
         assert "attention sdpa" in line, line  # eager on CPU: SDPA
     other = lines["attention"]  # longtail once more with the other attention, ours only
     assert re.search(r"attention flex +longtail ours +[\d.]+ tok/s", other) and "fallback none" in other, other
+    encoder = lines["encoder"]  # summarize once more with the encoder's halves compiled (eager is the default)
+    assert re.search(r"encoder compiled +summarize ours +[\d.]+ tok/s", encoder), encoder
+    assert "rows as the default's 4/4" in encoder and "fallback none" in encoder, encoder
     assert "bench-gpu: done" in proc.stdout
 
 

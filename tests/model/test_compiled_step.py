@@ -296,3 +296,23 @@ def test_flex_runs_of_one_ladder_width_share_a_graph(tiny):
         reqs = fixed_length(prompts([widest, 20, 50, 90], seed=20 + i), 5)
         assert tokens(gen.generate(reqs)) == tokens(model.Generator(tiny).generate(reqs))
     assert gen.compile_fallback is None and counter.frame_count == 1
+
+
+def test_compile_encoder_says_whether_the_encoder_halves_compile(tiny):
+    """On CPU a compiling Generator compiles the encoder's token-wise halves unless compile_encoder=False;
+    compile_encoder=True compiles them with eager steps too. Tokens are the same every way."""
+    kinds = []
+
+    def recording(graph, example_inputs):
+        kinds.append("step" if is_step_graph(graph) else "encoder")
+        return graph.forward
+
+    reqs = fixed_length(prompts([6, 25], seed=9), 4)
+    expected = tokens(model.Generator(tiny).generate(reqs))
+    for options, encoder_graphs in [({"compile": True}, True), ({"compile": True, "compile_encoder": False}, False),
+                                    ({"compile": False, "compile_encoder": True}, True)]:
+        torch._dynamo.reset()
+        kinds.clear()
+        gen = model.Generator(tiny, compile_options={"backend": recording}, **options)
+        assert tokens(gen.generate(reqs)) == expected
+        assert ("encoder" in kinds) == encoder_graphs and ("step" in kinds) == options["compile"], (options, kinds)
