@@ -478,9 +478,9 @@ class Generator:
 
     def _compiled_encoder_parts(self) -> EncoderParts | None:
         """The encoder blocks' token-wise halves compiled (shared process-wide; None when they failed before
-        in this process). CPU only: there they fuse the norms, rotary and GeGLU that eager runs as separate
-        passes over [N, H] tensors (the encoder's time on the bench's longtail run: 0.66x); dynamic in the
-        token count, so a job compiles them once. Off by default on a GPU until measured there."""
+        in this process). They fuse the norms, rotary and GeGLU that eager runs as separate passes over
+        [N, H] tensors (on CPU the encoder's time on the bench's longtail run: 0.66x); dynamic in the token
+        count, so a job compiles them once. Off by default on a GPU until measured there (compile_encoder)."""
         options = {"fullgraph": True, "dynamic": True, **self._compile_options}
         parts = (_compiled_step(Block.attention_inputs, options), _compiled_step(Block.attention_output, options))
         return None if (id(parts[0]), "encoder") in _COMPILE_FAILURES else parts
