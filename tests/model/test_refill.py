@@ -114,13 +114,8 @@ def test_refill_writes_the_new_request_over_the_old_one(tiny):
                                    ours.decode_step(torch.tensor([SPECIAL["bos"]]), fresh), **close)
 
 
-def test_memory_budget_sets_the_slots(tiny, pool, monkeypatch):
-    """A memory budget of three slots' bytes: runs decode through three slots (not the token budget's
-    eight), refill the rest, and every request still equals its run alone."""
-    reqs = [request(pool, i, max_new=4 + i, stop=None, min_new=0, sampled=False, seed=0) for i in range(len(pool))]
-    probe = model.Generator(tiny)
-    width, steps = max(len(r.input_ids) for r in reqs), max(r.params.max_new_tokens for r in reqs) + 1
-    budget = 3 * probe._slot_bytes(width, steps) + 1
+def record_batch_rows(tiny, monkeypatch) -> list[int]:
+    """The rows of every decode cache started from now on (start_decoding's memory), appended as they come."""
     batch_rows = []
     start = type(tiny).start_decoding
 
@@ -129,6 +124,17 @@ def test_memory_budget_sets_the_slots(tiny, pool, monkeypatch):
         return start(self, memory, *args, **kwargs)
 
     monkeypatch.setattr(type(tiny), "start_decoding", recording)
+    return batch_rows
+
+
+def test_memory_budget_sets_the_slots(tiny, pool, monkeypatch):
+    """A memory budget of three slots' bytes: runs decode through three slots (not the token budget's
+    eight), refill the rest, and every request still equals its run alone."""
+    reqs = [request(pool, i, max_new=4 + i, stop=None, min_new=0, sampled=False, seed=0) for i in range(len(pool))]
+    probe = model.Generator(tiny)
+    width, steps = max(len(r.input_ids) for r in reqs), max(r.params.max_new_tokens for r in reqs) + 1
+    budget = 3 * probe._slot_bytes(width, steps) + 1
+    batch_rows = record_batch_rows(tiny, monkeypatch)
     gen = model.Generator(tiny, memory_budget=budget)
     got = gen.generate(reqs)
     assert batch_rows == [3]
@@ -144,14 +150,7 @@ def test_where_memory_plans_the_slots_padded_tokens_cap_them_only_when_asked(tin
     max_batch_size do. An explicit max_batch_tokens still caps them; without a budget (CPU) the default does."""
     monkeypatch.setattr(model.generate, "DEFAULT_BATCH_TOKENS", 600)  # 2 slots at the width below
     reqs = [model.Request(p, params=model.GenerationParams(max_new_tokens=3)) for p in random_prompts([250] * 6)]
-    batch_rows = []
-    start = type(tiny).start_decoding
-
-    def recording(self, memory, *args, **kwargs):
-        batch_rows.append(memory.shape[0])
-        return start(self, memory, *args, **kwargs)
-
-    monkeypatch.setattr(type(tiny), "start_decoding", recording)
+    batch_rows = record_batch_rows(tiny, monkeypatch)
     plenty = 1 << 40
     expected = model.Generator(tiny).generate(reqs)
     cases = [({}, 2), ({"memory_budget": plenty}, 6), ({"memory_budget": plenty, "max_batch_tokens": 600}, 2),
