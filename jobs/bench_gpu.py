@@ -22,6 +22,10 @@ length, at the fastest of a few batch sizes) on the same requests in the same pr
       summarize once more with the encoder's token-wise halves compiled if they were not (eager if
       they were): the figure for Generator(compile_encoder=...)'s default on that device
 
+On CUDA each workload runs in a process of its own (`--isolate`), so that an error which breaks the
+device for its process (a sticky CUDA error, as cuDNN's "misaligned address" in the first device run)
+costs one workload, not the rest.
+
 It needs only torch and transformers (plus what they import) and the project's model/ and
 jobs/bench.py: no network (the weights are random, the "checkpoint" HF reads is written
 locally by our save_pretrained), no Ray, no package index, so it runs on a bare GPU box.
@@ -36,6 +40,8 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -224,6 +230,31 @@ def run_guarded(what: str, run, failed: list[str], device: torch.device):
         return None
 
 
+def run_isolated(args, workloads: list[str]) -> int:
+    """Each workload in a child process (`python -m jobs.bench_gpu --workloads W --isolate off`), its output
+    passed through, under what is left of the time budget: in the first device run a cuDNN "misaligned
+    address" broke the CUDA context, and every later workload of the process failed with it."""
+    start, failed = time.perf_counter(), []
+    passed = ["--shape", args.shape, "--device", args.device, "--compile", args.compile, "--attention", args.attention,
+              "--repeats", str(args.repeats), "--hf-repeats", str(args.hf_repeats), "--seed", str(args.seed)]
+    for flag, value in (("--rows", args.rows), ("--scale", args.scale), ("--dtype", args.dtype),
+                        ("--max-batch-tokens", args.max_batch_tokens), ("--hf-batch", args.hf_batch)):
+        if value is not None:
+            passed += [flag, str(value)]
+    for workload in workloads:
+        if budget_spent(start, args.time_budget, workload):
+            continue
+        left = args.time_budget - (time.perf_counter() - start)
+        child = [sys.executable, "-m", "jobs.bench_gpu", *passed, "--workloads", workload, "--isolate", "off",
+                 "--time-budget", f"{left:.0f}"]
+        if subprocess.run(child).returncode != 0:
+            print(f"{workload} FAILED: its process exited with an error (output above)", flush=True)
+            failed.append(workload)
+    print(f"bench-gpu: done in {time.perf_counter() - start:.0f} s, each workload in its own process"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench-gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="270m")
@@ -247,12 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=360,
                         help="seconds after which the workloads not yet started are skipped (default 360: a "
                              "device session has 15 minutes, start-up included)")
+    parser.add_argument("--isolate", choices=("auto", "on", "off"), default="auto",
+                        help="each workload in a process of its own (auto: on CUDA), so that an error that "
+                             "breaks the device for the process (a sticky CUDA error) costs one workload")
     args = parser.parse_args(argv)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown or not workloads:  # before any weights are built
         parser.error(f"--workloads: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(WORKLOADS)}")
     device = torch.device(args.device)
+    if {"auto": device.type == "cuda", "on": True, "off": False}[args.isolate] and len(workloads) > 1:
+        return run_isolated(args, workloads)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     try:
         from transformers import T5Gemma2ForConditionalGeneration  # the yardstick only

@@ -83,3 +83,21 @@ def test_unknown_workload_fails_before_any_weights(capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "--workloads: unknown sumarize; choose from summarize, translate, caption, longtail" in err
+
+
+def test_isolated_workloads_run_in_processes_of_their_own_and_a_failing_one_is_reported():
+    """--isolate (the default on CUDA): each workload in a child process, so a fatal device error costs one;
+    a child that exits with an error is named in the parent's FAILED line and the exit status."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    base = [sys.executable, "-m", "jobs.bench_gpu", "--shape", "tiny", "--rows", "2", "--repeats", "1",
+            "--workloads", "summarize,translate", "--isolate", "on"]
+    good = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert good.stdout.count("bench-gpu: weights ready") == 2  # one build per child
+    assert re.search(r"^summarize .* ours", good.stdout, re.M) and re.search(r"^translate .* ours", good.stdout, re.M)
+    assert "each workload in its own process" in good.stdout.splitlines()[-1]
+    bad = subprocess.run([*base, "--max-batch-tokens", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 1
+    assert "summarize FAILED: its process exited" in bad.stdout and "translate FAILED: its process" in bad.stdout
+    assert "FAILED: summarize, translate" in bad.stdout.splitlines()[-1]
