@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .generate import DEFAULT_BATCH_TOKENS
 from .layers import decoder_self_masks
 from .t5gemma2 import Block, T5Gemma2, prompt_problem
 
@@ -121,8 +122,8 @@ class Scorer:
         max_score_elements its decoder attention scores (rows x heads x T x (T + S)); max_logit_elements
         the LM-head logits computed at once (positions x vocabulary); pixel_normalizer: uint8 [N, 3, S, S]
         -> float pixel values on the device (ImageProcessor.normalizer()), for requests whose
-        pixel_values are uint8. max_batch_tokens None: 65536."""
-        max_batch_tokens = 65536 if max_batch_tokens is None else max_batch_tokens
+        pixel_values are uint8. max_batch_tokens None: DEFAULT_BATCH_TOKENS, as the Generator's."""
+        max_batch_tokens = DEFAULT_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
         if min(max_batch_tokens, max_batch_size, max_score_elements, max_logit_elements) < 1:
             raise ValueError("max_batch_tokens, max_batch_size, max_score_elements and max_logit_elements must be >= 1")
         self.model = model

@@ -239,7 +239,7 @@ def actor_device(gpus_per_actor: float, gpu_ids: list, cuda_available: bool,
 
 # Token budget of actors that share a GPU and set none: a GPU actor of its own sizes its decode batch by the
 # card's free memory (the Generator's default), but free memory on a shared card is its neighbours' too.
-SHARED_GPU_BATCH_TOKENS = 65536
+SHARED_GPU_BATCH_TOKENS = 65536  # the Generator's CPU default (model.generate.DEFAULT_BATCH_TOKENS)
 
 
 def actor_batch_tokens(max_batch_tokens: int | None, gpus_per_actor: float) -> int | None:
