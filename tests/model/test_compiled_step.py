@@ -69,6 +69,24 @@ def test_one_graph_for_every_step_and_for_micro_batches_of_one_bucket(tiny):
     assert tokens(got) == tokens(model.Generator(tiny).generate(second))
 
 
+def test_traced_step_bans_eos_before_min_new_tokens_row_by_row(tiny):
+    """The traced step's EOS ban (an index_put_ into the logits, not eager's scatter_) holds per row: rows
+    whose greedy first token is made their EOS id still generate min_new_tokens, a row without the ban
+    stops at it, and the tokens are eager's."""
+    ids = prompts([6, 11, 9], seed=7)
+    firsts = [r.token_ids[0] for r in model.Generator(tiny).generate(fixed_length(ids, 1))]
+    reqs = [model.Request(p, params=model.GenerationParams(max_new_tokens=8, min_new_tokens=m, eos_token_ids=(t,)))
+            for p, t, m in zip(ids, firsts, (5, 0, 7))]
+    torch._dynamo.reset()
+    counter = StepCounter()
+    got = model.Generator(tiny, compile=True, compile_options={"backend": counter}).generate(reqs)
+    assert counter.frame_count >= 1
+    assert tokens(got) == tokens(model.Generator(tiny).generate(reqs))
+    assert got[1].token_ids == [firsts[1]] and got[1].finish_reason == "eos"
+    for row, least in ((0, 5), (2, 7)):
+        assert len(got[row].token_ids) >= least and got[row].token_ids[0] != firsts[row]
+
+
 def test_rows_leaving_shrink_to_smaller_buckets_with_few_graphs(tiny):
     """Rows finishing at different steps leave the batch bucket by bucket; results stay eager's."""
     torch._dynamo.reset()
