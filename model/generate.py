@@ -190,6 +190,14 @@ def width_bucket(width: int, ladder: bool = False) -> int:
     return -(-width // step) * step
 
 
+# Static-shape (FlexAttention) runs shrink only to these sizes as rows leave at the end of a call. Each
+# shape is a graph of its own to compile (a GPU's first run: 26-30 s per workload on an H200), while a
+# GPU step at these sizes should cost about the same whatever its rows (weights dominate; not yet measured),
+# so a quarter at a time, not bucket by bucket (counted on CPU with static steps, a 12-batch
+# summarize-like job: 37 graphs, 11 with these).
+TAIL_BUCKETS = (16, 64)
+
+
 def row_bucket(rows: int) -> int:
     """The smallest bucket size holding `rows` (multiples of 64 past the table)."""
     for size in ROW_BUCKETS:
@@ -635,6 +643,13 @@ class Generator:
         """The encoder width a run of prompts up to `width` tokens decodes at (width_bucket when compiled)."""
         return width_bucket(width, ladder=self.attention == "flex") if self.compile else width
 
+    def _tail_bucket(self, running: int) -> int | float:
+        """The slots a compiled run shrinks to when `running` rows are left and nothing waits: the smallest
+        row bucket holding them, or for static-shape steps the smallest of TAIL_BUCKETS (inf: none)."""
+        if self.attention != "flex":
+            return row_bucket(running)
+        return next((size for size in TAIL_BUCKETS if running <= size), math.inf)
+
     def _run_sampling(self, reqs: list[Request]) -> list[Result]:
         """Greedy and sampled requests, one row each, through a fixed number of slots (continuous refill).
 
@@ -735,8 +750,8 @@ class Generator:
             running = [s for s, a in enumerate(alive) if a >= 0]
             keep = running
             if self.compile:  # shrink only to a smaller bucket, filling it with finished rows
-                size = row_bucket(len(running))
-                if size == len(done):
+                size = self._tail_bucket(len(running))
+                if size >= len(done):
                     continue
                 keep = sorted(running + [s for s, a in enumerate(alive) if a < 0][: size - len(running)])
             index = torch.tensor(keep, device=dev)

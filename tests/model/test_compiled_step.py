@@ -316,6 +316,23 @@ def test_flex_runs_of_one_ladder_width_share_a_graph(tiny):
     assert gen.compile_fallback is None and counter.frame_count == 1
 
 
+def test_static_flex_runs_shrink_only_to_tail_buckets(tiny):
+    """Rows leaving a static-shape (FlexAttention) run shrink it to TAIL_BUCKETS sizes only, each a graph:
+    40 rows of different lengths (bucket 48) take 2 graphs (48, 16), where shrinking bucket by bucket took 6
+    (one per static shape); results stay eager's."""
+    torch._dynamo.reset()
+    counter = StepCounter()
+    ids = prompts([3 + i % 11 for i in range(40)], seed=4)
+    reqs = [model.Request(p, params=model.GenerationParams(max_new_tokens=2 + i, min_new_tokens=2 + i))
+            for i, p in enumerate(ids)]
+    gen = model.Generator(tiny, compile=True, attention="flex", compile_options={"backend": counter}, check_every=4)
+    got = gen.generate(reqs)
+    assert tokens(got) == tokens(model.Generator(tiny).generate(reqs))
+    assert gen.compile_fallback is None
+    assert gen.stats.decode_row_steps < 48 * 42, "rows never left the batch"
+    assert counter.frame_count == 2
+
+
 def test_compile_encoder_says_whether_the_encoder_halves_compile(tiny):
     """On CPU a compiling Generator compiles the encoder's token-wise halves unless compile_encoder=False;
     compile_encoder=True compiles them with eager steps too. Tokens are the same every way."""
