@@ -192,7 +192,7 @@ def width_bucket(width: int, ladder: bool = False) -> int:
 
 # Static-shape (FlexAttention) runs shrink only to these sizes as rows leave at the end of a call. Each
 # shape is a graph of its own to compile (a GPU's first run: 26-30 s per workload on an H200), while a
-# GPU step at these sizes should cost about the same whatever its rows (weights dominate; not yet measured),
+# GPU step at these sizes should change little with its rows (not yet measured),
 # so a quarter at a time, not bucket by bucket (counted on CPU with static steps, a 12-batch
 # summarize-like job: 37 graphs, 11 with these).
 TAIL_BUCKETS = (16, 64)
