@@ -303,6 +303,7 @@ def _options(items: list[str]) -> dict:
 
 
 def _inspect_job(path: str, overrides: list[str]) -> int:
+    from model.generate import DEFAULT_BATCH_TOKENS
     from pipeline.spec import JobError, load_job
     from pipeline.validate import validate
 
@@ -330,8 +331,14 @@ def _inspect_job(path: str, overrides: list[str]) -> int:
         print(f"            prompt {t.prompt!r}")
     actors = str(r.min_actors) if r.min_actors == r.max_actors else f"{r.min_actors}..{r.max_actors}"
     device = f"{r.gpus_per_actor:g} GPU" if r.gpus_per_actor else "CPU"
-    batching = (f"<= {r.max_batch_tokens} tokens/batch" if r.max_batch_tokens is not None else
-                "decode batches by free GPU memory" if r.gpus_per_actor >= 1 else "<= 65536 tokens/batch")
+    if r.max_batch_tokens is not None:
+        batching = f"<= {r.max_batch_tokens} tokens/batch"
+    elif r.gpus_per_actor >= 1:
+        batching = "decode batches by free GPU memory"
+    elif r.gpus_per_actor > 0:
+        batching = f"decode batches within {r.gpus_per_actor:g} of the GPU's memory"
+    else:
+        batching = f"<= {DEFAULT_BATCH_TOKENS} tokens/batch"
     print(f"  resources {actors} actor(s) x ({device}, {r.cpus_per_actor:g} CPU), {r.rows_per_call} rows/call, "
           f"{batching}, a call taken as hung after {r.call_timeout_s:g} s")
     for warning in v.drift:

@@ -229,6 +229,7 @@ class Generator:
         compile: bool | None = None,
         compile_options: dict | None = None,
         memory_budget: int | None = None,
+        memory_share: float | None = None,
         pixel_normalizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
         attention: str | None = None,
         compile_encoder: bool | None = None,
@@ -238,8 +239,11 @@ class Generator:
         faster on the bench workloads once compile time is counted: docs/perf.md); compile_options:
         keyword arguments for torch.compile (default: fullgraph, and mode "reduce-overhead" on CUDA);
         memory_budget: bytes the slots of a greedy/sampling run may hold (None: on CUDA the free device
-        memory less MEMORY_MARGIN, on CPU no limit); max_batch_tokens: padded encoder tokens per micro-batch
-        and, when given, per refill run's slots (slots x width); None: DEFAULT_BATCH_TOKENS, but no cap
+        memory less MEMORY_MARGIN, on CPU no limit); memory_share: on CUDA, the share of the card's memory
+        this process may hold, weights included (a Ray actor on a fraction of a GPU: its neighbours hold the
+        rest, so free memory alone would count theirs too); None: the whole card; max_batch_tokens: padded
+        encoder tokens per micro-batch and, when given, per refill run's slots (slots x width); None:
+        DEFAULT_BATCH_TOKENS, but no cap
         on the slots where a memory budget plans them (CUDA, or memory_budget given); max_batch_size caps
         the slots; the out-of-memory split stays the last resort; pixel_normalizer: uint8 [N, 3, S, S] -> float pixel
         values on the device (ImageProcessor.normalizer()), for requests whose pixel_values are uint8;
@@ -253,12 +257,15 @@ class Generator:
             raise ValueError("max_batch_tokens and max_batch_size must be >= 1")
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
+        if memory_share is not None and not 0 < memory_share <= 1:
+            raise ValueError(f"memory_share must be in (0, 1] or None, got {memory_share}")
         self.model = model
         self.config = model.config
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_batch_tokens = DEFAULT_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
         self.max_batch_size = max_batch_size
         self.memory_budget = memory_budget
+        self.memory_share = memory_share
         # The padded tokens a refill run's slots may hold (slots x width), or None. Where memory plans the
         # slots, padded tokens do not unless asked: on the H200 the default budget gave 32 slots at
         # summarize's 2048-token width (128 at the bench's 262144), while a step over 128 rows took about
@@ -617,15 +624,16 @@ class Generator:
 
     def _memory_budget(self) -> int | None:
         """Bytes a run's slots may hold (None: no budget): `memory_budget` when set, else on CUDA the free
-        device memory (weights are already loaded) less MEMORY_MARGIN."""
+        device memory (weights are already loaded), within memory_share of the card, less MEMORY_MARGIN."""
         budget = self.memory_budget
         if budget is None and self.device.type == "cuda":
-            # Blocks PyTorch's allocator caches (freed by an earlier run) are free to us, not to the driver.
-            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            # The held decode state is ours to reuse or free: counted as free, or the next run would get
-            # fewer slots, another shape, and a new state (back and forth).
-            held = 0 if self._state is None else _state_bytes(*self._state[1:])
-            budget = int((torch.cuda.mem_get_info(self.device)[0] + cached + held) * (1 - self.MEMORY_MARGIN))
+            allocated = torch.cuda.memory_allocated(self.device)
+            budget = cuda_slot_budget(
+                free=torch.cuda.mem_get_info(self.device)[0],
+                cached=torch.cuda.memory_reserved(self.device) - allocated,
+                held=0 if self._state is None else _state_bytes(*self._state[1:]), allocated=allocated,
+                total=torch.cuda.get_device_properties(self.device).total_memory, share=self.memory_share,
+                margin=self.MEMORY_MARGIN)
         return budget
 
     def _slot_cap(self, width: int, steps: int = 1, budget: int | None = None) -> int:
@@ -965,6 +973,21 @@ def _compiled_step(step, options: dict):
     if key not in _COMPILED_STEPS:
         _COMPILED_STEPS[key] = torch.compile(step, **options)
     return _COMPILED_STEPS[key]
+
+
+def cuda_slot_budget(free: int, cached: int, held: int, allocated: int, total: int, share: float | None,
+                     margin: float) -> int:
+    """Bytes a run's slots may take on a CUDA device, from its readings: `free` (the driver's free memory),
+    `cached` (blocks PyTorch's allocator keeps from earlier runs: free to us, not to the driver), `held`
+    (the last run's decode state, ours to reuse or free: counted as free, or the next run would get fewer
+    slots, another shape and a new state, back and forth), `allocated` (everything this process holds,
+    weights and that state included) and `total` (the card). With a `share`, what this process holds
+    beyond the held state counts against share x total, and the rest of the card is its neighbours'.
+    The `margin` share is left out."""
+    available = free + cached + held
+    if share is not None:
+        available = min(available, int(share * total) - (allocated - held))
+    return max(0, int(available * (1 - margin)))
 
 
 def _state_bytes(cache: DecoderCache, rows: _Rows) -> int:

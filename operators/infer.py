@@ -72,6 +72,7 @@ class Infer:
         device: str,
         tasks: list[InferTask],
         max_batch_tokens: int | None = None,  # None: the Generator's and Scorer's defaults
+        memory_share: float | None = None,  # on CUDA, this process's share of the card (Generator's memory_share)
         storage_options: dict | None = None,
         model=None,
         image_processor: ImageProcessor | None = None,
@@ -95,7 +96,7 @@ class Infer:
             processor = image_processor or ImageProcessor.from_pretrained(source, storage_options)
             normalizer = processor.normalizer()
         self.generator = Generator(self.model, max_batch_tokens=max_batch_tokens, device=device,
-                                   pixel_normalizer=normalizer)
+                                   memory_share=memory_share, pixel_normalizer=normalizer)
         self.scorer = Scorer(self.model, max_batch_tokens=max_batch_tokens, device=device,
                              pixel_normalizer=normalizer)
         size = self.config.vision.image_size

@@ -237,17 +237,11 @@ def actor_device(gpus_per_actor: float, gpu_ids: list, cuda_available: bool,
     return "cuda:0" if visible_devices is not None else f"cuda:{gpu_ids[0]}"
 
 
-# Token budget of actors that share a GPU and set none: a GPU actor of its own sizes its decode batch by the
-# card's free memory (the Generator's default), but free memory on a shared card is its neighbours' too.
-SHARED_GPU_BATCH_TOKENS = 65536  # the Generator's CPU default (model.generate.DEFAULT_BATCH_TOKENS)
-
-
-def actor_batch_tokens(max_batch_tokens: int | None, gpus_per_actor: float) -> int | None:
-    """The max_batch_tokens an actor's Generator gets: the job's, else SHARED_GPU_BATCH_TOKENS for an actor
-    holding a fraction of a GPU, else None (the Generator's default: free memory on a GPU, 65536 on CPU)."""
-    if max_batch_tokens is None and 0 < gpus_per_actor < 1:
-        return SHARED_GPU_BATCH_TOKENS
-    return max_batch_tokens
+def actor_memory_share(gpus_per_actor: float) -> float | None:
+    """The share of its GPU's memory an actor's Generator plans its decode slots within: its share of the
+    card when it holds a fraction of one (free memory on a shared card is its neighbours' too), else None
+    (a GPU of its own: the card's free memory; CPU: the token budget)."""
+    return gpus_per_actor if 0 < gpus_per_actor < 1 else None
 
 
 def model_actor_options(gpus_per_actor: float, cpus_per_actor: float, memory_bytes: int) -> dict:
@@ -276,9 +270,10 @@ class InferActor(Infer):
         device = self.choose_device(settings.gpus_per_actor)
         if device == "cpu":
             torch.set_num_threads(max(1, int(settings.cpus)))
-        batch_tokens = actor_batch_tokens(settings.max_batch_tokens, settings.gpus_per_actor)
         super().__init__(source=settings.source, dtype=settings.dtype, device=device, tasks=list(settings.tasks),
-                         max_batch_tokens=batch_tokens, storage_options=settings.storage_options,
+                         max_batch_tokens=settings.max_batch_tokens,
+                         memory_share=actor_memory_share(settings.gpus_per_actor),
+                         storage_options=settings.storage_options,
                          keep=settings.keep, adapter=settings.adapter,
                          adapter_storage_options=settings.adapter_storage_options)
         self.watchdog = CallWatchdog(settings.call_timeout_s)

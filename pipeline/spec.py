@@ -27,8 +27,8 @@ Schema (README.md shows a whole job; jobs/examples/ holds commented ones):
                ("sum" | "mean"), multi_label (false), threshold (with multi_label, in [0, 1])
   [resources]  gpu_actors (1, or [min, max]), gpus_per_actor (1.0; fractions allowed; 0 = CPU),
                cpus_per_actor (1.0), rows_per_call (256), max_batch_tokens (a cap on a
-               batch's padded prompt tokens; unset: on a GPU of its own free memory and 256 rows set
-               the decode batch; on a shared GPU and on CPU 65536 tokens),
+               batch's padded prompt tokens; unset: on a GPU free memory (within the actor's share of
+               a shared card) and 256 rows set the decode batch; on CPU 65536 tokens),
                call_timeout_s (1800; seconds one model call may run before the hang guard stops its
                actor, which Ray restarts and retries the call, at most 3 times, then the job fails)
   [storage.P]  fsspec options for paths of protocol P (s3, gcs, ...); never credentials. S3 gets
@@ -209,7 +209,7 @@ class ResourcesSpec:
     cpus_per_actor: float  # CPUs reserved per actor
     rows_per_call: int  # rows handed to an actor per call
     max_batch_tokens: int | None  # a cap on a batch's padded prompt tokens (decode slots x width); None:
-    # on a GPU of its own free memory sets the decode slots; on a shared GPU or CPU 65536 tokens
+    # on a GPU free memory (within the actor's share of a shared card) sets the decode slots; on CPU 65536 tokens
     call_timeout_s: float  # a model call running longer is taken as hung: its actor is restarted
 
 

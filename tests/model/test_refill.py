@@ -162,6 +162,26 @@ def test_where_memory_plans_the_slots_padded_tokens_cap_them_only_when_asked(tin
         assert outcome(got) == outcome(expected)
 
 
+def test_cuda_slot_budget_counts_free_cached_and_held_memory_within_a_share(tiny):
+    """The CUDA budget from its readings (GiB): free + allocator cache + the held decode state, less the
+    margin; with a share of the card, what the process holds beyond that state counts against the share
+    (two actors on an 80 GiB card, 30 GiB free: each gets its 40 less its own 6, not the 30 free twice)."""
+    gib = 1 << 30
+
+    def budget(share, free=30, cached=2, held=4, allocated=10, margin=0.0):
+        return model.generate.cuda_slot_budget(free * gib, cached * gib, held * gib, allocated * gib, 80 * gib,
+                                               share, margin) / gib
+
+    assert budget(None) == 36  # free 30 + cached 2 + held 4
+    assert budget(None, margin=0.25) == 27
+    assert budget(0.5) == 34  # min(36, 40 - (10 - 4))
+    assert budget(0.25) == 14  # min(36, 20 - 6)
+    assert budget(0.05) == 0  # holding 6 of a 4 GiB share: no room (never negative)
+    assert budget(0.5, free=10) == 16  # the card's free memory still binds (the neighbours took theirs)
+    with pytest.raises(ValueError, match="memory_share"):
+        model.Generator(tiny, memory_share=1.5)
+
+
 def test_where_memory_binds_a_wide_request_runs_apart(tiny):
     """A memory budget makes width cost slots as the token budget does: a 1200-token prompt would leave a
     run two slots where the short prompts get 25, so it runs alone (the planner counts memory as _slots

@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 import ray
 
+import model
 from helpers import actor_faults as fault_hooks
+from helpers.checkpoints import tiny_pair
 from helpers.pipeline_data import job_toml, mixed_rows, write_inputs
+from operators.infer import Infer, InferTask
 from pipeline import build
 from pipeline import run as run_module
 from pipeline.spec import JobError, load_job
@@ -125,13 +128,23 @@ def test_the_actor_device_follows_what_ray_gave():
         build.actor_device(1, gpu_ids=[], cuda_available=True)
 
 
-def test_actors_sharing_a_gpu_keep_a_token_budget_unless_the_job_sets_one(tmp_path):
-    """A job without max_batch_tokens: a whole-GPU (or CPU) actor leaves it to the Generator (free memory
-    on a GPU), an actor on a fraction of a card gets SHARED_GPU_BATCH_TOKENS (its neighbours use the same
-    free memory); a job's own value always wins."""
-    assert build.actor_batch_tokens(None, 1) is None and build.actor_batch_tokens(None, 0) is None
-    assert build.actor_batch_tokens(None, 0.5) == build.SHARED_GPU_BATCH_TOKENS
-    assert build.actor_batch_tokens(4096, 0.5) == 4096 and build.actor_batch_tokens(4096, 1) == 4096
+def test_actors_sharing_a_gpu_plan_slots_within_their_share_of_it(tmp_path, monkeypatch):
+    """An actor on a fraction of a card plans its decode slots within that share of the card's memory (its
+    neighbours use the same free memory); a whole-GPU or CPU actor gets no share (free memory on a GPU, the
+    token budget on CPU); Infer hands the share to its Generator. max_batch_tokens stays optional."""
+    assert build.actor_memory_share(0.5) == 0.5 and build.actor_memory_share(0.25) == 0.25
+    assert build.actor_memory_share(1) is None and build.actor_memory_share(2) is None
+    assert build.actor_memory_share(0) is None
+    net = tiny_pair(tmp_path / "tiny")[1]
+    tasks = [InferTask("s", model.GenerationParams())]
+    assert Infer("unused", "float32", "cpu", tasks, model=net, memory_share=0.5).generator.memory_share == 0.5
+    # The actor class, built here as Ray would build it on half a GPU (the device stubbed to CPU).
+    settings = build.InferSettings(source=str(tmp_path / "tiny"), dtype="float32", tasks=tuple(tasks),
+                                   max_batch_tokens=None, storage_options={}, gpus_per_actor=0.5, cpus=1,
+                                   call_timeout_s=60)
+    monkeypatch.setattr(build.InferActor, "choose_device", staticmethod(lambda gpus: "cpu"))
+    actor = build.InferActor(settings)
+    assert actor.generator.memory_share == 0.5 and actor.generator.slot_token_cap == 65536  # CPU: the token cap
     src = tmp_path / "job.toml"
     src.write_text('[model]\nsource = "m"\n[input]\npath = "in/*.parquet"\ntext_column = "text"\n'
                    '[output]\npath = "out/"\n[[task]]\nkind = "summarize"\n')
