@@ -191,10 +191,9 @@ def width_bucket(width: int, ladder: bool = False) -> int:
 
 
 # Static-shape (FlexAttention) runs shrink only to these sizes as rows leave at the end of a call. Each
-# shape is a graph of its own to compile (a GPU's first run: 26-30 s per workload on an H200), while a
-# GPU step at these sizes should change little with its rows (not yet measured),
-# so a quarter at a time, not bucket by bucket (counted on CPU with static steps, a 12-batch
-# summarize-like job: 37 graphs, 11 with these).
+# shape is a graph of its own to compile (a GPU's first run: 26-30 s per workload on an H200), while a GPU
+# step at these sizes should change little with its rows (not yet measured); so a quarter at a time, not
+# bucket by bucket (counted on CPU with static steps, a 12-call summarize-like job: 37 graphs, 11 with these).
 TAIL_BUCKETS = (16, 64)
 
 
@@ -243,10 +242,10 @@ class Generator:
         this process may hold, weights included (a Ray actor on a fraction of a GPU: its neighbours hold the
         rest, so free memory alone would count theirs too); None: the whole card; max_batch_tokens: padded
         encoder tokens per micro-batch and, when given, per refill run's slots (slots x width); None:
-        DEFAULT_BATCH_TOKENS, but no cap
-        on the slots where a memory budget plans them (CUDA, or memory_budget given); max_batch_size caps
-        the slots; the out-of-memory split stays the last resort; pixel_normalizer: uint8 [N, 3, S, S] -> float pixel
-        values on the device (ImageProcessor.normalizer()), for requests whose pixel_values are uint8;
+        DEFAULT_BATCH_TOKENS, but no cap on the slots where a memory budget plans them (CUDA, or
+        memory_budget given); max_batch_size caps the slots; the out-of-memory split stays the last resort;
+        pixel_normalizer: uint8 [N, 3, S, S] -> float pixel values on the device
+        (ImageProcessor.normalizer()), for requests whose pixel_values are uint8;
         attention: how a decode step attends, "flex" (FlexAttention: only real keys, no mask; fast only
         compiled) or "sdpa" (a float mask, rows in length groups when eager); None = flex where the step is
         compiled on CUDA, sdpa elsewhere (eager FlexAttention is a slow reference implementation). A compiled
@@ -1087,8 +1086,9 @@ def _ban_eos(scores: torch.Tensor, eos: torch.Tensor, banned: torch.Tensor) -> t
 
     In place, and only the EOS columns are read and written (a gather, then a write of E columns, not a
     pass over the vocabulary). Traced (a compiled step) the write is an index_put_, which inductor does
-    in place in the LM head's output: a scatter_ there made the graph copy the whole [B, V] logits, and
-    the where over the row it was replaced by (fused into the argmax) cost the longtail bench run 4%.
+    in place in the LM head's output: a scatter_ there made the graph copy the whole [B, V] logits, and a
+    where over each row's vocabulary (fused into the argmax, index vectors built per logit) cost the
+    compiled longtail bench run 4%.
     """
     values = scores.gather(-1, eos).masked_fill(banned, float("-inf"))
     if torch.compiler.is_compiling():

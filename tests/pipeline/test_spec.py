@@ -37,7 +37,19 @@ def test_defaults():
     assert task.output_column == "summary" and task.prompt == TASK_KINDS["summarize"].template
     assert task.generation.max_new_tokens == 128 and task.uses_text and not task.uses_image
     r = spec.resources
-    assert (r.min_actors, r.max_actors, r.gpus_per_actor, r.rows_per_call) == (1, 1, 1.0, 256)
+    assert (r.min_actors, r.max_actors, r.gpus_per_actor, r.rows_per_call) == (1, 1, 1.0, 1024)  # a GPU text job
+
+
+def test_rows_per_call_defaults_to_four_times_the_slots_on_gpu_text_jobs_only():
+    """Unset, rows_per_call is 1024 where a GPU decodes text (refill needs rows waiting in the call), 256
+    on CPU actors and where a task reads images; a job's own value always wins."""
+    assert load_job(job()).resources.rows_per_call == 1024
+    assert load_job(job("[resources]\ngpus_per_actor = 0.5\n")).resources.rows_per_call == 1024
+    assert load_job(job("[resources]\ngpus_per_actor = 0\n")).resources.rows_per_call == 256
+    assert load_job(job("[resources]\nrows_per_call = 64\n")).resources.rows_per_call == 64
+    images = job(base=BASE.replace('text_column = "text"', 'text_column = "text"\nimage_column = "img"')
+                 .replace('kind = "summarize"', 'kind = "caption"'))
+    assert load_job(images).resources.rows_per_call == 256
 
 
 def test_several_tasks_and_their_own_defaults():
