@@ -1079,6 +1079,11 @@ def _sampling_step(model: T5Gemma2, cache: DecoderCache, rows: _Rows, sampler: _
     rows.out.index_put_((torch.arange(tokens.shape[0], device=tokens.device), step), tokens)
     rows.done.logical_or_((tokens[:, None] == rows.eos).any(1) | (rows.max_new <= step + 1))
     rows.tokens.copy_(tokens)
+    if cache.flex:
+        # A finished row decodes on until it is refilled or leaves, its tokens never read: FlexAttention's
+        # block mask then skips its encoder keys (a refill writes the new request's length). Rows a static
+        # run keeps in its tail buckets (TAIL_BUCKETS) then cost their own slots only. Not yet measured.
+        cache.lengths.masked_fill_(rows.done, 0)
 
 
 def _ban_eos(scores: torch.Tensor, eos: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:

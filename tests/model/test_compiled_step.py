@@ -319,7 +319,7 @@ def test_flex_runs_of_one_ladder_width_share_a_graph(tiny):
 def test_static_flex_runs_shrink_only_to_tail_buckets(tiny):
     """Rows leaving a static-shape (FlexAttention) run shrink it to TAIL_BUCKETS sizes only, each a graph:
     40 rows of different lengths (bucket 48) take 2 graphs (48, 16), where shrinking bucket by bucket took 6
-    (one per static shape); results stay eager's."""
+    (one per static shape); the finished rows a tail holds read no encoder keys; results stay eager's."""
     torch._dynamo.reset()
     counter = StepCounter()
     ids = prompts([3 + i % 11 for i in range(40)], seed=4)
@@ -331,6 +331,9 @@ def test_static_flex_runs_shrink_only_to_tail_buckets(tiny):
     assert gen.compile_fallback is None
     assert gen.stats.decode_row_steps < 48 * 42, "rows never left the batch"
     assert counter.frame_count == 2
+    # Finished rows held in the tail read no encoder keys any more: their lengths are zero.
+    cache = gen._state[1]
+    assert cache.lengths.tolist() == [0] * 16
 
 
 def test_compile_encoder_says_whether_the_encoder_halves_compile(tiny):
