@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device session's measurements in one call, within the 600 s a device command may run:
+#   1. eager SDPA decode on 8 rows, CUDA_LAUNCH_BLOCKING (does the cuDNN-free decode attention hold?), <= 90 s
+#   2. make bench-gpu (jobs/bench_gpu.py): workloads started within BENCH_BUDGET s (default 300)
+#   3. jobs/calibrate at the 270m shape (the dry run's first CUDA row), only if 150 s are left
+# Everything goes to $OUT/device-session.log when OUT is set (the device machine's return folder), else
+# ./device-session.log, without the profiler's USDT noise. Needs only torch and transformers (no Ray, no venv).
+# BENCH_ARGS adds arguments to both bench commands (on a CPU, to try the script: BENCH_ARGS="--shape tiny").
+set -u
+cd "$(dirname "$0")/.."
+log="${OUT:-.}/device-session.log"
+limit=${SESSION_LIMIT:-590}
+budget=${BENCH_BUDGET:-300}
+export PYTHONPATH=.
+py=${PYTHON:-python3}
+quiet() { grep -v -E "USDT|SyncActivityProfiler" ; }
+{
+  echo "== $(date -u +%FT%TZ) device session at $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
+'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+  echo "== 1. eager SDPA decode, 8 rows, CUDA_LAUNCH_BLOCKING=1"
+  CUDA_LAUNCH_BLOCKING=1 timeout 90 $py -m jobs.bench_gpu --compile off --attention sdpa --rows 8 \
+    --workloads summarize --hf-batch 8 ${BENCH_ARGS:-} 2>&1 | quiet
+  echo "rc=${PIPESTATUS[0]} after ${SECONDS}s"
+  echo "== 2. bench-gpu, workloads started within ${budget}s"
+  timeout $((limit - SECONDS - 10)) $py -m jobs.bench_gpu --time-budget "$budget" ${BENCH_ARGS:-} 2>&1 | quiet
+  echo "rc=${PIPESTATUS[0]} after ${SECONDS}s"
+  left=$((limit - SECONDS))
+  if [ "$left" -gt 150 ]; then
+    echo "== 3. calibrate (270m, ${left}s left)"
+    timeout $((left - 10)) $py -m jobs.calibrate --shape 270m --rounds 1 --repeats 2 2>&1 | quiet
+    echo "rc=${PIPESTATUS[0]} after ${SECONDS}s"
+  else
+    echo "== 3. calibrate skipped (${left}s left)"
+  fi
+} 2>&1 | tee "$log"
