@@ -144,7 +144,8 @@ def test_actors_sharing_a_gpu_plan_slots_within_their_share_of_it(tmp_path, monk
                                    call_timeout_s=60)
     monkeypatch.setattr(build.InferActor, "choose_device", staticmethod(lambda gpus: "cpu"))
     actor = build.InferActor(settings)
-    assert actor.generator.memory_share == 0.5 and actor.generator.slot_token_cap == 65536  # CPU: the token cap
+    assert actor.generator.memory_share == 0.5  # on CPU the token budget still caps its slots:
+    assert actor.generator.slot_token_cap == model.generate.DEFAULT_BATCH_TOKENS
     src = tmp_path / "job.toml"
     src.write_text('[model]\nsource = "m"\n[input]\npath = "in/*.parquet"\ntext_column = "text"\n'
                    '[output]\npath = "out/"\n[[task]]\nkind = "summarize"\n')
