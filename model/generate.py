@@ -6,8 +6,9 @@
    requests that a run at its widest width still gives enough slots: RUN_SLOT_RATIO), beam requests into
    static micro-batches under a token budget (`plan`: `max_batch_tokens` counts padded encoder
    tokens, image tokens included, times rows, one row per beam);
-3. a refill run decodes through a fixed number of slots (the token budget at the run's widest
-   encoder length, at most max_batch_size): the first requests fill them; when rows finish
+3. a refill run decodes through a fixed number of slots (on a GPU what free memory holds, within
+   memory_share of the card when given; on CPU the token budget at the run's widest encoder length;
+   at most max_batch_size): the first requests fill them; when rows finish
    (seen at a check, or known from max_new_tokens), waiting requests take their slots: one
    encoder call per refill group, their encoder keys/values written into the slots' cache rows
    (as wide as the run's widest request, so no shape changes), their positions starting at zero
