@@ -79,6 +79,10 @@ IMAGE_ERROR_MESSAGE = "__image_error_message"
 # (and a message naming the first occurrence) on those rows, null on the others.
 ID_ERROR = "__id_error"
 ID_ERROR_MESSAGE = "__id_error_message"
+# On the first row of each model call's batch (null on the others): what that call did on its actor, as
+# JSON (infer.Infer.engine_record: device, dtype, how it decoded, model seconds, tokens, slot-steps). The
+# committer sums the records of a unit's rows into its done-marker and the run report's `engine`.
+ENGINE = "__engine"
 INTERNAL_PREFIX = "__"
 FIELD_PREFIX = "__field:"  # + input column: a template field's (or prompt_column's) value as UTF-8 bytes
 LABELS_PREFIX = "__labels:"  # + input column: a labels_column's per-row candidates
@@ -108,8 +112,9 @@ def read_error_columns(internal: str) -> tuple[str, str]:
 
 def row_columns(batch: pa.Table) -> dict[str, pa.ChunkedArray]:
     """The columns every stage passes on unchanged: the row's unit, row number and id, and its INPUT_HASH
-    (the read stage always gives one; batches built by hand in operator tests may lack it)."""
-    names = [UNIT, ROW, ID] + [INPUT_HASH] * (INPUT_HASH in batch.column_names)
+    (the read stage always gives one; batches built by hand in operator tests may lack it); after the
+    model, ENGINE."""
+    names = [UNIT, ROW, ID] + [name for name in (INPUT_HASH, ENGINE) if name in batch.column_names]
     return {name: batch.column(name) for name in names}
 
 

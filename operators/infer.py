@@ -21,12 +21,16 @@ columns. A request the model cannot run becomes that row's error (its kind from 
 scorer: out_of_memory, invalid_request); an unexpected exception of a whole call is retried one
 request at a time so that only the rows that cause it become "model_error" rows, with the message
 kept.
+Each call leaves what it did (device, dtype, model seconds, generated tokens, slot-steps, and how it
+decoded: compiled or eager, the attention, why compiling failed) as JSON in ENGINE on its first row;
+the committer sums these into the done-markers and the run report's `engine` (pipeline/report.py).
 
 Not here: actor pools and GPU reservation (pipeline/build.py), detokenizing (finish.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -101,6 +105,9 @@ class Infer:
                              pixel_normalizer=normalizer)
         size = self.config.vision.image_size
         self.pixel_shape = (self.config.vision.num_channels, size, size)
+        weights = self.model.embed_tokens.weight
+        self.device_name = _device_name(weights.device)
+        self.dtype_name = str(weights.dtype).removeprefix("torch.")
 
     @staticmethod
     def required_columns(tasks: list[InferTask], keep: tuple[str, ...] = ()) -> list[str]:
@@ -164,11 +171,13 @@ class Infer:
                     requests.append(Request(input_ids=prompt, params=task.params))
                     owners.append((t, r))
 
+        before = self._counters()
         results = self._generate(requests)
         scores = self._score(scoring)
         if split:
             self._map_reduce(split, owners[first_round:], results[first_round:])
             owners, results = owners[:first_round], results[:first_round]
+        engine = self.engine_record(before)  # the joining rounds included
 
         output_ids = [[None] * n for _ in self.tasks]
         finish = [[None] * n for _ in self.tasks]
@@ -215,7 +224,28 @@ class Infer:
                     out[cols.chunking] = pa.array(chunk_rows[t], type=C.CHUNKING_TYPE)
             out[cols.error_kind] = pa.array(kinds[t], type=pa.string())
             out[cols.error_message] = pa.array(messages[t], type=pa.string())
+        out[C.ENGINE] = pa.array([json.dumps(engine)] + [None] * (n - 1) if n else [], type=pa.string())
         return pa.table(out)
+
+    def _counters(self) -> dict[str, float]:
+        g, s = self.generator.stats, self.scorer.stats
+        return {"seconds": g.seconds + s.seconds, "generated_tokens": g.generated_tokens,
+                "slot_steps": g.slot_steps, "slot_tokens": g.slot_tokens, "oom_splits": g.oom_splits + s.oom_splits}
+
+    def engine_record(self, before: dict[str, float]) -> dict:
+        """What this call did since the counters `before` (C.ENGINE; summed by pipeline/report.engine_totals):
+        where the model ran, its seconds, generated tokens and slot-steps, and how it decoded: "compiled" or
+        "eager" with the attention used and why compiling failed, when it did (only for calls that decoded)."""
+        now = self._counters()
+        record = {"device": self.device_name, "dtype": self.dtype_name,
+                  **{key: now[key] - before[key] for key in now}}
+        stats = self.generator.stats
+        if record["generated_tokens"] > 0:
+            record["decode"] = "compiled" if stats.compiled else "eager"
+            record["attention"] = stats.attention
+            record["compile_fallback"] = stats.compile_fallback
+        record["seconds"] = round(record["seconds"], 6)
+        return record
 
     def _map_reduce(self, split: dict, owners: list[tuple[int, int]], results: list[Result]) -> None:
         """The split rows from their pieces' results to their final output, round by round (see the
@@ -257,6 +287,13 @@ class Infer:
     def _score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         return _isolating("score", self.scorer.score, requests,
                           lambda message: ScoreResult([], [], message, "model_error"))
+
+
+def _device_name(device: torch.device) -> str:
+    """"cpu", or "cuda" with the card's name ("cuda NVIDIA H200"): what a run report groups calls by."""
+    if device.type != "cuda":
+        return device.type
+    return f"cuda {torch.cuda.get_device_name(device)}"
 
 
 class _SplitRow:

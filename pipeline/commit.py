@@ -298,8 +298,12 @@ class Committer:
         # Computed and reused parts carry the same columns, maybe in another order or type.
         body = pa.schema([pa.field(C.ROW, pa.int64())] + [f for f in self.schema
                                                           if f.name not in (C.INPUT_FILE, C.INPUT_ROW)])
+        parts = self.parts.pop(key)
+        # The model calls' records ride on their first rows (C.ENGINE, dropped here with the other internal columns).
+        engine = reports.engine_totals(r for part in parts if C.ENGINE in part.column_names
+                                       for r in part.column(C.ENGINE).to_pylist() if r is not None)
         table = pa.concat_tables([pa.table([part.column(f.name).cast(f.type) for f in body], schema=body)
-                                  for part in self.parts.pop(key)])
+                                  for part in parts])
         table = table.take(pc.sort_indices(table, sort_keys=[(C.ROW, "ascending")]))
         table = table.append_column(C.INPUT_FILE, pa.array([self.units[key].uri] * table.num_rows, pa.string()))
         table = table.append_column(C.INPUT_ROW, table.column(C.ROW))
@@ -307,12 +311,13 @@ class Committer:
         self._step("before-publish")
         self.store.publish(key, table, self.compression)
         self._step("after-publish")
-        stats = reports.unit_stats(table, self.output_columns)
+        calls = {"engine": engine} if engine else {}
+        stats = {**reports.unit_stats(table, self.output_columns), **calls}
         self.store.mark_done(key, {**stats, **self.notes.get(key, {})})
         reused = self.reused.pop(key, set())
         if reused:
             mask = pc.invert(pc.is_in(table.column(C.INPUT_ROW), value_set=pa.array(sorted(reused), pa.int64())))
-            stats = reports.unit_stats(table.filter(mask), self.output_columns)
+            stats = {**reports.unit_stats(table.filter(mask), self.output_columns), **calls}
             self.reused_rows += len(reused)
         self.stats.add(stats)
         del self.seen[key]

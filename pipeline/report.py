@@ -4,13 +4,18 @@
 reasons and quality flags per task); `make_report` turns it into the report dict that `run_job`
 returns, writes to `<output>/_report.json` and summarizes on stdout. `unit_stats` gives the per-unit counts stored in
 a done-marker, so a resumed run can still report totals over the whole output.
+`engine_totals` sums the model calls' engine records (operators/infer.py) of a unit's rows into its
+done-marker; the report's `engine` says where and how this run's model calls ran, and the summary
+warns of every compile failure (which the actors' logs alone would hide).
 
 Not here: what is committed or when (run.py, commit.py).
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -49,6 +54,37 @@ def unit_stats(table: pa.Table, output_columns: list[str]) -> dict:
     return stats
 
 
+ENGINE_SUMS = ("seconds", "generated_tokens", "slot_steps", "slot_tokens", "oom_splits")  # summed as numbers
+
+
+def engine_totals(records: Iterable[str]) -> dict:
+    """Model calls' C.ENGINE records (JSON, infer.Infer.engine_record) -> their sums, as a unit's done-marker
+    keeps them: calls per device, dtype, decode mode, attention and compile failure; seconds, tokens, slot-steps."""
+    totals: dict = {}
+    for text in records:
+        record = json.loads(text)
+        one = {"calls": 1, "devices": {record["device"]: 1}, "dtypes": {record["dtype"]: 1},
+               **{key: record[key] for key in ENGINE_SUMS}}
+        if "decode" in record:  # the call decoded
+            one["decode"] = {record["decode"]: 1}
+            one["attention"] = {record["attention"]: 1}
+            if record["compile_fallback"]:
+                one["compile_fallbacks"] = {record["compile_fallback"]: 1}
+        _add_engine(totals, one)
+    return totals
+
+
+def _add_engine(into: dict, more: dict) -> None:
+    """Add engine sums `more` into `into`: numbers add, {name: calls} tables add name by name."""
+    for key, value in more.items():
+        if isinstance(value, dict):
+            table = into.setdefault(key, {})
+            for name, calls in value.items():
+                table[name] = table.get(name, 0) + calls
+        else:
+            into[key] = into.get(key, 0) + value
+
+
 @dataclass
 class RunStats:
     """Sums of unit_stats over units."""
@@ -57,11 +93,13 @@ class RunStats:
     rows: int = 0
     errors: Counter = field(default_factory=Counter)
     tasks: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)  # engine_totals summed (units committed before it have none)
 
     def add(self, stats: dict) -> None:
         self.units += 1
         self.rows += int(stats.get("rows", 0))
         self.errors.update(stats.get("errors", {}))
+        _add_engine(self.engine, stats.get("engine", {}))
         for name, t in stats.get("tasks", {}).items():
             into = self.tasks.setdefault(name, {"ok": 0, "errors": Counter(), "finish_reasons": Counter(),
                                                 "flags": Counter(), "input_tokens": 0, "output_tokens": 0})
@@ -71,6 +109,24 @@ class RunStats:
             into["flags"].update(t.get("flags", {}))  # absent from the done-markers of units committed before flags
             into["input_tokens"] += t.get("input_tokens", 0)
             into["output_tokens"] += t.get("output_tokens", 0)
+
+    def engine_report(self) -> dict:
+        """The report's `engine`: where and how the model calls of this run's committed rows ran."""
+        e = self.engine
+        seconds = e.get("seconds", 0)
+        return {
+            "model_calls": e.get("calls", 0),
+            "devices": dict(sorted(e.get("devices", {}).items())),
+            "dtypes": dict(sorted(e.get("dtypes", {}).items())),
+            "decode": dict(sorted(e.get("decode", {}).items())),
+            "attention": dict(sorted(e.get("attention", {}).items())),
+            "compile_fallbacks": dict(sorted(e.get("compile_fallbacks", {}).items())),
+            "model_seconds": round(seconds, 3),
+            "generated_tokens": e.get("generated_tokens", 0),
+            "tokens_per_model_second": round(e.get("generated_tokens", 0) / seconds, 1) if seconds > 0 else None,
+            "slot_occupancy": round(e["slot_tokens"] / e["slot_steps"], 3) if e.get("slot_steps") else None,
+            "oom_splits": e.get("oom_splits", 0),
+        }
 
     def as_dict(self) -> dict:
         return {
@@ -139,6 +195,7 @@ def make_report(*, job: str, output: str, run_config_hash: str, provenance: dict
         "wall_seconds": round(wall_seconds, 3),
         "all_runs": {"errors_by_kind": _merge(skipped, computed)},
         "duplicate_rows_dropped": duplicate_rows_dropped,  # second copies of rows (retried Ray tasks), dropped
+        "engine": computed.engine_report(),
     }
 
 
@@ -168,5 +225,26 @@ def summary(report: dict) -> str:
         *([f"  flagged outputs this run: {flagged}"] if flagged else []),
         f"  tokens in {report['input_tokens']}, out {report['output_tokens']}; {rate}; "
         f"wall {report['wall_seconds']:.1f}s",
+        *_engine_lines(report.get("engine")),
     ]
     return "\n".join(lines)
+
+
+def _engine_lines(engine: dict | None) -> list[str]:
+    """The summary's engine line, and a warning line per compile failure (a silent slowdown otherwise:
+    the actors decode eagerly from there, and only their own logs said so)."""
+    if not engine or not engine["model_calls"]:
+        return []
+    names = lambda table: ", ".join(f"{name} {calls}" for name, calls in table.items())  # noqa: E731
+    line = (f"  engine: {engine['model_calls']} model calls on {names(engine['devices'])} "
+            f"({names(engine['dtypes'])}); {engine['model_seconds']:.1f} model-s")
+    if engine["decode"]:
+        line += (f"; decode {names(engine['decode'])}, attention {names(engine['attention'])}; "
+                 f"{engine['generated_tokens']} tokens, {engine['tokens_per_model_second']} per model-s")
+        if engine["slot_occupancy"] is not None:
+            line += f", slot occupancy {engine['slot_occupancy']:.2f}"
+    if engine["oom_splits"]:
+        line += f"; {engine['oom_splits']} out-of-memory splits"
+    warnings = [f"  WARNING: compiling the decode step failed in {calls} model call(s), which decoded eagerly "
+                f"from there (slower, same tokens): {reason}" for reason, calls in engine["compile_fallbacks"].items()]
+    return [line, *warnings]

@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-OPEN_MAPS = ("errors_by_kind", "finish_reasons", "flags", "storage")  # objects whose keys are data (kinds, flags)
+# objects whose keys are data (kinds, flags, devices)
+OPEN_MAPS = ("errors_by_kind", "finish_reasons", "flags", "storage", "devices", "dtypes", "decode", "attention",
+             "compile_fallbacks")
 
 
 def documented_keys() -> set[str]:

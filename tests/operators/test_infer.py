@@ -1,6 +1,9 @@
-"""Infer: one Generator call per batch, every task together; batch-invariant; errors per row."""
+"""Infer: one Generator call per batch, every task together; batch-invariant; errors per row; each call's
+engine record."""
 
 from __future__ import annotations
+
+import json
 
 import pyarrow as pa
 import pytest
@@ -72,3 +75,22 @@ def test_a_failing_request_fails_only_its_row(parts, monkeypatch):
     kinds = out.column(C.TaskColumns.of("s").error_kind).to_pylist()
     assert kinds == [None, None, "model_error", None, None, None, None, "text_missing"]
     assert "kernel fault" in out.column(C.TaskColumns.of("s").error_message)[2].as_py()
+
+
+def test_each_call_leaves_its_engine_record_on_its_first_row(parts):
+    tok, m, prepared, processor = parts
+    infer = Infer("unused", "float32", "cpu", TASKS, max_batch_tokens=4096, model=m, image_processor=processor)
+    calls = [infer(prepared.slice(0, 3)), infer(prepared.slice(3))]
+    for out in calls:
+        records = out.column(C.ENGINE).to_pylist()
+        assert all(r is None for r in records[1:])
+        record = json.loads(records[0])
+        produced = sum(len(ids) for task in ("s", "c")
+                       for ids in out.column(C.TaskColumns.of(task).output_ids).to_pylist() if ids is not None)
+        # This call's own counts (not the generator's running totals), and how it decoded.
+        assert record["generated_tokens"] == produced > 0 and record["seconds"] > 0
+        assert record["device"] == "cpu" and record["dtype"] == "float32"
+        assert record["decode"] == ("compiled" if infer.generator.compile else "eager")
+        assert record["compile_fallback"] is None and 0 < record["slot_tokens"] <= record["slot_steps"]
+    assert sum(json.loads(out.column(C.ENGINE)[0].as_py())["generated_tokens"] for out in calls) \
+        == infer.generator.stats.generated_tokens

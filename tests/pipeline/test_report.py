@@ -1,7 +1,9 @@
 """The run report's counts of quality flags: per unit (done-markers), summed over units, in the
-report and in the summary line."""
+report and in the summary line; the model calls' engine records, summed the same way."""
 
 from __future__ import annotations
+
+import json
 
 import pyarrow as pa
 
@@ -58,3 +60,33 @@ def test_flags_are_counted_per_output_and_summed_over_units():
     clean = reports.RunStats()
     clean.add(reports.unit_stats(unit([[]], [[[], []]]), tasks))
     assert "flagged" not in reports.summary(report_of(clean))
+
+
+def test_model_call_records_are_summed_per_unit_and_over_units_and_warn_of_compile_failures():
+    def call(seconds, tokens, decode=None, fallback=None, device="cpu"):
+        record = {"device": device, "dtype": "float32", "seconds": seconds, "generated_tokens": tokens,
+                  "slot_steps": 2 * tokens, "slot_tokens": tokens, "oom_splits": 0}
+        if decode:  # the call decoded (a scoring-only call has no decode fields)
+            record.update(decode=decode, attention="sdpa", compile_fallback=fallback)
+        return json.dumps(record)
+
+    reason = "BackendCompilerFailed: boom"
+    first = reports.engine_totals([call(1.5, 30, "compiled"), call(0.5, 10, "eager", reason)])
+    second = reports.engine_totals([call(1.0, 0), call(2.0, 60, "compiled", device="cuda NVIDIA H200")])
+    assert first["calls"] == 2 and first["decode"] == {"compiled": 1, "eager": 1}
+    assert first["compile_fallbacks"] == {reason: 1} and "compile_fallbacks" not in second
+    computed = reports.RunStats()
+    for engine in (first, second, {}):  # a unit committed before engine records has none
+        computed.add({"rows": 1, "errors": {}, "tasks": {}, **({"engine": engine} if engine else {})})
+    engine = report_of(computed)["engine"]
+    assert engine["model_calls"] == 4 and engine["devices"] == {"cpu": 3, "cuda NVIDIA H200": 1}
+    assert engine["decode"] == {"compiled": 2, "eager": 1} and engine["attention"] == {"sdpa": 3}
+    assert engine["model_seconds"] == 5.0 and engine["generated_tokens"] == 100
+    assert engine["tokens_per_model_second"] == 20.0 and engine["slot_occupancy"] == 0.5
+    assert engine["compile_fallbacks"] == {reason: 1}
+    lines = reports.summary(report_of(computed)).splitlines()
+    assert any(line.startswith("  engine: 4 model calls on cpu 3, cuda NVIDIA H200 1") for line in lines)
+    assert any("WARNING" in line and reason in line and "1 model call" in line for line in lines)
+    nothing = report_of(reports.RunStats())["engine"]
+    assert nothing["model_calls"] == 0 and nothing["slot_occupancy"] is None
+    assert "engine:" not in reports.summary(report_of(reports.RunStats()))

@@ -84,6 +84,15 @@ def test_end_to_end_local(ray_cluster, tiny_checkpoint, dataset, tmp_path, caplo
     assert report["input_tokens"] > 0 and report["output_tokens"] > 0 and report["rows_per_second"] > 0
     assert json.loads((out / "_report.json").read_text())["rows_out"] == len(rows)
     assert "rows in 29" in caplog.text  # the summary the command line prints
+    # What the CPU actor did, summed from the records its model calls left on their first rows.
+    engine = report["engine"]
+    assert engine["model_calls"] >= 1 and engine["devices"] == {"cpu": engine["model_calls"]}
+    assert engine["generated_tokens"] == report["output_tokens"] and engine["model_seconds"] > 0
+    assert 1 <= sum(engine["decode"].values()) <= engine["model_calls"] and engine["compile_fallbacks"] == {}
+    assert 0 < engine["slot_occupancy"] <= 1 and "engine: " in caplog.text
+    markers = [json.loads(p.read_text()) for p in (out / "_done").iterdir()]
+    assert sum(m.get("engine", {}).get("calls", 0) for m in markers) == engine["model_calls"]
+    assert C.ENGINE not in table.column_names
     names = os.listdir(out)
     assert all(n.startswith(("part-", "_")) for n in names)
     assert not any(r["id"] in n for n in names for r in rows)  # names are hashes, never ids
