@@ -231,8 +231,8 @@ def summary(report: dict) -> str:
 
 
 def _engine_lines(engine: dict | None) -> list[str]:
-    """The summary's engine line, and a warning line per compile failure (a silent slowdown otherwise:
-    the actors decode eagerly from there, and only their own logs said so)."""
+    """The summary's engine line, and a warning line per compile failure (a silent slowdown otherwise: the
+    actor decodes the fallback way from there, and only its own log said so)."""
     if not engine or not engine["model_calls"]:
         return []
     names = lambda table: ", ".join(f"{name} {calls}" for name, calls in table.items())  # noqa: E731
@@ -245,6 +245,8 @@ def _engine_lines(engine: dict | None) -> list[str]:
             line += f", slot occupancy {engine['slot_occupancy']:.2f}"
     if engine["oom_splits"]:
         line += f"; {engine['oom_splits']} out-of-memory splits"
-    warnings = [f"  WARNING: compiling the decode step failed in {calls} model call(s), which decoded eagerly "
-                f"from there (slower, same tokens): {reason}" for reason, calls in engine["compile_fallbacks"].items()]
+    # A failure stays with its actor: every later call of it decodes the fallback way and carries the reason.
+    warnings = [f"  WARNING: compiling the decode step failed ({reason}); {calls} model call(s) decoded after it "
+                f"eagerly, or with compiled SDPA steps where FlexAttention failed: same tokens, slower"
+                for reason, calls in engine["compile_fallbacks"].items()]
     return [line, *warnings]
